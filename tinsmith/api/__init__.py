@@ -1,0 +1,1 @@
+"""api layer of Tinsmith (see docs/architecture.md)."""

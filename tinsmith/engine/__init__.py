@@ -1,0 +1,1 @@
+"""engine layer of Tinsmith (see docs/architecture.md)."""

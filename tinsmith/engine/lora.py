@@ -1,0 +1,126 @@
+"""Multi-LoRA linear layers: one frozen base weight, many adapter slots.
+
+Every adapted `nn.Linear` of the base model is replaced by a `MultiLoraLinear` that holds
+a dict of adapter slots. All layers of one model share a `LoraContext` saying which slot
+each batch row uses; rows are grouped by slot (contiguous ranges), so each group costs two
+small matmuls on its own rows and the base matmul runs once for the whole batch.
+
+Shapes: x [B, T, in] (HF passes 3-D activations; rows = dim 0), A [r, in], B [out, r].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Leaf module names per target family (Llama, Qwen2/3, Mistral and friends share these).
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+UNEMBED_TARGETS = ("lm_head",)
+
+
+@dataclass
+class LoraWeights:
+    """One adapter's factors for one layer. `scale` = alpha / rank."""
+
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scale: float
+
+
+class LoraContext:
+    """Row -> slot assignment for the current forward pass, shared by all layers of a model.
+
+    `groups` lists (slot, num_rows) in batch-row order; slot None means base model only.
+    An empty list also means base model only.
+    """
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[int | None, int]] = []
+
+    @contextmanager
+    def rows(self, groups: Sequence[tuple[int | None, int]]) -> Iterator[None]:
+        previous = self.groups
+        self.groups = [(slot, n) for slot, n in groups if n > 0]
+        try:
+            yield
+        finally:
+            self.groups = previous
+
+
+class MultiLoraLinear(nn.Module):
+    """`base(x) + scale_s * (x @ A_s^T) @ B_s^T` for the slot s of each row group."""
+
+    def __init__(self, base: nn.Linear, ctx: LoraContext) -> None:
+        super().__init__()
+        self.base = base
+        self.ctx = ctx
+        # Not nn.Parameters of this module: adapters own their tensors (and optimizer state),
+        # so base-model parameters() never include them.
+        self.adapters: dict[int, LoraWeights] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # HF code paths read .weight (e.g. a tied lm_head)
+        return self.base.weight
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:  # and tie_weights() assigns it
+        self.base.weight = value
+
+    def _delta(self, x: torch.Tensor, w: LoraWeights) -> torch.Tensor:
+        return F.linear(F.linear(x, w.A), w.B) * w.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        groups = self.ctx.groups
+        if not groups:
+            return y
+        if len(groups) == 1:  # fast path: the whole batch uses one slot, no slicing
+            w = self.adapters.get(groups[0][0]) if groups[0][0] is not None else None
+            return y if w is None else y + self._delta(x, w)
+        assert sum(n for _, n in groups) == x.shape[0], "LoraContext rows do not match batch"
+        parts = []
+        start = 0
+        for slot, n in groups:
+            ys = y[start : start + n]
+            w = self.adapters.get(slot) if slot is not None else None
+            parts.append(ys if w is None else ys + self._delta(x[start : start + n], w))
+            start += n
+        return torch.cat(parts, dim=0)
+
+
+def inject_lora(model: nn.Module, ctx: LoraContext) -> dict[str, MultiLoraLinear]:
+    """Wrap every candidate linear layer of `model` in place; return them by module path.
+
+    Candidates are the attention, MLP and unembedding projections (by leaf name). Which of
+    them a given adapter trains is decided per adapter (LoraSpec.train_*), not here.
+    """
+    wanted = set(ATTN_TARGETS + MLP_TARGETS + UNEMBED_TARGETS)
+    found: dict[str, MultiLoraLinear] = {}
+    for path, module in list(model.named_modules()):
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in wanted and isinstance(module, nn.Linear):
+            wrapped = MultiLoraLinear(module, ctx)
+            parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+            setattr(parent, leaf, wrapped)
+            found[path] = wrapped
+    if not found:
+        raise ValueError(f"no LoRA-targetable linear layers found in {type(model).__name__}")
+    return found
+
+
+def leaf_name(path: str) -> str:
+    return path.rsplit(".", 1)[-1]

@@ -1,0 +1,110 @@
+"""The model runner: one frozen base model with LoRA slots, and the batched forward pass.
+
+A runner loads a Hugging Face causal LM from a local folder, freezes it, wraps its
+projections in `MultiLoraLinear` layers, and hands out adapter slots. Its one compute
+primitive for training is `target_logprobs`: rows of (slot, datum) in, per-datum
+log-probabilities of the targets out, with the autograd graph kept when asked.
+
+Rows are sorted by slot so every slot's rows are contiguous (see lora.LoraContext), and
+right-padded: with a causal mask a real token never attends to the padding after it, so
+no attention mask is needed and SDPA takes its causal fast path.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tinsmith.engine.adapter import Adapter
+from tinsmith.engine.lora import LoraContext, MultiLoraLinear, inject_lora
+from tinsmith.types import DatumIn
+
+
+class ModelRunner:
+    """A base model shared by every adapter; adapters are attached to integer slots."""
+
+    def __init__(self, model_dir: str | Path, name: str) -> None:
+        self.name = name
+        self.model_dir = Path(model_dir)
+        self.config = AutoConfig.from_pretrained(self.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        self.model.eval()  # no dropout: training and sampling see the same function
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.ctx = LoraContext()
+        self.layers: dict[str, MultiLoraLinear] = inject_lora(self.model, self.ctx)
+        self._slots: dict[int, Adapter] = {}
+        self._slot_ids = itertools.count(1)
+
+    # ----- model facts ----------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @property
+    def arch(self) -> str:
+        return str(self.config.model_type)
+
+    # ----- slots ----------------------------------------------------------------------
+    def attach(self, adapter: Adapter) -> int:
+        """Point every adapted layer's new slot at the adapter's tensors; return the slot."""
+        slot = next(self._slot_ids)
+        for path, w in adapter.weights.items():
+            self.layers[path].adapters[slot] = w
+        self._slots[slot] = adapter
+        return slot
+
+    def detach(self, slot: int) -> None:
+        adapter = self._slots.pop(slot, None)
+        if adapter is None:
+            return
+        for path in adapter.weights:
+            self.layers[path].adapters.pop(slot, None)
+
+    # ----- compute --------------------------------------------------------------------
+    def logits(self, slot_rows: Sequence[tuple[int | None, torch.Tensor]]) -> torch.Tensor:
+        """Logits [B, T, V] for right-padded token rows, each row under its slot.
+
+        `slot_rows` must already be grouped by slot (equal slots adjacent).
+        """
+        lengths = [int(t.shape[0]) for _, t in slot_rows]
+        width = max(lengths)
+        ids = torch.zeros(len(slot_rows), width, dtype=torch.long)
+        for i, (_, t) in enumerate(slot_rows):
+            ids[i, : t.shape[0]] = t
+        groups = [(slot, len(list(g))) for slot, g in itertools.groupby(s for s, _ in slot_rows)]
+        with self.ctx.rows(groups):
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    def target_logprobs(
+        self, rows: Sequence[tuple[int | None, DatumIn]], *, grad: bool
+    ) -> list[torch.Tensor]:
+        """log p(target) per datum: [N] for 1-D targets, [N, K] for 2-D ones.
+
+        Returned in the order of `rows`; internally rows are grouped by slot.
+        """
+        order = sorted(range(len(rows)), key=lambda i: (rows[i][0] is None, rows[i][0] or 0))
+        slot_rows = [(rows[i][0], torch.as_tensor(rows[i][1].tokens, dtype=torch.long)) for i in order]
+        with torch.set_grad_enabled(grad):
+            logits = self.logits(slot_rows)  # [B, T, V]
+            out: list[torch.Tensor | None] = [None] * len(rows)
+            for b, i in enumerate(order):
+                datum = rows[i][1]
+                n = int(datum.tokens.shape[0])
+                row = logits[b, :n]  # [N, V]
+                targets = torch.as_tensor(datum.inputs["target_tokens"], dtype=torch.long)
+                lse = torch.logsumexp(row, dim=-1)  # [N]
+                if targets.dim() == 1:
+                    lp = row.gather(-1, targets[:, None])[:, 0] - lse
+                else:
+                    lp = row.gather(-1, targets) - lse[:, None]
+                out[i] = lp
+        return out  # type: ignore[return-value]

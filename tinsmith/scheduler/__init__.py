@@ -1,0 +1,1 @@
+"""scheduler layer of Tinsmith (see docs/architecture.md)."""
