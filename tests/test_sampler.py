@@ -1,0 +1,228 @@
+"""Sampler checks on the tiny test model: KV-cached decoding against full recompute,
+adapter slots, seeding, stop conditions, prompt logprobs and the top-k/top-p sampler.
+
+The tiny random model mostly repeats the last prompt token under greedy decoding, so the
+stop tests build on a seeded temperature-1 sample (whose tokens vary) instead of greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tinsmith.engine.adapter import Adapter
+from tinsmith.engine.runner import ModelRunner
+from tinsmith.engine.sampler import Sampler
+from tinsmith.models.catalog import resolve_model_dir
+from tinsmith.types import DatumIn, LoraSpec, SampleSpec, UserError
+
+NAME = "tinsmith/tiny-test"
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return ModelRunner(resolve_model_dir(NAME), NAME)
+
+
+@pytest.fixture(scope="module")
+def sampler(runner: ModelRunner) -> Sampler:
+    return Sampler(runner, AutoTokenizer.from_pretrained(runner.model_dir))
+
+
+@pytest.fixture(scope="module")
+def prompt(sampler: Sampler) -> np.ndarray:
+    ids = sampler.tokenizer.encode("Hello, how are you today? I am")
+    return np.asarray(ids, dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def lora_slot(runner: ModelRunner):
+    adapter = Adapter.create(LoraSpec(rank=4, seed=0), runner.layers)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for w in adapter.weights.values():
+            w.B.copy_(torch.randn(w.B.shape, generator=gen) * 0.2)
+    slot = runner.attach(adapter)
+    yield slot
+    runner.detach(slot)
+
+
+def _recomputed_logprobs(runner: ModelRunner, slot, prompt: np.ndarray, gen: np.ndarray) -> np.ndarray:
+    """log p(gen[t] | prompt + gen[:t]) from one full forward pass (no cache)."""
+    tokens = np.concatenate([prompt, gen[:-1]]).astype(np.int64)
+    targets = np.concatenate([prompt[1:], gen]).astype(np.int64)
+    (lp,) = runner.target_logprobs([(slot, DatumIn(tokens, {"target_tokens": targets}))], grad=False)
+    return lp[-len(gen) :].numpy()
+
+
+def test_greedy_matches_full_recompute(runner: ModelRunner, sampler: Sampler, prompt: np.ndarray) -> None:
+    out = sampler.sample(None, SampleSpec(prompt=prompt, num_samples=2, max_tokens=10, temperature=0.0))
+    ids = torch.as_tensor(prompt)
+    want_tokens, want_lps = [], []
+    with torch.inference_mode():
+        for _ in range(10):
+            logits = runner.logits([(None, ids)])[0, -1].float()
+            t = int(logits.argmax())
+            want_tokens.append(t)
+            want_lps.append(float(torch.log_softmax(logits, -1)[t]))
+            ids = torch.cat([ids, torch.tensor([t])])
+    for seq in out.sequences:
+        assert seq.tokens.dtype == np.int32 and seq.logprobs.dtype == np.float32
+        assert seq.tokens.tolist() == want_tokens
+        np.testing.assert_allclose(seq.logprobs, want_lps, atol=1e-4)
+        assert seq.stop_reason == "length"
+    assert out.prompt_logprobs is None
+
+
+def test_adapter_slot_changes_output_and_logprobs_match(
+    runner: ModelRunner, sampler: Sampler, prompt: np.ndarray, lora_slot: int
+) -> None:
+    spec = SampleSpec(prompt=prompt, max_tokens=8, temperature=0.0)
+    base = sampler.sample(None, spec).sequences[0]
+    lora = sampler.sample(lora_slot, spec).sequences[0]
+    assert base.tokens.tolist() != lora.tokens.tolist()
+    np.testing.assert_allclose(lora.logprobs, _recomputed_logprobs(runner, lora_slot, prompt, lora.tokens), atol=1e-4)
+    # Sampled (temperature 1) rows report raw logprobs under the adapter too.
+    out = sampler.sample(lora_slot, SampleSpec(prompt=prompt, num_samples=3, max_tokens=8, seed=5, temperature=1.3))
+    for seq in out.sequences:
+        np.testing.assert_allclose(seq.logprobs, _recomputed_logprobs(runner, lora_slot, prompt, seq.tokens), atol=1e-4)
+
+
+def test_finished_rows_are_dropped_without_disturbing_others(
+    runner: ModelRunner, sampler: Sampler, prompt: np.ndarray
+) -> None:
+    # top_k=2 makes tokens repeat, so a stop token hits rows at different steps.
+    base = SampleSpec(prompt=prompt, num_samples=4, max_tokens=12, top_k=2, seed=0)
+    for seed in range(20):
+        free = sampler.sample(None, replace(base, seed=seed))
+        stop = int(free.sequences[0].tokens[3])
+        out = sampler.sample(None, replace(base, seed=seed, stop_tokens=(stop,)))
+        lengths = [len(s.tokens) for s in out.sequences]
+        if min(lengths) < max(lengths):
+            break
+    else:
+        pytest.fail("no seed gave rows that stop at different steps")
+    for seq in out.sequences:
+        toks = seq.tokens.tolist()
+        assert stop not in toks[:-1]
+        assert seq.stop_reason == ("stop" if toks[-1] == stop else "length")
+        if seq.stop_reason == "length":
+            assert len(toks) == 12
+        np.testing.assert_allclose(seq.logprobs, _recomputed_logprobs(runner, None, prompt, seq.tokens), atol=1e-4)
+
+
+def test_seeding(sampler: Sampler, prompt: np.ndarray) -> None:
+    def run(seed):
+        out = sampler.sample(None, SampleSpec(prompt=prompt, num_samples=4, max_tokens=8, seed=seed))
+        return [s.tokens.tolist() for s in out.sequences], [s.logprobs.tolist() for s in out.sequences]
+
+    a, b, c = run(7), run(7), run(8)
+    assert a == b
+    assert a[0] != c[0]
+    assert len({tuple(t) for t in a[0]}) > 1  # rows of one request are independent draws
+    assert run(None)[0] != run(None)[0]  # no seed: fresh randomness
+
+
+def _reference(sampler: Sampler, prompt: np.ndarray, seed: int) -> list[int]:
+    """A seeded single-row sample with no stop; re-running it with a stop keeps its prefix."""
+    spec = SampleSpec(prompt=prompt, max_tokens=10, seed=seed)
+    return sampler.sample(None, spec).sequences[0].tokens.tolist()
+
+
+def test_stop_token(sampler: Sampler, prompt: np.ndarray) -> None:
+    ref = _reference(sampler, prompt, seed=3)
+    assert ref[2] not in ref[:2]
+    out = sampler.sample(None, SampleSpec(prompt=prompt, max_tokens=10, seed=3, stop_tokens=(ref[2], 999_999)))
+    seq = out.sequences[0]
+    assert seq.tokens.tolist() == ref[:3]
+    assert seq.stop_reason == "stop"
+    # A stop token that is never generated: the row runs to max_tokens.
+    absent = next(t for t in range(100, 200) if t not in ref)
+    seq = sampler.sample(None, SampleSpec(prompt=prompt, max_tokens=10, seed=3, stop_tokens=(absent,))).sequences[0]
+    assert seq.tokens.tolist() == ref and seq.stop_reason == "length"
+
+
+def test_stop_string(sampler: Sampler, prompt: np.ndarray) -> None:
+    tok = sampler.tokenizer
+    ref = _reference(sampler, prompt, seed=4)
+    head = tok.decode(ref[:2])
+    text3 = tok.decode(ref[:3])
+    assert text3.startswith(head) and len(text3) > len(head) and "\ufffd" not in text3
+    # The stop string straddles the boundary between generated tokens 2 and 3.
+    stop = text3[max(0, len(head) - 2) :]
+    # By definition: the first t such that decode(generated[:t]) contains the stop string.
+    want_len = next(t for t in range(1, 11) if stop in tok.decode(ref[:t]))
+    out = sampler.sample(None, SampleSpec(prompt=prompt, max_tokens=10, seed=4, stop_strings=("zzqx", stop)))
+    seq = out.sequences[0]
+    assert seq.tokens.tolist() == ref[:want_len]
+    assert stop in tok.decode(seq.tokens.tolist()) and seq.stop_reason == "stop"
+    seq = sampler.sample(None, SampleSpec(prompt=prompt, max_tokens=10, seed=4, stop_strings=("zzqxv",))).sequences[0]
+    assert seq.tokens.tolist() == ref and seq.stop_reason == "length"
+
+
+def test_prompt_logprobs(runner: ModelRunner, sampler: Sampler, prompt: np.ndarray, lora_slot: int) -> None:
+    for slot in (None, lora_slot):
+        datum = DatumIn(prompt[:-1], {"target_tokens": prompt[1:]})
+        (want,) = runner.target_logprobs([(slot, datum)], grad=False)
+        out = sampler.sample(slot, SampleSpec(prompt=prompt, max_tokens=1, prompt_logprobs=True))
+        got = out.prompt_logprobs
+        assert got is not None and got.dtype == np.float32 and got.shape == prompt.shape
+        assert np.isnan(got[0])
+        np.testing.assert_allclose(got[1:], want.numpy(), atol=1e-4)
+        last = sampler.sample(
+            slot, SampleSpec(prompt=prompt, max_tokens=1, prompt_logprobs=True, prompt_logprobs_last_n=3)
+        ).prompt_logprobs
+        assert last is not None
+        assert np.isnan(last[:-3]).all()
+        np.testing.assert_allclose(last[-3:], want.numpy()[-3:], atol=1e-4)
+
+
+def test_top_k_one_is_greedy(sampler: Sampler, prompt: np.ndarray, lora_slot: int) -> None:
+    greedy = sampler.sample(lora_slot, SampleSpec(prompt=prompt, max_tokens=8, temperature=0.0)).sequences[0]
+    for spec in (
+        SampleSpec(prompt=prompt, num_samples=2, max_tokens=8, temperature=1.0, top_k=1),
+        SampleSpec(prompt=prompt, num_samples=2, max_tokens=8, temperature=1.0, top_p=1e-6),
+    ):
+        for seq in sampler.sample(lora_slot, spec).sequences:
+            assert seq.tokens.tolist() == greedy.tokens.tolist()
+            np.testing.assert_allclose(seq.logprobs, greedy.logprobs, atol=1e-5)
+
+
+def test_pick_distribution() -> None:
+    """The inverse-CDF draw follows softmax(logits / T), restricted by top-k and top-p."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    rows = logits.expand(20000, -1)
+    spec = SampleSpec(prompt=np.zeros(1, np.int64), temperature=0.7)
+    tokens, lps = Sampler._pick(rows, spec, gen)
+    freq = torch.bincount(tokens, minlength=5).double() / len(tokens)
+    np.testing.assert_allclose(freq.numpy(), torch.softmax(logits / 0.7, -1).numpy(), atol=0.015)
+    np.testing.assert_allclose(lps.numpy(), torch.log_softmax(logits, -1)[tokens].numpy(), atol=1e-6)
+    tokens, _ = Sampler._pick(rows, SampleSpec(prompt=spec.prompt, top_k=2), gen)
+    freq = torch.bincount(tokens, minlength=5).double() / len(tokens)
+    np.testing.assert_allclose(freq[:2].numpy(), torch.softmax(logits[:2], -1).numpy(), atol=0.015)
+    assert freq[2:].sum() == 0
+    # top-p over a vocabulary whose nucleus is larger than the first candidate guess.
+    big = -1e-4 * torch.arange(5000.0)
+    probs = torch.softmax(big.double(), -1).numpy()
+    n_keep = int(np.searchsorted(np.cumsum(probs) - probs, 0.5, side="left"))  # mass before < 0.5
+    tokens, _ = Sampler._pick(big.expand(4000, -1), SampleSpec(prompt=spec.prompt, top_p=0.5), gen)
+    assert n_keep > 1024
+    # <= rather than <: fp32 rounding may move the boundary by one token.
+    assert 0.9 * n_keep < int(tokens.max()) <= n_keep
+
+
+def test_limits_and_validation(runner: ModelRunner, sampler: Sampler, prompt: np.ndarray) -> None:
+    out = sampler.sample(None, SampleSpec(prompt=prompt, num_samples=2, max_tokens=0, prompt_logprobs=True))
+    assert [len(s.tokens) for s in out.sequences] == [0, 0]
+    assert all(s.stop_reason == "length" for s in out.sequences)
+    assert out.prompt_logprobs is not None and np.isfinite(out.prompt_logprobs[1:]).all()
+    with pytest.raises(UserError, match="empty"):
+        sampler.sample(None, SampleSpec(prompt=np.zeros(0, np.int64)))
+    too_many = runner.max_context - len(prompt) + 1
+    with pytest.raises(UserError, match=f"{len(prompt)}.*{too_many}"):
+        sampler.sample(None, SampleSpec(prompt=prompt, max_tokens=too_many))

@@ -1,0 +1,28 @@
+"""Shared helpers of the routers: the service from the app state, and error responses."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from tinsmith.scheduler.service import Service
+from tinsmith.types import UserError
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def future_response(request_id: str, model_id: str | None = None, **extra: object) -> dict[str, object]:
+    """The UntypedAPIFuture every asynchronous endpoint answers with."""
+    out: dict[str, object] = {"request_id": request_id}
+    if model_id is not None:
+        out["model_id"] = model_id
+    out.update(extra)
+    return out
+
+
+def user_error_response(_: Request, exc: Exception) -> JSONResponse:
+    # Always a non-empty body: the SDK treats a bodiless 400 as a connection error and retries.
+    assert isinstance(exc, UserError)
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)

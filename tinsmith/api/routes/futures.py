@@ -1,0 +1,37 @@
+"""retrieve_future: long-poll until a result is ready, or answer try_again.
+
+Never answer "not ready" at once: the SDK re-polls immediately, so an instant answer
+would be a hot loop. A result is JSON, or protobuf for ForwardBackwardOutput and
+SampleResponse (the SDK accepts only protobuf for those).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from tinker.types import FutureRetrieveRequest
+
+from tinsmith.api.codecs import encode_forward_backward, encode_sample
+from tinsmith.api.deps import service
+from tinsmith.types import FwdBwdOut, NotFound, SampleOut
+
+router = APIRouter(prefix="/api/v1")
+PROTO = "application/x-protobuf"
+
+
+@router.post("/retrieve_future", response_model=None)
+async def retrieve_future(req: FutureRetrieveRequest, request: Request) -> Response | dict[str, object]:
+    svc = service(request)
+    try:
+        done, value, error = await svc.futures.wait(req.request_id, svc.settings.long_poll_s)
+    except KeyError:
+        raise NotFound(f"unknown or expired request_id {req.request_id!r}") from None
+    if not done:
+        return {"type": "try_again", "request_id": req.request_id, "queue_state": "active"}
+    if error is not None:
+        return {"error": error.message, "category": error.category}
+    if isinstance(value, FwdBwdOut):
+        return Response(encode_forward_backward(value), media_type=PROTO)
+    if isinstance(value, SampleOut):
+        return Response(encode_sample(value), media_type=PROTO)
+    assert isinstance(value, dict)
+    return value

@@ -1,0 +1,120 @@
+"""REST resources the RestClient reads: capabilities, runs, checkpoints, sessions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from tinsmith.api.deps import service
+from tinsmith.scheduler.paths import parse_path
+from tinsmith.storage.db import CheckpointRow, RunRow
+from tinsmith.types import NotFound
+
+router = APIRouter(prefix="/api/v1")
+OWNER = "local"
+
+
+class WeightsInfoRequest(BaseModel):
+    tinker_path: str
+
+
+def checkpoint_json(row: CheckpointRow) -> dict[str, object]:
+    return {
+        "checkpoint_id": row.checkpoint_id,
+        "checkpoint_type": row.checkpoint_type,
+        "time": row.created_at.isoformat(),
+        "tinker_path": row.tinker_path,
+        "size_bytes": row.size_bytes,
+        "public": False,
+        "user_metadata": row.user_metadata,
+        "expires_at": row.expires_at.isoformat() if row.expires_at else None,
+    }
+
+
+def run_json(request: Request, row: RunRow) -> dict[str, object]:
+    db = service(request).db
+    last = db.last_checkpoint(row.training_run_id, "training")
+    last_sampler = db.last_checkpoint(row.training_run_id, "sampler")
+    meta = {str(k): str(v) for k, v in row.user_metadata.items()} if row.user_metadata else None
+    return {
+        "training_run_id": row.training_run_id,
+        "base_model": row.base_model,
+        "model_owner": OWNER,
+        "is_lora": True,
+        "corrupted": False,
+        "lora_rank": row.lora.get("rank"),
+        "last_request_time": row.last_request_time.isoformat(),
+        "last_checkpoint": checkpoint_json(last) if last else None,
+        "last_sampler_checkpoint": checkpoint_json(last_sampler) if last_sampler else None,
+        "user_metadata": meta,
+    }
+
+
+@router.get("/get_server_capabilities")
+async def capabilities(request: Request) -> dict[str, object]:
+    return {"supported_models": [
+        {"model_name": h.name, "max_context_length": h.max_context, "trainable": True, "sampleable": True}
+        for h in service(request).models.values()
+    ]}
+
+
+@router.get("/training_runs")
+async def list_runs(request: Request, limit: int = 20, offset: int = 0) -> dict[str, object]:
+    rows, total = service(request).db.list_runs(limit, offset)
+    return {"training_runs": [run_json(request, r) for r in rows],
+            "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+
+@router.get("/training_runs/{run_id}")
+async def get_run(run_id: str, request: Request) -> dict[str, object]:
+    row = service(request).db.get_run(run_id)
+    if row is None:
+        raise NotFound(f"unknown training run {run_id!r}")
+    return run_json(request, row)
+
+
+@router.get("/training_runs/{run_id}/checkpoints")
+async def list_run_checkpoints(run_id: str, request: Request) -> dict[str, object]:
+    db = service(request).db
+    if db.get_run(run_id) is None:
+        raise NotFound(f"unknown training run {run_id!r}")
+    return {"checkpoints": [checkpoint_json(c) for c in db.list_checkpoints(run_id)], "cursor": None}
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
+async def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request) -> dict[str, object]:
+    service(request).delete_checkpoint(run_id, checkpoint_id)
+    return {}
+
+
+@router.get("/checkpoints")
+async def list_all_checkpoints(request: Request, limit: int = 100, offset: int = 0) -> dict[str, object]:
+    rows, total = service(request).db.list_all_checkpoints(limit, offset)
+    return {"checkpoints": [checkpoint_json(c) for c in rows],
+            "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+
+@router.post("/weights_info")
+async def weights_info(req: WeightsInfoRequest, request: Request) -> dict[str, object]:
+    svc = service(request)
+    row = svc.checkpoint(parse_path(req.tinker_path))
+    lora = row.lora
+    return {"base_model": row.base_model, "is_lora": True, "lora_rank": lora.get("rank"),
+            "train_unembed": lora.get("train_unembed"), "train_mlp": lora.get("train_mlp"),
+            "train_attn": lora.get("train_attn")}
+
+
+@router.get("/sessions")
+async def list_sessions(request: Request, limit: int = 20, offset: int = 0) -> dict[str, object]:
+    return {"sessions": [s.session_id for s in service(request).db.list_sessions(limit, offset)]}
+
+
+@router.get("/sessions/{session_id}")
+async def get_session(session_id: str, request: Request) -> dict[str, object]:
+    db = service(request).db
+    s = db.get_session(session_id)
+    if s is None:
+        raise NotFound(f"unknown session {session_id!r}")
+    return {"training_run_ids": db.runs_of_session(session_id),
+            "sampler_ids": db.samplers_of_session(session_id),
+            "user_metadata": s.user_metadata, "display_name": s.display_name}

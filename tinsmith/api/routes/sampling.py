@@ -1,0 +1,57 @@
+"""Sampling sessions and sampling requests."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Request
+from tinker.types import CreateSamplingSessionRequest, SampleRequest
+
+from tinsmith.api.codecs import sample_spec
+from tinsmith.api.deps import future_response, service
+from tinsmith.types import UserError
+
+router = APIRouter(prefix="/api/v1")
+
+
+@router.post("/create_sampling_session")
+async def create_sampling_session(req: CreateSamplingSessionRequest, request: Request) -> dict[str, object]:
+    sid = service(request).create_sampling_session(
+        session_id=req.session_id, sampling_session_seq_id=req.sampling_session_seq_id,
+        base_model=req.base_model, model_path=req.model_path,
+    )
+    return {"sampling_session_id": sid, "type": "create_sampling_session"}
+
+
+@router.get("/samplers/{sampler_id}")
+async def get_sampler(sampler_id: str, request: Request) -> dict[str, object]:
+    return service(request).get_sampler_info(sampler_id)
+
+
+@router.post("/asample")
+async def asample(req: SampleRequest, request: Request) -> dict[str, object]:
+    svc = service(request)
+    unsupported = [
+        name for name, on in (
+            ("topk_prompt_logprobs", req.topk_prompt_logprobs > 0),
+            ("topk_sample_logprobs", req.topk_sample_logprobs > 0),
+            ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
+            ("prompt_alt_tokens_k", req.prompt_alt_tokens_k > 0),
+        ) if on
+    ]
+    if unsupported:
+        raise UserError(f"{', '.join(unsupported)} not supported by this server yet")
+    sampler_id = req.sampling_session_id
+    if sampler_id is None:  # older clients name the model per request
+        sampler_id = svc.create_sampling_session(
+            session_id=f"adhoc-{uuid.uuid4().hex[:12]}", sampling_session_seq_id=0,
+            base_model=req.base_model, model_path=req.model_path,
+        )
+    handle = svc.sampler(sampler_id).handle
+    spec = sample_spec(
+        req.prompt, req.num_samples, req.sampling_params, eos_token_ids=handle.eos_token_ids,
+        prompt_logprobs=bool(req.prompt_logprobs), prompt_logprobs_last_n=req.prompt_logprobs_last_n,
+    )
+    seq_id = req.seq_id if req.seq_id is not None else -uuid.uuid4().int % (1 << 62)
+    rid, seq_ids = svc.sample(sampler_id, seq_id, spec)
+    return future_response(rid, None, sample_sequence_ids=seq_ids)

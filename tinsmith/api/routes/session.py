@@ -1,0 +1,57 @@
+"""Client configuration, sessions, heartbeats and telemetry."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from tinker.types import CreateSessionRequest, SessionHeartbeatRequest
+
+from tinsmith import __version__
+from tinsmith.api.deps import service
+
+router = APIRouter(prefix="/api/v1")
+
+
+@router.post("/client/config")
+async def client_config() -> dict[str, object]:
+    # Plain API keys (no JWT exchange) and the httpx transport, which suits plain HTTP.
+    return {"pjwt_auth_enabled": False, "use_pyqwest_transport": False,
+            "parallel_fwdbwd_chunks": True, "proto_compress_fwdbwd": False}
+
+
+@router.post("/client/dynamic_config")
+async def dynamic_config() -> dict[str, object]:
+    return {}
+
+
+@router.post("/create_session")
+async def create_session(req: CreateSessionRequest, request: Request) -> dict[str, object]:
+    sid = service(request).create_session(
+        tags=req.tags, user_metadata=req.user_metadata, display_name=req.display_name,
+        project_id=req.project_id, sdk_version=req.sdk_version,
+    )
+    return {"session_id": sid, "type": "create_session",
+            "info_message": f"Tinsmith {__version__}: session {sid}"}
+
+
+@router.post("/session_heartbeat")
+async def heartbeat(req: SessionHeartbeatRequest, request: Request) -> dict[str, object]:
+    service(request).db.heartbeat(req.session_id)
+    return {"type": "session_heartbeat"}
+
+
+@router.post("/sessions/{session_id}/finish")
+async def finish(session_id: str, request: Request) -> dict[str, object]:
+    body = await request.json() if await request.body() else {}
+    reason = (body.get("reason") or {}).get("type", "success") if isinstance(body, dict) else "success"
+    service(request).db.finish_session(session_id, str(reason))
+    return {}
+
+
+@router.post("/telemetry")
+async def telemetry() -> dict[str, object]:
+    return {"status": "accepted"}
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, object]:
+    return {"status": "ok"}

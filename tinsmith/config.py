@@ -1,0 +1,38 @@
+"""Server settings: one typed dataclass, built by the CLI or by `tinsmith.local(...)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    data_dir: Path = Path("tinsmith-data")
+    """Holds the SQLite metadata database and, by default, the checkpoint files."""
+    models: tuple[str, ...] = (DEFAULT_MODEL,)
+    """Base models to serve (catalog names or local Hugging Face folders)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str | None = None
+    """SQLAlchemy URL; default sqlite:///<data_dir>/tinsmith.db."""
+    storage_url: str | None = None
+    """Checkpoint store (local folder or fsspec URL); default <data_dir>/checkpoints."""
+    cache_dir: Path | None = None
+    """Prepared base models; default $TINSMITH_CACHE or ~/.cache/tinsmith."""
+    long_poll_s: float = 25.0
+    """How long retrieve_future holds a request before answering try_again (< 45 s client timeout)."""
+    max_sampler_adapters: int = 16
+    """Sampler adapters kept in memory per base model (LRU)."""
+    checkpoint_sweep_s: float = 60.0
+    """How often expired checkpoints (ttl_seconds) are deleted."""
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'tinsmith.db').resolve()}"
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or str((self.data_dir / "checkpoints").resolve())

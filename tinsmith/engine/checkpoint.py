@@ -1,0 +1,271 @@
+"""Adapter <-> checkpoint files, in the PEFT on-disk format plus Tinsmith's own facts.
+
+A checkpoint is a flat mapping of file name -> bytes (the storage layer decides where it
+lives):
+
+- `adapter_model.safetensors`: the LoRA factors, named as PEFT saves them
+  (`base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r]).
+- `adapter_config.json`: a PEFT `LoraConfig`, so `peft.PeftModel.from_pretrained(base,
+  folder)` loads the folder as it is.
+- `tinsmith.json`: what PEFT has no field for, so a checkpoint round-trips exactly: the
+  `LoraSpec` (seed and train_* flags included), the number of optimizer steps taken, the
+  base model name and the format version.
+- `optimizer.safetensors` (only when saved with the optimizer): AdamW moments and step
+  counts in the same naming (see `Adapter.optimizer_state_dict`); empty when no optimizer
+  step was taken yet.
+
+Reading also accepts a plain PEFT LoRA folder (no `tinsmith.json`): the spec is derived
+from `adapter_config.json`, as long as it describes a LoRA that Tinsmith computes the same
+way (no rsLoRA, DoRA, per-module rank/alpha, biases or fan_in_fan_out).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from tinsmith.engine.adapter import PEFT_PREFIX, Adapter, target_leaves
+from tinsmith.engine.lora import (
+    ATTN_TARGETS,
+    MLP_TARGETS,
+    UNEMBED_TARGETS,
+    MultiLoraLinear,
+    leaf_name,
+)
+from tinsmith.types import LoraSpec
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+TINSMITH_FILE = "tinsmith.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+# ----- writing ------------------------------------------------------------------------
+def _peft_config(adapter: Adapter, base_model: str) -> dict[str, Any]:
+    from peft import LoraConfig
+
+    leaves = sorted({leaf_name(path) for path in adapter.weights})
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=adapter.spec.rank,
+        lora_alpha=adapter.spec.alpha,
+        target_modules=leaves,
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=False,
+        use_rslora=False,
+        init_lora_weights=True,
+        inference_mode=True,
+        base_model_name_or_path=base_model,
+    )
+    out = config.to_dict()
+    for key, value in out.items():  # as PeftConfig.save_pretrained does: sets -> lists
+        if isinstance(value, set):
+            out[key] = sorted(value)
+    out["peft_type"] = str(getattr(out["peft_type"], "value", out["peft_type"]))
+    out["task_type"] = str(getattr(out["task_type"], "value", out["task_type"]))
+    return out
+
+
+def adapter_to_files(
+    adapter: Adapter, base_model: str, *, include_optimizer: bool
+) -> dict[str, bytes]:
+    """Serialise an adapter (and, if asked, its AdamW state) into checkpoint files."""
+    files = {
+        WEIGHTS_FILE: safetensors.torch.save(adapter.peft_state_dict(), metadata={"format": "pt"}),
+        CONFIG_FILE: _json_bytes(_peft_config(adapter, base_model)),
+    }
+    info = {
+        "format": "tinsmith-lora",
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model,
+        "lora_spec": adapter.spec.to_json(),
+        "num_steps": adapter.num_steps,
+        "has_optimizer": include_optimizer,
+    }
+    files[TINSMITH_FILE] = _json_bytes(info)
+    if include_optimizer:
+        state = adapter.optimizer_state_dict()  # empty before the first optim_step
+        files[OPTIMIZER_FILE] = safetensors.torch.save(state, metadata={"format": "pt"})
+    return files
+
+
+def _json_bytes(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value, indent=2, sort_keys=True).encode()
+
+
+# ----- reading ------------------------------------------------------------------------
+def _json_file(files: Mapping[str, bytes], name: str) -> dict[str, Any]:
+    if name not in files:
+        raise ValueError(f"checkpoint is missing {name}")
+    try:
+        value = json.loads(files[name])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint file {name} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"checkpoint file {name} must hold a JSON object")
+    return value
+
+
+def _tensors(files: Mapping[str, bytes], name: str) -> dict[str, torch.Tensor]:
+    if name not in files:
+        raise ValueError(f"checkpoint is missing {name}")
+    try:
+        return safetensors.torch.load(bytes(files[name]))
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise ValueError(f"checkpoint file {name} is not a readable safetensors file: {e}") from e
+
+
+def read_base_model(files: Mapping[str, bytes]) -> str | None:
+    """The base model a checkpoint was trained on, as recorded in it (None if unknown)."""
+    info = _json_file(files, TINSMITH_FILE if TINSMITH_FILE in files else CONFIG_FILE)
+    name = info.get("base_model", info.get("base_model_name_or_path"))
+    return name if isinstance(name, str) else None
+
+
+def _spec_from_peft_config(config: Mapping[str, Any]) -> LoraSpec:
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"{CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA")
+    unsupported = {
+        "use_rslora": bool(config.get("use_rslora")),
+        "use_dora": bool(config.get("use_dora")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "bias": config.get("bias", "none") not in ("none", None),
+        "modules_to_save": bool(config.get("modules_to_save")),
+    }
+    bad = sorted(k for k, v in unsupported.items() if v)
+    if bad:
+        raise ValueError(f"{CONFIG_FILE}: unsupported LoRA options {bad}")
+    targets = config.get("target_modules")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(
+            f"{CONFIG_FILE}: target_modules must be a list of module names, got {targets!r}"
+        )
+    leaves = {t.rsplit(".", 1)[-1] for t in targets}
+    try:
+        rank = int(config["r"])
+        alpha = float(config.get("lora_alpha", 8))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{CONFIG_FILE}: bad or missing r / lora_alpha ({e})") from e
+    return LoraSpec(
+        rank=rank,
+        alpha=alpha,
+        train_attn=bool(leaves & set(ATTN_TARGETS)),
+        train_mlp=bool(leaves & set(MLP_TARGETS)),
+        train_unembed=bool(leaves & set(UNEMBED_TARGETS)),
+    )
+
+
+def read_lora_spec(files: Mapping[str, bytes]) -> LoraSpec:
+    """The LoraSpec of a checkpoint: from tinsmith.json, else derived from the PEFT config."""
+    if TINSMITH_FILE in files:
+        info = _json_file(files, TINSMITH_FILE)
+        version = info.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"{TINSMITH_FILE}: unsupported format_version {version!r}")
+        raw = info.get("lora_spec")
+        if not isinstance(raw, dict) or "rank" not in raw:
+            raise ValueError(f"{TINSMITH_FILE}: missing or malformed lora_spec")
+        try:
+            return LoraSpec.from_json(raw)
+        except TypeError as e:
+            raise ValueError(f"{TINSMITH_FILE}: malformed lora_spec ({e})") from e
+    return _spec_from_peft_config(_json_file(files, CONFIG_FILE))
+
+
+def adapter_from_files(
+    files: Mapping[str, bytes], layers: dict[str, MultiLoraLinear], *, load_optimizer: bool
+) -> Adapter:
+    """Rebuild an adapter against a model's LoRA layers; ValueError if the files do not fit."""
+    _json_file(files, CONFIG_FILE)  # must exist and parse, as PEFT needs it too
+    spec = read_lora_spec(files)
+    if spec.rank < 1:
+        raise ValueError(f"checkpoint LoRA rank must be >= 1, got {spec.rank}")
+    complete = TINSMITH_FILE in files  # our own checkpoints hold every layer the spec trains
+    tensors = _lora_tensors(_tensors(files, WEIGHTS_FILE), spec, layers, complete=complete)
+    adapter = Adapter.from_peft_state_dict(spec, tensors, layers)  # checks shapes
+    if TINSMITH_FILE in files:
+        steps = _json_file(files, TINSMITH_FILE).get("num_steps", 0)
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{TINSMITH_FILE}: bad num_steps {steps!r}")
+        adapter.num_steps = steps
+    if load_optimizer and OPTIMIZER_FILE in files:
+        state = _tensors(files, OPTIMIZER_FILE)
+        _check_optimizer_state(adapter, state)
+        adapter.load_optimizer_state_dict(state)
+    return adapter
+
+
+def _lora_tensors(
+    tensors: dict[str, torch.Tensor],
+    spec: LoraSpec,
+    layers: Mapping[str, MultiLoraLinear],
+    *,
+    complete: bool,
+) -> dict[str, torch.Tensor]:
+    """The LoRA factors of `tensors`, checked to name layers of this model that `spec` trains.
+
+    `complete`: every layer the spec trains must be present (true of our own checkpoints;
+    a plain PEFT folder may target fewer modules). A `<path>.base_layer.weight` tensor, which
+    PEFT's save_pretrained adds for an adapted lm_head, is accepted only if it equals the
+    base model's weight, and dropped.
+    """
+    factors: dict[str, set[str]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        path, _, kind = name.rpartition(".base_layer.")
+        if key.startswith(PEFT_PREFIX) and kind == "weight" and path in layers:
+            base = layers[path].base.weight
+            if tensor.shape != base.shape or not torch.equal(tensor, base.to(tensor.dtype)):
+                raise ValueError(f"{WEIGHTS_FILE}: {key!r} differs from this base model's weight")
+            continue
+        path, _, factor = name.rpartition(".lora_")
+        if not key.startswith(PEFT_PREFIX) or factor not in ("A.weight", "B.weight"):
+            raise ValueError(f"{WEIGHTS_FILE}: unexpected tensor {key!r} (not a PEFT LoRA factor)")
+        factors.setdefault(path, set()).add(factor)
+        out[key] = tensor
+    leaves = set(target_leaves(spec))
+    wanted = [p for p in layers if leaf_name(p) in leaves] if complete else []
+    problems = {
+        "tensors for layers this base model does not have": sorted(set(factors) - set(layers)),
+        "tensors for layers the LoRA spec does not train": sorted(
+            p for p in factors if p in layers and leaf_name(p) not in leaves
+        ),
+        "missing tensors (lora_A or lora_B) for layers": sorted(
+            {p for p, f in factors.items() if len(f) != 2} | {p for p in wanted if p not in factors}
+        ),
+    }
+    for problem, paths in problems.items():
+        if paths:
+            raise ValueError(f"{WEIGHTS_FILE}: {problem}: {paths[:5]}")
+    return out
+
+
+def _check_optimizer_state(adapter: Adapter, state: Mapping[str, torch.Tensor]) -> None:
+    expected: dict[str, tuple[int, ...]] = {}
+    for path, w in adapter.weights.items():
+        for factor, p in (("lora_A", w.A), ("lora_B", w.B)):
+            key = f"{PEFT_PREFIX}{path}.{factor}.weight"
+            expected[f"{key}.exp_avg"] = tuple(p.shape)
+            expected[f"{key}.exp_avg_sq"] = tuple(p.shape)
+            expected[f"{key}.step"] = (1,)
+    for key, tensor in state.items():
+        if key not in expected:
+            raise ValueError(f"{OPTIMIZER_FILE}: unexpected tensor {key!r}")
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(
+                f"{OPTIMIZER_FILE}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                f"expected {expected[key]}"
+            )
+    for key in state:
+        base = key.rsplit(".", 1)[0]
+        if not all(f"{base}.{s}" in state for s in ("exp_avg", "exp_avg_sq", "step")):
+            raise ValueError(f"{OPTIMIZER_FILE}: incomplete Adam state for {base!r}")

@@ -1,0 +1,130 @@
+"""The futures store: every long operation's result, awaited by long-polling clients.
+
+A future is created on the event loop when a request is accepted, completed from the
+engine's worker thread, and read by `retrieve_future` polls that may arrive many times
+(poll iterations, retries after a client time-out). Results therefore stay readable for
+`keep_after_delivery_s` after their first delivery and `keep_undelivered_s` otherwise.
+
+Thread safety: all state is guarded by one lock; waiters are asyncio futures woken with
+`call_soon_threadsafe`, so completion from any thread wakes the loop at once (no polling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+ErrorCategory = Literal["user", "server"]
+
+
+@dataclass
+class FutureError:
+    message: str
+    category: ErrorCategory
+
+
+@dataclass
+class _Entry:
+    kind: str
+    created: float
+    done: bool = False
+    value: object = None
+    error: FutureError | None = None
+    delivered_at: float | None = None
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+class FutureStore:
+    def __init__(self, keep_after_delivery_s: float = 300.0, keep_undelivered_s: float = 3600.0):
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self._ids = itertools.count(1)
+        self._prefix = f"req-{int(time.time()) % 100000:05d}-"
+        self._keep_after_delivery_s = keep_after_delivery_s
+        self._keep_undelivered_s = keep_undelivered_s
+
+    def create(self, kind: str) -> str:
+        with self._lock:
+            self._purge_locked(time.monotonic())
+            rid = f"{self._prefix}{next(self._ids)}"
+            self._entries[rid] = _Entry(kind=kind, created=time.monotonic())
+            return rid
+
+    def kind(self, rid: str) -> str | None:
+        with self._lock:
+            e = self._entries.get(rid)
+            return e.kind if e else None
+
+    def set_result(self, rid: str, value: object) -> None:
+        self._complete(rid, value, None)
+
+    def set_error(self, rid: str, message: str, category: ErrorCategory = "server") -> None:
+        self._complete(rid, None, FutureError(message, category))
+
+    def _complete(self, rid: str, value: object, error: FutureError | None) -> None:
+        with self._lock:
+            e = self._entries.get(rid)
+            if e is None or e.done:
+                return
+            e.done, e.value, e.error = True, value, error
+            waiters, e.waiters = e.waiters, []
+        for w in waiters:
+            w.get_loop().call_soon_threadsafe(_wake, w)
+
+    def is_done(self, rid: str) -> bool:
+        with self._lock:
+            e = self._entries.get(rid)
+            return bool(e and e.done)
+
+    async def wait(self, rid: str, timeout: float) -> tuple[bool, object, FutureError | None]:
+        """Wait up to `timeout` s. Returns (done, value, error); raises KeyError if unknown."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            e = self._entries.get(rid)
+            if e is None:
+                raise KeyError(rid)
+            if not e.done:
+                waiter: asyncio.Future[None] = loop.create_future()
+                e.waiters.append(waiter)
+            else:
+                waiter = None  # type: ignore[assignment]
+        if waiter is not None:
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except asyncio.TimeoutError:
+                with self._lock:
+                    if waiter in e.waiters:
+                        e.waiters.remove(waiter)
+                return False, None, None
+        with self._lock:
+            if e.delivered_at is None:
+                e.delivered_at = time.monotonic()
+            return True, e.value, e.error
+
+    def _purge_locked(self, now: float) -> None:
+        stale = [
+            rid
+            for rid, e in self._entries.items()
+            if e.done
+            and (
+                (e.delivered_at is not None and now - e.delivered_at > self._keep_after_delivery_s)
+                or now - e.created > self._keep_undelivered_s
+            )
+        ]
+        for rid in stale:
+            del self._entries[rid]
+
+    def fail_all_pending(self, message: str) -> None:
+        with self._lock:
+            pending = [rid for rid, e in self._entries.items() if not e.done]
+        for rid in pending:
+            self.set_error(rid, message, "server")
+
+
+def _wake(w: asyncio.Future[None]) -> None:
+    if not w.done():
+        w.set_result(None)

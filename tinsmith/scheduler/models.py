@@ -1,0 +1,59 @@
+"""Served base models: each one loaded once, with its engine and its worker thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinsmith.config import ServerSettings
+from tinsmith.engine.engine import Engine
+from tinsmith.engine.runner import ModelRunner
+from tinsmith.models import resolve_model_dir
+from tinsmith.scheduler.futures import FutureStore
+from tinsmith.scheduler.worker import EngineWorker
+
+log = logging.getLogger("tinsmith.models")
+
+
+@dataclass
+class ModelHandle:
+    name: str
+    model_dir: Path
+    engine: Engine
+    worker: EngineWorker
+    vocab_size: int
+    max_context: int
+    arch: str
+    eos_token_ids: tuple[int, ...]
+
+
+def load_model(name: str, settings: ServerSettings, futures: FutureStore) -> ModelHandle:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    from transformers import AutoTokenizer, GenerationConfig
+
+    model_dir = resolve_model_dir(name, settings.cache_dir)
+    runner = ModelRunner(model_dir, name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    try:
+        gen_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:
+        gen_eos = None
+    if gen_eos is not None:
+        eos.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+    engine = Engine(runner, tokenizer, max_sampler_adapters=settings.max_sampler_adapters)
+    log.info("serving %s from %s", name, model_dir)
+    return ModelHandle(
+        name=name,
+        model_dir=model_dir,
+        engine=engine,
+        worker=EngineWorker(name, futures),
+        vocab_size=runner.vocab_size,
+        max_context=runner.max_context,
+        arch=runner.arch,
+        eos_token_ids=tuple(sorted(eos)),
+    )

@@ -1,0 +1,73 @@
+"""tinker:// checkpoint paths and checkpoint names.
+
+`tinker://<training_run_id>/<kind>/<name>` with kind `weights` (save_state: weights and
+optimizer state) or `sampler_weights` (save_weights_for_sampler: weights only). The
+checkpoint id used in REST URLs is `<kind>/<name>`; the storage key adds the run id.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tinsmith.types import UserError
+
+PREFIX = "tinker://"
+KINDS = {"weights": "training", "sampler_weights": "sampler"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    run_id: str
+    kind: str  # "weights" | "sampler_weights"
+    name: str
+
+    @property
+    def checkpoint_id(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+    @property
+    def tinker_path(self) -> str:
+        return f"{PREFIX}{self.run_id}/{self.kind}/{self.name}"
+
+    @property
+    def storage_key(self) -> str:
+        return f"{self.run_id}/{self.kind}/{self.name}"
+
+    @property
+    def checkpoint_type(self) -> str:
+        return KINDS[self.kind]
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise UserError(
+            f"invalid checkpoint name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def parse_path(path: str | None) -> CheckpointRef:
+    """Parse a tinker:// checkpoint path, with an error that says what is wrong."""
+    if not path:
+        raise UserError("a tinker:// checkpoint path is required")
+    if not path.startswith(PREFIX):
+        raise UserError(f"invalid checkpoint path {path!r}: it must start with {PREFIX}")
+    parts = path[len(PREFIX) :].split("/")
+    if len(parts) != 3 or not all(parts):
+        raise UserError(
+            f"invalid checkpoint path {path!r}: expected tinker://<training_run_id>/weights/<name> "
+            "or tinker://<training_run_id>/sampler_weights/<name>"
+        )
+    run_id, kind, name = parts
+    if kind not in KINDS:
+        raise UserError(
+            f"invalid checkpoint path {path!r}: kind {kind!r} is not one of {sorted(KINDS)}"
+        )
+    return CheckpointRef(run_id, kind, check_name(name))
+
+
+def ref_from_checkpoint_id(run_id: str, checkpoint_id: str) -> CheckpointRef:
+    return parse_path(f"{PREFIX}{run_id}/{checkpoint_id}")

@@ -1,0 +1,410 @@
+"""The service: what the api layer calls. Owns models, runs, samplers, futures and storage.
+
+Every long operation returns a request id at once; its work is queued on the engine
+worker of the run's base model and completes the future there. Training operations of one
+run pass through that run's `SeqGate` first, so they execute in the client's seq_id order.
+Inputs are validated at submission: a bad request gets an HTTP 4xx immediately (its
+seq_id is consumed so the run's later requests still flow) and never reaches the engine.
+
+Ids follow the hosted service's scheme, which the SDK relies on:
+training run `<session>:train:<model_seq_id>`, sampler `<session>:sample:<seq>`,
+sampled sequence `<sampler>:<seq_id>:<i>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from tinsmith.config import ServerSettings
+from tinsmith.engine.validation import check_data, check_tokens
+from tinsmith.scheduler.futures import FutureStore
+from tinsmith.scheduler.models import ModelHandle, load_model
+from tinsmith.scheduler.ordering import SeqGate
+from tinsmith.scheduler.paths import CheckpointRef, check_name, parse_path
+from tinsmith.storage.db import CheckpointRow, MetadataStore
+from tinsmith.storage.files import CheckpointStore
+from tinsmith.types import AdamSpec, DatumIn, LoraSpec, NotFound, SampleSpec, UserError
+
+log = logging.getLogger("tinsmith.service")
+MAX_TTL_S = 10 * 365 * 24 * 3600
+
+
+@dataclass
+class RunState:
+    run_id: str
+    base_model: str
+    handle: ModelHandle
+    lora: LoraSpec
+    gate: SeqGate = field(default_factory=SeqGate)
+    create_request_id: str | None = None
+
+
+@dataclass
+class SamplerState:
+    sampler_id: str
+    handle: ModelHandle
+    model_path: str | None  # tinker path it samples, None for the base model or ephemeral
+    adapter_key: str | None  # the engine's sampler-adapter key; None = base model
+    storage_key: str | None  # where to reload its files from; None = not reloadable
+    issued: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Service:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        self.db = MetadataStore(settings.resolved_database_url())
+        self.store = CheckpointStore(settings.resolved_storage_url())
+        self.futures = FutureStore()
+        self.models: dict[str, ModelHandle] = {}
+        for name in settings.models:
+            self.models[name] = load_model(name, settings, self.futures)
+        self.runs: dict[str, RunState] = {}
+        self.samplers: dict[str, SamplerState] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="checkpoint-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for h in self.models.values():
+            h.worker.close()
+        self.futures.fail_all_pending("the server is shutting down")
+        self.db.close()
+
+    # ----- lookups ------------------------------------------------------------------------
+    def model(self, name: str) -> ModelHandle:
+        h = self.models.get(name)
+        if h is None:
+            served = ", ".join(sorted(self.models)) or "none"
+            raise UserError(f"unknown base model {name!r}: this server serves {served}")
+        return h
+
+    def run(self, run_id: str) -> RunState:
+        r = self.runs.get(run_id)
+        if r is None:
+            if self.db.get_run(run_id) is not None:
+                raise NotFound(
+                    f"training run {run_id!r} is not loaded (the server restarted since it was "
+                    "created); resume it with create_training_client_from_state(<its checkpoint path>)"
+                )
+            raise NotFound(f"unknown training run (model_id) {run_id!r}")
+        return r
+
+    def checkpoint(self, ref: CheckpointRef) -> CheckpointRow:
+        row = self.db.get_checkpoint(ref.run_id, ref.checkpoint_id)
+        if row is None:
+            raise NotFound(f"checkpoint {ref.tinker_path} does not exist")
+        return row
+
+    # ----- sessions -----------------------------------------------------------------------
+    def create_session(
+        self, *, tags: Sequence[str], user_metadata: Mapping[str, object] | None,
+        display_name: str | None, project_id: str | None, sdk_version: str | None,
+    ) -> str:
+        session_id = uuid.uuid4().hex[:16]
+        self.db.add_session(
+            session_id, tags=list(tags), user_metadata=dict(user_metadata or {}),
+            display_name=display_name, project_id=project_id, sdk_version=sdk_version,
+        )
+        return session_id
+
+    # ----- training runs ------------------------------------------------------------------
+    def create_model(
+        self, *, session_id: str, model_seq_id: int, base_model: str, lora: LoraSpec,
+        user_metadata: Mapping[str, object] | None,
+    ) -> tuple[str, str]:
+        """Create a LoRA training run. Returns (request_id, model_id)."""
+        handle = self.model(base_model)
+        if not 1 <= lora.rank <= 512:
+            raise UserError(f"LoRA rank must be between 1 and 512, got {lora.rank}")
+        if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+            raise UserError("LoRA config trains nothing: enable train_mlp, train_attn or train_unembed")
+        run_id = f"{session_id}:train:{model_seq_id}"
+        with self._lock:
+            existing = self.runs.get(run_id)
+            if existing is not None and existing.create_request_id is not None:
+                return existing.create_request_id, run_id  # a retried create
+            rid = self.futures.create("create_model")
+            self.runs[run_id] = RunState(run_id, base_model, handle, lora, create_request_id=rid)
+        self.db.add_run(run_id, session_id=session_id, base_model=base_model, lora=lora.to_json(),
+                        user_metadata=dict(user_metadata) if user_metadata else None)
+
+        def work() -> dict[str, object]:
+            handle.engine.create_run(run_id, lora)
+            return {"model_id": run_id, "type": "create_model"}
+
+        handle.worker.submit(rid, work, "create_model")
+        return rid, run_id
+
+    def get_info(self, run_id: str) -> dict[str, object]:
+        r = self.run(run_id)
+        return {
+            "type": "get_info",
+            "model_id": run_id,
+            "model_data": {"arch": r.handle.arch, "model_name": r.base_model,
+                           "tokenizer_id": str(r.handle.model_dir)},
+            "is_lora": True,
+            "lora_rank": r.lora.rank,
+            "model_name": r.base_model,
+        }
+
+    def _ordered(
+        self, run_id: str, seq_id: int, kind: str, work: Callable[[], object],
+        validate: Callable[[], None] | None = None,
+    ) -> str:
+        """Queue `work` behind the run's earlier seq_ids. Returns the request id."""
+        r = self.run(run_id)
+        with self._lock:
+            previous = r.gate.issued(seq_id)
+            if previous is not None:
+                return previous  # a retried submission: same request, same result
+            r.gate.check_new(seq_id)
+            rid = self.futures.create(kind)
+            try:
+                if validate is not None:
+                    validate()
+            except UserError as e:
+                self.futures.set_error(rid, str(e), "user")
+                r.gate.submit(seq_id, rid, None, _call)
+                raise
+            job = lambda: r.handle.worker.submit(rid, work, kind)  # noqa: E731
+            r.gate.submit(seq_id, rid, job, _call)
+        return rid
+
+    def forward_backward(
+        self, run_id: str, seq_id: int, data: Sequence[DatumIn], loss_fn: str,
+        config: Mapping[str, float], *, forward_only: bool,
+    ) -> str:
+        r = self.run(run_id)
+        h = r.handle
+
+        def validate() -> None:
+            check_data(data, loss_fn, config, h.vocab_size, h.max_context)
+
+        def work() -> object:
+            return h.engine.forward_backward(run_id, data, loss_fn, config, forward_only=forward_only)
+
+        return self._ordered(run_id, seq_id, "forward" if forward_only else "forward_backward",
+                             work, validate)
+
+    def optim_step(self, run_id: str, seq_id: int, adam: AdamSpec) -> str:
+        r = self.run(run_id)
+
+        def validate() -> None:
+            if adam.learning_rate < 0 or not 0 <= adam.beta1 < 1 or not 0 <= adam.beta2 < 1:
+                raise UserError("AdamParams need learning_rate >= 0 and 0 <= beta1, beta2 < 1")
+            if adam.eps <= 0 or adam.weight_decay < 0 or adam.grad_clip_norm < 0:
+                raise UserError("AdamParams need eps > 0, weight_decay >= 0 and grad_clip_norm >= 0")
+
+        def work() -> object:
+            metrics = r.handle.engine.optim_step(run_id, adam)
+            self.db.touch_run(run_id)
+            return {"metrics": metrics, "type": "optim_step"}
+
+        return self._ordered(run_id, seq_id, "optim_step", work, validate)
+
+    def save(
+        self, run_id: str, seq_id: int, *, kind: str, name: str, ttl_seconds: int | None,
+        overwrite: bool, user_metadata: Mapping[str, object] | None,
+    ) -> str:
+        """save_state (kind "weights") or a named save_weights_for_sampler ("sampler_weights")."""
+        r = self.run(run_id)
+        ref = CheckpointRef(run_id, kind, name)
+
+        def validate() -> None:
+            check_name(name)
+            if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_S:
+                raise UserError(f"ttl_seconds must be between 1 and {MAX_TTL_S}, got {ttl_seconds}")
+
+        def work() -> object:
+            if not overwrite and self.db.get_checkpoint(run_id, ref.checkpoint_id) is not None:
+                raise UserError(
+                    f"checkpoint {ref.tinker_path} already exists; pass overwrite=True to replace it"
+                )
+            files = r.handle.engine.export_run(run_id, r.base_model, include_optimizer=kind == "weights")
+            size = self.store.put(ref.storage_key, files)
+            self.db.upsert_checkpoint(
+                run_id, ref.checkpoint_id,
+                checkpoint_type=ref.checkpoint_type, tinker_path=ref.tinker_path,
+                storage_key=ref.storage_key, size_bytes=size,
+                expires_at=_now() + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
+                user_metadata=_str_dict(user_metadata), base_model=r.base_model,
+                lora=r.lora.to_json(),
+            )
+            self.db.touch_run(run_id)
+            return {"path": ref.tinker_path, "type": "save_weights" if kind == "weights"
+                    else "save_weights_for_sampler"}
+
+        return self._ordered(run_id, seq_id, "save_" + kind, work, validate)
+
+    def save_ephemeral_sampler(self, run_id: str, seq_id: int, sampling_session_seq_id: int) -> str:
+        """save_weights_and_get_sampling_client: snapshot the weights in memory, no files."""
+        r = self.run(run_id)
+        session_id = run_id.split(":train:")[0]
+        sampler_id = f"{session_id}:sample:{sampling_session_seq_id}"
+
+        def work() -> object:
+            r.handle.engine.snapshot_sampler(sampler_id, run_id)
+            with self._lock:  # in memory only: ephemeral samplers do not survive a restart
+                self.samplers[sampler_id] = SamplerState(sampler_id, r.handle, None, sampler_id, None)
+            return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
+
+        return self._ordered(run_id, seq_id, "save_weights_for_sampler", work)
+
+    def load_weights(
+        self, *, path: str, optimizer: bool, session_id: str | None = None,
+        model_seq_id: int | None = None, model_id: str | None = None, seq_id: int | None = None,
+        base_model: str | None = None, user_metadata: Mapping[str, object] | None = None,
+    ) -> tuple[str, str]:
+        """Create a run from a checkpoint (session_id + model_seq_id), or load one into an
+        existing run in order (model_id + seq_id, the deprecated load_state). Returns
+        (request_id, model_id)."""
+        ref = parse_path(path)
+        ckpt = self.checkpoint(ref)
+        if optimizer and ckpt.checkpoint_type != "training":
+            raise UserError(f"{path} is a sampler checkpoint and holds no optimizer state; "
+                            "load a tinker://.../weights/... checkpoint")
+        if base_model is not None and base_model != ckpt.base_model:
+            raise UserError(f"{path} was trained on {ckpt.base_model!r}, not {base_model!r}")
+        handle = self.model(ckpt.base_model)
+        lora = LoraSpec.from_json(ckpt.lora)
+
+        def load(run_id: str) -> Callable[[], object]:
+            def work() -> object:
+                files = self.store.get(ckpt.storage_key)
+                spec = handle.engine.load_run(run_id, files, with_optimizer=optimizer)
+                self.runs[run_id].lora = spec
+                return {"model_id": run_id, "path": path, "type": "load_weights"}
+            return work
+
+        if model_id is not None:  # legacy: into an existing run, ordered by seq_id
+            r = self.run(model_id)
+            if r.base_model != ckpt.base_model:
+                raise UserError(f"{path} was trained on {ckpt.base_model!r}, this run uses {r.base_model!r}")
+            if seq_id is None:
+                raise UserError("load_weights into an existing model needs seq_id")
+            return self._ordered(model_id, seq_id, "load_weights", load(model_id)), model_id
+        if session_id is None or model_seq_id is None:
+            raise UserError("load_weights needs session_id and model_seq_id (or model_id and seq_id)")
+        run_id = f"{session_id}:train:{model_seq_id}"
+        with self._lock:
+            existing = self.runs.get(run_id)
+            if existing is not None and existing.create_request_id is not None:
+                return existing.create_request_id, run_id
+            rid = self.futures.create("load_weights")
+            self.runs[run_id] = RunState(run_id, ckpt.base_model, handle, lora, create_request_id=rid)
+        self.db.add_run(run_id, session_id=session_id, base_model=ckpt.base_model,
+                        lora=lora.to_json(), user_metadata=dict(user_metadata) if user_metadata else None)
+        handle.worker.submit(rid, load(run_id), "load_weights")
+        return rid, run_id
+
+    # ----- sampling -----------------------------------------------------------------------
+    def create_sampling_session(
+        self, *, session_id: str, sampling_session_seq_id: int, base_model: str | None,
+        model_path: str | None,
+    ) -> str:
+        sampler_id = f"{session_id}:sample:{sampling_session_seq_id}"
+        with self._lock:
+            if sampler_id in self.samplers:
+                return sampler_id
+        state = self._new_sampler(sampler_id, base_model, model_path)
+        with self._lock:
+            self.samplers[sampler_id] = state
+        self.db.add_sampler(sampler_id, session_id=session_id, base_model=state.handle.name,
+                            model_path=model_path)
+        return sampler_id
+
+    def _new_sampler(self, sampler_id: str, base_model: str | None, model_path: str | None) -> SamplerState:
+        if model_path is None:
+            if base_model is None:
+                raise UserError("a sampling session needs base_model or model_path")
+            return SamplerState(sampler_id, self.model(base_model), None, None, None)
+        ref = parse_path(model_path)
+        ckpt = self.checkpoint(ref)
+        if base_model is not None and base_model != ckpt.base_model:
+            raise UserError(f"{model_path} was trained on {ckpt.base_model!r}, not {base_model!r}")
+        return SamplerState(sampler_id, self.model(ckpt.base_model), model_path, ref.tinker_path,
+                            ckpt.storage_key)
+
+    def sampler(self, sampler_id: str) -> SamplerState:
+        """A sampling session; ones made before a restart are rebuilt from the database
+        (ephemeral ones are never stored, so they are gone)."""
+        s = self.samplers.get(sampler_id)
+        if s is not None:
+            return s
+        row = self.db.get_sampler(sampler_id)
+        if row is None:
+            raise NotFound(f"unknown sampling session {sampler_id!r}")
+        state = self._new_sampler(sampler_id, row.base_model, row.model_path)
+        with self._lock:
+            self.samplers[sampler_id] = state
+        return state
+
+    def get_sampler_info(self, sampler_id: str) -> dict[str, object]:
+        s = self.sampler(sampler_id)
+        out: dict[str, object] = {"sampler_id": sampler_id, "base_model": s.handle.name}
+        if s.model_path:
+            out["model_path"] = s.model_path
+        return out
+
+    def sample(self, sampler_id: str, seq_id: int, spec: SampleSpec) -> tuple[str, list[str]]:
+        s = self.sampler(sampler_id)
+        h = s.handle
+        with self._lock:
+            if seq_id in s.issued:
+                return s.issued[seq_id]
+        if not 1 <= spec.num_samples <= 256:
+            raise UserError(f"num_samples must be between 1 and 256, got {spec.num_samples}")
+        if spec.max_tokens < 0:
+            raise UserError(f"max_tokens must be >= 0, got {spec.max_tokens}")
+        if spec.temperature < 0 or not 0 < spec.top_p <= 1 or spec.top_k < -1:
+            raise UserError("sampling params need temperature >= 0, 0 < top_p <= 1 and top_k >= -1")
+        check_tokens(spec.prompt, h.vocab_size, h.max_context, "prompt")
+        if spec.prompt.shape[0] + spec.max_tokens > h.max_context:
+            raise UserError(
+                f"prompt of {spec.prompt.shape[0]} tokens plus max_tokens={spec.max_tokens} exceeds "
+                f"the model's context length of {h.max_context}"
+            )
+        loader = (lambda: self.store.get(s.storage_key)) if s.storage_key else None  # noqa: E731
+        with self._lock:
+            rid = self.futures.create("sample")
+            seq_ids = [f"{sampler_id}:{seq_id}:{i}" for i in range(spec.num_samples)]
+            s.issued[seq_id] = (rid, seq_ids)
+        h.worker.submit(rid, lambda: h.engine.sample(s.adapter_key, spec, loader), "sample")
+        return rid, seq_ids
+
+    # ----- checkpoints ----------------------------------------------------------------------
+    def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
+        ref = parse_path(f"tinker://{run_id}/{checkpoint_id}")
+        row = self.checkpoint(ref)
+        self.db.delete_checkpoint(row.training_run_id, row.checkpoint_id)
+        self.store.delete(row.storage_key)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.settings.checkpoint_sweep_s):
+            try:
+                for row in self.db.expired_checkpoints(_now()):
+                    self.db.delete_checkpoint(row.training_run_id, row.checkpoint_id)
+                    self.store.delete(row.storage_key)
+            except Exception:  # noqa: BLE001 - the sweeper must survive a bad row
+                log.exception("checkpoint sweep failed")
+
+
+def _call(job: Callable[[], None]) -> None:
+    job()
+
+
+def _str_dict(d: Mapping[str, object] | None) -> dict[str, str] | None:
+    return {str(k): str(v) for k, v in d.items()} if d else None

@@ -1,0 +1,167 @@
+"""Checkpoint file store: one folder of files per key, on a local disk or any fsspec URL.
+
+A key is a relative path such as `"sess-1:train:0/weights/000020"`; its files live in the
+folder `<root>/<key>/`. Writes are atomic from a reader's point of view:
+
+1. on a local filesystem, every file is written (and fsynced) into a temporary sibling
+   folder `<key>.tmp-<uuid>/` together with a manifest (`.tinsmith-manifest.json`: file
+   names and sizes), then the folder is renamed to `<key>`. An existing `<key>` is first
+   renamed aside to `<key>.old-<uuid>` and deleted once the new folder is in place.
+2. object stores (s3://, gs://, memory://...) have no atomic folder rename, so there the
+   old manifest is deleted first, the files are written under `<key>/`, and the manifest
+   is written last.
+
+Readers only see a key whose manifest exists, and only the files it lists, so a crash at
+any point leaves either the old checkpoint, the new one, or (mid-overwrite) none, never a
+partial one. Leftover `.tmp-*` / `.old-*` folders are never keys: key segments may not
+contain those markers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import uuid
+from collections.abc import Mapping
+
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+MANIFEST = ".tinsmith-manifest.json"
+_RESERVED = (".tmp-", ".old-")
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or "\\" in key:
+        raise ValueError(f"bad checkpoint key {key!r}: must be a non-empty relative path")
+    parts = key.split("/")
+    for part in parts:
+        if part == "..":
+            raise ValueError(f"bad checkpoint key {key!r}: empty, '.' or '..' path segment")
+        if any(marker in part for marker in _RESERVED):
+            raise ValueError(f"bad checkpoint key {key!r}: segments may not contain {_RESERVED}")
+    return "/".join(parts)
+
+
+def _check_name(name: str) -> None:
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name == MANIFEST:
+        raise ValueError(f"bad checkpoint file name {name!r}")
+
+
+class CheckpointStore:
+    """Folders of checkpoint files under one root (a local path or an fsspec URL)."""
+
+    def __init__(self, root_url: str) -> None:
+        self.root_url = root_url
+        self.fs, root = url_to_fs(root_url)
+        self.root = root.rstrip("/") or "/"
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        return posixpath.join(self.root, _check_key(key))
+
+    # ----- writing ----------------------------------------------------------------------
+    def put(self, key: str, files: Mapping[str, bytes]) -> int:
+        """Write `files` under `key`, replacing what was there; returns the payload bytes."""
+        path = self._path(key)
+        for name in files:
+            _check_name(name)
+        manifest = json.dumps({"files": {n: len(b) for n, b in files.items()}}, sort_keys=True)
+        entries = [*files.items(), (MANIFEST, manifest.encode())]  # manifest last
+        parent = posixpath.dirname(path)
+        self.fs.makedirs(parent, exist_ok=True)
+        if self.local:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            os.makedirs(tmp)
+            try:
+                for name, data in entries:
+                    with open(os.path.join(tmp, name), "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                self._publish_local(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone already unless publishing failed
+            _fsync_dir(parent)
+        else:
+            self.delete(key)  # old manifest first: the key is hidden until complete again
+            self.fs.makedirs(path, exist_ok=True)
+            for name, data in entries:
+                self.fs.pipe_file(posixpath.join(path, name), bytes(data))
+        return sum(len(b) for b in files.values())
+
+    def _publish_local(self, tmp: str, path: str) -> None:
+        olds: list[str] = []
+        try:
+            for _ in range(10):  # loops again only if another writer publishes meanwhile
+                try:
+                    os.rename(tmp, path)  # fails if `path` exists and is not empty
+                    return
+                except OSError:
+                    if not os.path.lexists(path):
+                        raise
+                old = f"{path}.old-{uuid.uuid4().hex}"
+                try:
+                    os.rename(path, old)
+                    olds.append(old)
+                except FileNotFoundError:
+                    pass
+            raise OSError(f"could not publish checkpoint {path!r}: concurrent writers")
+        finally:
+            for old in olds:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def delete(self, key: str) -> None:
+        """Remove `key` (manifest first, so a crash mid-delete leaves no visible key)."""
+        path = self._path(key)
+        manifest = posixpath.join(path, MANIFEST)
+        if self.fs.exists(manifest):
+            self.fs.rm(manifest)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    # ----- reading ----------------------------------------------------------------------
+    def _manifest(self, key: str) -> dict[str, int]:
+        path = self._path(key)
+        try:
+            raw = self.fs.cat_file(posixpath.join(path, MANIFEST))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            raise FileNotFoundError(f"no checkpoint at {key!r}") from e
+        try:
+            return {str(n): int(s) for n, s in json.loads(raw)["files"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise OSError(f"checkpoint {key!r} has a corrupt manifest: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        return self.fs.isfile(posixpath.join(self._path(key), MANIFEST))
+
+    def get(self, key: str) -> dict[str, bytes]:
+        """All files of `key`; FileNotFoundError if there is no (complete) checkpoint."""
+        path = self._path(key)
+        out: dict[str, bytes] = {}
+        for name, size in self._manifest(key).items():
+            data = self.fs.cat_file(posixpath.join(path, name))
+            if len(data) != size:
+                raise OSError(f"checkpoint {key!r}: {name} has {len(data)} bytes, not {size}")
+            out[name] = data
+        return out
+
+    def size(self, key: str) -> int:
+        """Total bytes of the files of `key` (manifest excluded); FileNotFoundError if absent."""
+        return sum(self._manifest(key).values())
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
