@@ -246,6 +246,12 @@ def test_errors_missing_files_and_bad_json(
         (_with(rank4_files, info=b"[1, 2"), "tinsmith.json is not valid JSON"),
         (_with(rank4_files, weights=b"garbage"), "not a readable safetensors"),
     ]
+    # Without tinsmith.json the spec comes from the PEFT config, which must be one we compute
+    # the same way (rsLoRA scales by alpha / sqrt(r)).
+    plain = _with(rank4_files, info=None)
+    assert read_lora_spec(plain) == LoraSpec(rank=4, alpha=32.0)
+    rslora = {**json.loads(rank4_files[CONFIG_FILE]), "use_rslora": True}
+    cases.append((_with(plain, config=json.dumps(rslora).encode()), "unsupported LoRA options"))
     for files, message in cases:
         with pytest.raises(ValueError, match=message):
             adapter_from_files(files, runner.layers, load_optimizer=True)
@@ -366,6 +372,43 @@ def test_store_failed_put_keeps_old_checkpoint(
         store.put(KEY, {"new1": b"a", "new2": b"b"})
     assert store.get(KEY) == {"old": b"1"}
     assert sorted(p.name for p in (tmp_path / "sess-1:train:0" / "weights").iterdir()) == ["000020"]
+
+
+def test_store_readers_never_see_a_mix(tmp_path: Path) -> None:
+    import threading
+
+    store = CheckpointStore(str(tmp_path))
+    versions = [{f"f{i}": bytes([v]) * 1000 for i in range(4)} for v in range(2)]
+    store.put(KEY, versions[0])
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer(v: int) -> None:
+        try:
+            while not stop.is_set():
+                store.put(KEY, versions[v])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(v,)) for v in (0, 1)]
+    for t in threads:
+        t.start()
+    seen = 0
+    try:
+        for _ in range(300):
+            try:
+                got = store.get(KEY)
+            except FileNotFoundError:  # mid-overwrite the key may be briefly absent
+                continue
+            assert got in versions
+            seen += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors and seen > 0
+    assert store.get(KEY) in versions
+    assert [p.name for p in (tmp_path / "sess-1:train:0" / "weights").iterdir()] == ["000020"]
 
 
 @pytest.mark.parametrize(

@@ -50,10 +50,12 @@ def _peft_config(adapter: Adapter, base_model: str) -> dict[str, Any]:
     from peft import LoraConfig
 
     leaves = sorted({leaf_name(path) for path in adapter.weights})
+    alpha = adapter.spec.alpha
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=adapter.spec.rank,
-        lora_alpha=adapter.spec.alpha,
+        # PEFT types lora_alpha as int; write 32 rather than 32.0 when it is whole.
+        lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
         target_modules=leaves,
         lora_dropout=0.0,
         bias="none",
@@ -171,8 +173,12 @@ def read_lora_spec(files: Mapping[str, bytes]) -> LoraSpec:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise ValueError(f"{TINSMITH_FILE}: unsupported format_version {version!r}")
         raw = info.get("lora_spec")
-        if not isinstance(raw, dict) or "rank" not in raw:
-            raise ValueError(f"{TINSMITH_FILE}: missing or malformed lora_spec")
+        if (
+            not isinstance(raw, dict)
+            or not isinstance(raw.get("rank"), int)
+            or not isinstance(raw.get("alpha", 32.0), int | float)
+        ):
+            raise ValueError(f"{TINSMITH_FILE}: missing or malformed lora_spec {raw!r}")
         try:
             return LoraSpec.from_json(raw)
         except TypeError as e:

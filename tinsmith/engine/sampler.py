@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from tinsmith.engine.runner import ModelRunner
-from tinsmith.types import SampledSeq, SampleOut, SampleSpec, UserError
+from tinsmith.types import SampledSeq, SampleOut, SampleSpec, StopReason, UserError
 
 # Candidate counts tried before a full sort when only top-p is on (see Sampler._pick).
 _NUCLEUS_GUESSES = (1024, 8192)
@@ -119,7 +119,7 @@ class Sampler:
     def _pick(
         cls, logits: torch.Tensor, spec: SampleSpec, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Choose one token per row from fp32 logits [B, V]; return (tokens [B], raw logprobs [B])."""
+        """One token per row from fp32 logits [B, V]: (tokens [B], raw logprobs [B])."""
         if spec.temperature == 0:
             tokens = logits.argmax(dim=-1)
         else:
@@ -182,7 +182,10 @@ class Sampler:
             cache = DynamicCache(config=self.runner.config)
             with ctx.rows([(slot, 1)]):
                 out = model(
-                    input_ids=prompt[None], past_key_values=cache, use_cache=True, logits_to_keep=keep
+                    input_ids=prompt[None],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=keep,
                 )
             logits = out.logits[0].float()  # [keep, V]
 
@@ -204,7 +207,7 @@ class Sampler:
 
             toks: list[list[int]] = [[] for _ in range(n)]
             lps: list[list[float]] = [[] for _ in range(n)]
-            reasons: list[str] = ["length"] * n
+            reasons: list[StopReason] = ["length"] * n
             stop_tokens = set(spec.stop_tokens)
             watchers = (
                 [_StopStringWatcher(self.tokenizer, spec.stop_strings) for _ in range(n)]
@@ -239,7 +242,7 @@ class Sampler:
                 next_logits = out.logits[:, -1].float()  # [B, V]
 
         sequences = [
-            SampledSeq(np.asarray(toks[i], np.int32), np.asarray(lps[i], np.float32), reasons[i])  # type: ignore[arg-type]
+            SampledSeq(np.asarray(toks[i], np.int32), np.asarray(lps[i], np.float32), reasons[i])
             for i in range(n)
         ]
         return SampleOut(sequences, prompt_lp)

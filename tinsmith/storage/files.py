@@ -19,6 +19,7 @@ contain those markers.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -31,6 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 MANIFEST = ".tinsmith-manifest.json"
 _RESERVED = (".tmp-", ".old-")
+_TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)  # rename: target exists
 
 
 def _check_key(key: str) -> str:
@@ -38,7 +40,7 @@ def _check_key(key: str) -> str:
         raise ValueError(f"bad checkpoint key {key!r}: must be a non-empty relative path")
     parts = key.split("/")
     for part in parts:
-        if part == "..":
+        if part in ("", ".", ".."):
             raise ValueError(f"bad checkpoint key {key!r}: empty, '.' or '..' path segment")
         if any(marker in part for marker in _RESERVED):
             raise ValueError(f"bad checkpoint key {key!r}: segments may not contain {_RESERVED}")
@@ -58,7 +60,8 @@ class CheckpointStore:
         self.fs, root = url_to_fs(root_url)
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
-        self.fs.makedirs(self.root, exist_ok=True)
+        if self.local:  # object stores have no folders to create (nor buckets to make here)
+            self.fs.makedirs(self.root, exist_ok=True)
 
     def _path(self, key: str) -> str:
         return posixpath.join(self.root, _check_key(key))
@@ -69,7 +72,8 @@ class CheckpointStore:
         path = self._path(key)
         for name in files:
             _check_name(name)
-        manifest = json.dumps({"files": {n: len(b) for n, b in files.items()}}, sort_keys=True)
+        sizes = {n: len(b) for n, b in files.items()}
+        manifest = json.dumps({"id": uuid.uuid4().hex, "files": sizes}, sort_keys=True)
         entries = [*files.items(), (MANIFEST, manifest.encode())]  # manifest last
         parent = posixpath.dirname(path)
         self.fs.makedirs(parent, exist_ok=True)
@@ -100,8 +104,8 @@ class CheckpointStore:
                 try:
                     os.rename(tmp, path)  # fails if `path` exists and is not empty
                     return
-                except OSError:
-                    if not os.path.lexists(path):
+                except OSError as e:
+                    if e.errno not in _TAKEN or not os.path.lexists(path):
                         raise
                 old = f"{path}.old-{uuid.uuid4().hex}"
                 try:
@@ -110,6 +114,10 @@ class CheckpointStore:
                 except FileNotFoundError:
                     pass
             raise OSError(f"could not publish checkpoint {path!r}: concurrent writers")
+        except BaseException:
+            if olds and not os.path.lexists(path):
+                os.rename(olds.pop(), path)  # put the previous checkpoint back
+            raise
         finally:
             for old in olds:
                 shutil.rmtree(old, ignore_errors=True)
@@ -124,14 +132,16 @@ class CheckpointStore:
             self.fs.rm(path, recursive=True)
 
     # ----- reading ----------------------------------------------------------------------
-    def _manifest(self, key: str) -> dict[str, int]:
+    def _manifest(self, key: str) -> tuple[str, dict[str, int]]:
+        """(write id, {file name: size}) of the checkpoint now at `key`."""
         path = self._path(key)
         try:
             raw = self.fs.cat_file(posixpath.join(path, MANIFEST))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
             raise FileNotFoundError(f"no checkpoint at {key!r}") from e
         try:
-            return {str(n): int(s) for n, s in json.loads(raw)["files"].items()}
+            manifest = json.loads(raw)
+            return str(manifest["id"]), {str(n): int(s) for n, s in manifest["files"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise OSError(f"checkpoint {key!r} has a corrupt manifest: {e}") from e
 
@@ -141,17 +151,25 @@ class CheckpointStore:
     def get(self, key: str) -> dict[str, bytes]:
         """All files of `key`; FileNotFoundError if there is no (complete) checkpoint."""
         path = self._path(key)
-        out: dict[str, bytes] = {}
-        for name, size in self._manifest(key).items():
-            data = self.fs.cat_file(posixpath.join(path, name))
-            if len(data) != size:
-                raise OSError(f"checkpoint {key!r}: {name} has {len(data)} bytes, not {size}")
-            out[name] = data
-        return out
+        for _ in range(5):
+            # A concurrent overwrite may replace files mid-read: the read counts only if the
+            # manifest (with its unique write id) is the same after it as before it.
+            write_id, sizes = self._manifest(key)
+            try:
+                out = {name: self.fs.cat_file(posixpath.join(path, name)) for name in sizes}
+                if self._manifest(key)[0] != write_id:
+                    continue
+            except FileNotFoundError:
+                continue
+            bad = [n for n, size in sizes.items() if len(out[n]) != size]
+            if bad:
+                raise OSError(f"checkpoint {key!r}: files {bad} do not have the sizes recorded")
+            return out
+        raise OSError(f"checkpoint {key!r} kept changing while being read")
 
     def size(self, key: str) -> int:
         """Total bytes of the files of `key` (manifest excluded); FileNotFoundError if absent."""
-        return sum(self._manifest(key).values())
+        return sum(self._manifest(key)[1].values())
 
 
 def _fsync_dir(path: str) -> None:
