@@ -100,17 +100,20 @@ def test_adapter_slot_changes_output_and_logprobs_match(
         _assert_logprobs_match(runner, lora_slot, prompt, seq)
 
 
+@pytest.mark.parametrize("stop_at", [0, 3])
 def test_finished_rows_are_dropped_without_disturbing_others(
-    runner: ModelRunner, sampler: Sampler, prompt: np.ndarray
+    runner: ModelRunner, sampler: Sampler, prompt: np.ndarray, stop_at: int
 ) -> None:
-    # top_k=2 makes tokens repeat, so a stop token hits rows at different steps.
-    base = SampleSpec(prompt=prompt, num_samples=4, max_tokens=12, top_k=2, seed=0)
+    # top_k=2 makes tokens repeat, so a stop token hits rows at different steps; stop_at=0
+    # makes some rows stop on their very first token (before the cache is expanded).
+    base = SampleSpec(prompt=prompt, num_samples=6, max_tokens=12, top_k=2)
     for seed in range(20):
         free = sampler.sample(None, replace(base, seed=seed))
-        stop = int(free.sequences[0].tokens[3])
+        stop = int(free.sequences[0].tokens[stop_at])
         out = sampler.sample(None, replace(base, seed=seed, stop_tokens=(stop,)))
         lengths = [len(s.tokens) for s in out.sequences]
-        if min(lengths) < max(lengths):
+        # Wanted: a row stopping at step stop_at while at least two rows go on past it.
+        if min(lengths) == stop_at + 1 and sum(n > stop_at + 1 for n in lengths) >= 2:
             break
     else:
         pytest.fail("no seed gave rows that stop at different steps")
@@ -125,7 +128,8 @@ def test_finished_rows_are_dropped_without_disturbing_others(
 
 def test_seeding(sampler: Sampler, prompt: np.ndarray) -> None:
     def run(seed):
-        out = sampler.sample(None, SampleSpec(prompt=prompt, num_samples=4, max_tokens=8, seed=seed))
+        spec = SampleSpec(prompt=prompt, num_samples=4, max_tokens=8, seed=seed)
+        out = sampler.sample(None, spec)
         return [(s.tokens.tolist(), s.logprobs.tolist()) for s in out.sequences]
 
     a, b, c = run(7), run(7), run(8)
@@ -175,12 +179,12 @@ def test_prompt_logprobs(
     for slot in (None, lora_slot):
         datum = DatumIn(prompt[:-1], {"target_tokens": prompt[1:]})
         (want,) = runner.target_logprobs([(slot, datum)], grad=False)
-        out = sampler.sample(slot, SampleSpec(prompt=prompt, max_tokens=1, prompt_logprobs=True))
-        got = out.prompt_logprobs
+        spec = SampleSpec(prompt=prompt, max_tokens=1, prompt_logprobs=True)
+        got = sampler.sample(slot, spec).prompt_logprobs
         assert got is not None and got.dtype == np.float32 and got.shape == prompt.shape
         assert np.isnan(got[0])
         np.testing.assert_allclose(got[1:], want.numpy(), atol=1e-4)
-        spec = SampleSpec(prompt=prompt, max_tokens=1, prompt_logprobs=True, prompt_logprobs_last_n=3)
+        spec = replace(spec, prompt_logprobs_last_n=3)
         last = sampler.sample(slot, spec).prompt_logprobs
         assert last is not None
         assert np.isnan(last[:-3]).all()

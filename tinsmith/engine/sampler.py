@@ -215,10 +215,10 @@ class Sampler:
                 else None
             )
 
-            # Invariant: batch row b of `next_logits` and of the cache is sample active[b].
+            # Invariant: batch row b of `next_logits` is sample active[b], and so is cache row
+            # b from step 1 on; at step 0 the cache still holds the single prefill row.
             active = list(range(n))
             next_logits = logits[-1:].expand(n, -1)  # [B, V]; step 0 is the same for all rows
-            cache.batch_repeat_interleave(n)
             for step in range(spec.max_tokens):
                 tokens, logprobs = self._pick(next_logits, spec, gen)
                 keep_rows: list[int] = []
@@ -232,11 +232,14 @@ class Sampler:
                         keep_rows.append(b)
                 if not keep_rows or step == spec.max_tokens - 1:
                     break
-                if len(keep_rows) < len(active):  # drop finished rows from batch and cache
+                if step == 0 or len(keep_rows) < len(active):  # drop finished rows
                     index = torch.tensor(keep_rows, dtype=torch.long)
-                    cache.batch_select_indices(index)
                     tokens = tokens[index]
                     active = [active[b] for b in keep_rows]
+                    if step > 0:
+                        cache.batch_select_indices(index)
+                    elif len(active) > 1:  # one copy of the prompt's KV per live row
+                        cache.batch_repeat_interleave(len(active))
                 with ctx.rows([(slot, len(active))]):
                     out = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
                 next_logits = out.logits[:, -1].float()  # [B, V]

@@ -102,6 +102,13 @@ class Service:
             raise NotFound(f"unknown training run (model_id) {run_id!r}")
         return r
 
+    def _check_unused(self, run_id: str) -> None:
+        if self.db.get_run(run_id) is not None:
+            raise UserError(
+                f"training run {run_id!r} already exists from before a server restart; "
+                "start a new ServiceClient (a new session) to create runs"
+            )
+
     def checkpoint(self, ref: CheckpointRef) -> CheckpointRow:
         row = self.db.get_checkpoint(ref.run_id, ref.checkpoint_id)
         if row is None:
@@ -136,6 +143,7 @@ class Service:
             existing = self.runs.get(run_id)
             if existing is not None and existing.create_request_id is not None:
                 return existing.create_request_id, run_id  # a retried create
+            self._check_unused(run_id)
             rid = self.futures.create("create_model")
             self.runs[run_id] = RunState(run_id, base_model, handle, lora, create_request_id=rid)
         self.db.add_run(run_id, session_id=session_id, base_model=base_model, lora=lora.to_json(),
@@ -303,6 +311,7 @@ class Service:
             existing = self.runs.get(run_id)
             if existing is not None and existing.create_request_id is not None:
                 return existing.create_request_id, run_id
+            self._check_unused(run_id)
             rid = self.futures.create("load_weights")
             self.runs[run_id] = RunState(run_id, ckpt.base_model, handle, lora, create_request_id=rid)
         self.db.add_run(run_id, session_id=session_id, base_model=ckpt.base_model,
