@@ -69,10 +69,10 @@ def run_demo(model: str = DEFAULT_MODEL, steps: int = 16, learning_rate: float =
     with local(models=[model], data_dir=data_dir) as base_url:
         console.print(f"server up at {base_url} ({time.perf_counter() - t0:.1f} s)")
         service = tinker.ServiceClient(base_url=base_url, api_key="tml-local")
-        training = service.create_lora_training_client(base_model=model, rank=rank, seed=0)
+        training = service.create_lora_training_client(base_model=model, rank=rank, seed=0).result()
         tokenizer = training.get_tokenizer()
         questions = [q for q, _ in FACTS]
-        before = ask_all(service.create_sampling_client(base_model=model), tokenizer, questions)
+        before = ask_all(service.create_sampling_client(base_model=model).result(), tokenizer, questions)
 
         batch = [make_datum(tokenizer, q, a) for q, a in FACTS]
         adam = types.AdamParams(learning_rate=learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
@@ -88,7 +88,7 @@ def run_demo(model: str = DEFAULT_MODEL, steps: int = 16, learning_rate: float =
             bar.set_postfix(loss=f"{loss:.3f}")
             tqdm.write(f"step {step + 1:3d}  loss {loss:.4f}")
 
-        after = ask_all(training.save_weights_and_get_sampling_client(), tokenizer, questions)
+        after = ask_all(training.save_weights_and_get_sampling_client().result(), tokenizer, questions)
         table = Table(title="Answers before and after fine-tuning", show_lines=True)
         for col in ("question", "before", "after", "taught"):
             table.add_column(col, overflow="fold")

@@ -32,6 +32,9 @@ class ModelHandle:
 def load_model(name: str, settings: ServerSettings, futures: FutureStore) -> ModelHandle:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     from transformers import AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise in a server log
 
     model_dir = resolve_model_dir(name, settings.cache_dir)
     runner = ModelRunner(model_dir, name)
