@@ -76,6 +76,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     db = _db(args)
     if args.delete:
         from tinsmith.scheduler.paths import parse_path
+        from tinsmith.storage.checkpoints import remove_checkpoint
         from tinsmith.storage.files import CheckpointStore
 
         ref = parse_path(args.delete)
@@ -84,8 +85,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
             print(f"no checkpoint {args.delete}", file=sys.stderr)
             return 1
         settings = ServerSettings(data_dir=Path(args.data_dir), storage_url=args.storage_url)
-        CheckpointStore(settings.resolved_storage_url()).delete(row.storage_key)
-        db.delete_checkpoint(row.training_run_id, row.checkpoint_id)
+        remove_checkpoint(db, CheckpointStore(settings.resolved_storage_url()), row)
         print(f"deleted {args.delete}")
         return 0
     rows, total = db.list_all_checkpoints(args.limit, 0)

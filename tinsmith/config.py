@@ -24,6 +24,8 @@ class ServerSettings:
     """Prepared base models; default $TINSMITH_CACHE or ~/.cache/tinsmith."""
     long_poll_s: float = 25.0
     """How long retrieve_future holds a request before answering try_again (< 45 s client timeout)."""
+    fwdbwd_max_chunk_len: int = 1024
+    """Datums per /forward_backward request the SDK may send (it splits bigger calls)."""
     max_sampler_adapters: int = 16
     """Sampler adapters kept in memory per base model (LRU)."""
     checkpoint_sweep_s: float = 60.0

@@ -44,7 +44,9 @@ def build(cache_dir: Path, out_dir: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.enable_progress_bar()  # the one long step a new user waits for: show its progress
     print(f"tinsmith: converting {NAME} from its GGUF file (one time, ~20 s)...", flush=True)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE, dtype=torch.float32)
     # Weights are plain fp32 tensors after dequantisation; drop the GGUF quantizer so that

@@ -34,9 +34,8 @@ def load_model(name: str, settings: ServerSettings, futures: FutureStore) -> Mod
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
+    model_dir = resolve_model_dir(name, settings.cache_dir)  # may convert once, with progress
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise in a server log
-
-    model_dir = resolve_model_dir(name, settings.cache_dir)
     runner = ModelRunner(model_dir, name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos: set[int] = set()

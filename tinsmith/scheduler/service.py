@@ -27,6 +27,7 @@ from tinsmith.scheduler.futures import FutureStore
 from tinsmith.scheduler.models import ModelHandle, load_model
 from tinsmith.scheduler.ordering import SeqGate
 from tinsmith.scheduler.paths import CheckpointRef, check_name, parse_path
+from tinsmith.storage.checkpoints import remove_checkpoint
 from tinsmith.storage.db import CheckpointRow, MetadataStore
 from tinsmith.storage.files import CheckpointStore
 from tinsmith.types import AdamSpec, DatumIn, LoraSpec, NotFound, SampleSpec, UserError
@@ -391,22 +392,22 @@ class Service:
             rid = self.futures.create("sample")
             seq_ids = [f"{sampler_id}:{seq_id}:{i}" for i in range(spec.num_samples)]
             s.issued[seq_id] = (rid, seq_ids)
+            if len(s.issued) > 4096:  # retries come soon after the first try: keep the newest
+                for old in list(s.issued)[:2048]:
+                    del s.issued[old]
         h.worker.submit(rid, lambda: h.engine.sample(s.adapter_key, spec, loader), "sample")
         return rid, seq_ids
 
     # ----- checkpoints ----------------------------------------------------------------------
     def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
         ref = parse_path(f"tinker://{run_id}/{checkpoint_id}")
-        row = self.checkpoint(ref)
-        self.db.delete_checkpoint(row.training_run_id, row.checkpoint_id)
-        self.store.delete(row.storage_key)
+        remove_checkpoint(self.db, self.store, self.checkpoint(ref))
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.settings.checkpoint_sweep_s):
             try:
                 for row in self.db.expired_checkpoints(_now()):
-                    self.db.delete_checkpoint(row.training_run_id, row.checkpoint_id)
-                    self.store.delete(row.storage_key)
+                    remove_checkpoint(self.db, self.store, row)
             except Exception:  # noqa: BLE001 - the sweeper must survive a bad row
                 log.exception("checkpoint sweep failed")
 

@@ -12,10 +12,11 @@ router = APIRouter(prefix="/api/v1")
 
 
 @router.post("/client/config")
-async def client_config() -> dict[str, object]:
+async def client_config(request: Request) -> dict[str, object]:
     # Plain API keys (no JWT exchange) and the httpx transport, which suits plain HTTP.
     return {"pjwt_auth_enabled": False, "use_pyqwest_transport": False,
-            "parallel_fwdbwd_chunks": True, "proto_compress_fwdbwd": False}
+            "parallel_fwdbwd_chunks": True, "proto_compress_fwdbwd": False,
+            "fwdbwd_max_chunk_len": service(request).settings.fwdbwd_max_chunk_len}
 
 
 @router.post("/client/dynamic_config")
