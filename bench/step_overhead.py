@@ -29,14 +29,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import tinker  # noqa: E402
-import torch  # noqa: E402
-from tinker import types  # noqa: E402
+import httpx
+import numpy as np
+import tinker
+import torch
+from tinker import types
 
-from tinsmith.config import DEFAULT_MODEL  # noqa: E402
-from tinsmith.models import resolve_model_dir  # noqa: E402
+from tinsmith.config import DEFAULT_MODEL
+from tinsmith.models import resolve_model_dir
 
 
 def start_server(model: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
@@ -71,7 +71,7 @@ def make_batch(vocab: int, batch: int, seq_len: int) -> list[types.Datum]:
     return data
 
 
-def sdk_arm(tc, data, adam, steps: int, warmup: int, pipelined: bool) -> tuple[list[float], list[float]]:  # noqa: ANN001
+def sdk_arm(tc, data, adam, steps: int, warmup: int, pipelined: bool) -> tuple[list[float], list[float]]:
     times, losses = [], []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def sdk_arm(tc, data, adam, steps: int, warmup: int, pipelined: bool) -> tuple[l
     return times, losses
 
 
-def plain_arm(model_dir: Path, adapter_dir: Path, data, lr: float, steps: int, warmup: int):  # noqa: ANN001, ANN201
+def plain_arm(model_dir: Path, adapter_dir: Path, data, lr: float, steps: int, warmup: int):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -11,15 +11,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
+from collections.abc import Iterator
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tinker  # noqa: E402
-from tinker import types  # noqa: E402
+import numpy as np
+import pytest
+import tinker
+from tinker import types
 
-import tinsmith  # noqa: E402
+import tinsmith
 
 TINY = "tinsmith/tiny-test"
 API_KEY = "tml-test"
@@ -47,12 +47,12 @@ def rest_client(base_url: str) -> tinker.RestClient:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(service_client: tinker.ServiceClient):  # noqa: ANN201
+def tokenizer(service_client: tinker.ServiceClient):
     tc = service_client.create_lora_training_client(base_model=TINY, rank=2).result()
     return tc.get_tokenizer()
 
 
-def text_datum(tokenizer, text: str, weight: float = 1.0) -> types.Datum:  # noqa: ANN001
+def text_datum(tokenizer, text: str, weight: float = 1.0) -> types.Datum:
     """A next-token-prediction datum over `text` with every target weighted `weight`."""
     ids = tokenizer.encode(text)
     return types.Datum(

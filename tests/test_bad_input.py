@@ -7,15 +7,14 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from tinker import types
-
 from conftest import API_KEY, SENTENCES, TINY, logprobs_of, text_datum
+from tinker import types
 
 ADAM = types.AdamParams(learning_rate=5e-3)
 
 
 @pytest.fixture(scope="module")
-def victim(service_client, tokenizer):  # noqa: ANN001, ANN201
+def victim(service_client, tokenizer):
     """A run that trains and checkpoints before, between and after every bad request."""
     tc = service_client.create_lora_training_client(base_model=TINY, rank=4, seed=1).result()
     batch = [text_datum(tokenizer, s) for s in SENTENCES[:2]]
@@ -30,7 +29,7 @@ def _datum(tokens: list[int], targets: list[int], weights: list[float]) -> types
                        loss_fn_inputs={"target_tokens": targets, "weights": weights})
 
 
-def _still_healthy(service_client, victim) -> None:  # noqa: ANN001
+def _still_healthy(service_client, victim) -> None:
     tc, batch, path = victim
     out = tc.forward_backward(batch, "cross_entropy").result()
     assert np.isfinite(out.metrics["loss:sum"])
@@ -56,7 +55,7 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
-def test_bad_training_data(case: str, service_client, victim) -> None:  # noqa: ANN001
+def test_bad_training_data(case: str, service_client, victim) -> None:
     datum, message = BAD_DATA[case]
     tc = victim[0]
     with pytest.raises(Exception) as err:
@@ -66,7 +65,7 @@ def test_bad_training_data(case: str, service_client, victim) -> None:  # noqa: 
     _still_healthy(service_client, victim)
 
 
-def test_unknown_loss_function(service_client, victim, tokenizer) -> None:  # noqa: ANN001
+def test_unknown_loss_function(service_client, victim, tokenizer) -> None:
     with pytest.raises(Exception, match="unknown loss function 'no_such_loss'"):
         victim[0].forward_backward([text_datum(tokenizer, "hi there")], "no_such_loss").result()
     with pytest.raises(Exception, match="unknown loss_fn_config key"):
@@ -75,7 +74,7 @@ def test_unknown_loss_function(service_client, victim, tokenizer) -> None:  # no
     _still_healthy(service_client, victim)
 
 
-def test_unknown_base_model(service_client, victim) -> None:  # noqa: ANN001
+def test_unknown_base_model(service_client, victim) -> None:
     with pytest.raises(Exception, match="unknown base model 'nobody/no-model'"):
         service_client.create_lora_training_client(base_model="nobody/no-model").result()
     with pytest.raises(Exception, match="unknown base model"):
@@ -93,7 +92,7 @@ def test_unknown_base_model(service_client, victim) -> None:  # noqa: ANN001
         ("tinker://nobody:train:0/weights/final", "does not exist"),
     ],
 )
-def test_bad_checkpoint_paths(path: str, message: str, service_client, rest_client, victim) -> None:  # noqa: ANN001
+def test_bad_checkpoint_paths(path: str, message: str, service_client, rest_client, victim) -> None:
     with pytest.raises(Exception, match=message):
         service_client.create_training_client_from_state(path).result()
     with pytest.raises(Exception, match=message):
@@ -101,7 +100,7 @@ def test_bad_checkpoint_paths(path: str, message: str, service_client, rest_clie
     _still_healthy(service_client, victim)
 
 
-def test_missing_path_and_unknown_model_id(base_url, rest_client, service_client, victim) -> None:  # noqa: ANN001
+def test_missing_path_and_unknown_model_id(base_url, rest_client, service_client, victim) -> None:
     with pytest.raises(Exception, match="unknown training run"):
         rest_client.get_training_run("nobody:train:0").result()
     # The wire-level answers: a 4xx with a JSON body that names the problem.

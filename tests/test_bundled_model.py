@@ -10,7 +10,7 @@ from tinsmith.demo import FACTS, run_demo
 
 
 @pytest.mark.slow
-def test_demo_trains_the_bundled_model(tmp_path) -> None:  # noqa: ANN001
+def test_demo_trains_the_bundled_model(tmp_path) -> None:
     result = run_demo(model=DEFAULT_MODEL, steps=6, learning_rate=1e-3, data_dir=tmp_path)
     losses = result["losses"]
     assert losses[-1] < 0.5 * losses[0], losses

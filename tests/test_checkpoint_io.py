@@ -18,8 +18,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tinsmith.engine.adapter import PEFT_PREFIX, Adapter  # noqa: E402
-from tinsmith.engine.checkpoint import (  # noqa: E402
+from tinsmith.engine.adapter import PEFT_PREFIX, Adapter
+from tinsmith.engine.checkpoint import (
     CONFIG_FILE,
     OPTIMIZER_FILE,
     TINSMITH_FILE,
@@ -28,10 +28,10 @@ from tinsmith.engine.checkpoint import (  # noqa: E402
     adapter_to_files,
     read_lora_spec,
 )
-from tinsmith.engine.runner import ModelRunner  # noqa: E402
-from tinsmith.models.catalog import resolve_model_dir  # noqa: E402
-from tinsmith.storage.files import MANIFEST, CheckpointStore  # noqa: E402
-from tinsmith.types import AdamSpec, DatumIn, LoraSpec  # noqa: E402
+from tinsmith.engine.runner import ModelRunner
+from tinsmith.models.catalog import resolve_model_dir
+from tinsmith.storage.files import MANIFEST, CheckpointStore
+from tinsmith.types import AdamSpec, DatumIn, LoraSpec
 
 MODEL = "tinsmith/tiny-test"
 ADAM = AdamSpec(learning_rate=1e-2, weight_decay=0.01, grad_clip_norm=1.0)

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tinker
+from conftest import API_KEY, SENTENCES, TINY, logprobs_of, text_datum
 from tinker import types
 
 import tinsmith
-from conftest import API_KEY, SENTENCES, TINY, logprobs_of, text_datum
 
 ADAM = types.AdamParams(learning_rate=5e-3)
 
 
-def _train(tc, batch, steps: int) -> list[float]:  # noqa: ANN001
+def _train(tc, batch, steps: int) -> list[float]:
     losses = []
     for _ in range(steps):
         fb = tc.forward_backward(batch, "cross_entropy")
@@ -25,7 +25,7 @@ def _train(tc, batch, steps: int) -> list[float]:  # noqa: ANN001
     return losses
 
 
-def test_save_load_gives_identical_logprobs(service_client, tokenizer) -> None:  # noqa: ANN001
+def test_save_load_gives_identical_logprobs(service_client, tokenizer) -> None:
     batch = [text_datum(tokenizer, s) for s in SENTENCES]
     tc = service_client.create_lora_training_client(base_model=TINY, rank=4, seed=2).result()
     _train(tc, batch, 2)
@@ -44,7 +44,7 @@ def test_save_load_gives_identical_logprobs(service_client, tokenizer) -> None: 
         np.testing.assert_array_equal(x, y)
 
 
-def test_resume_with_optimizer_continues_exactly(service_client, tokenizer) -> None:  # noqa: ANN001
+def test_resume_with_optimizer_continues_exactly(service_client, tokenizer) -> None:
     batch = [text_datum(tokenizer, s) for s in SENTENCES]
     tc = service_client.create_lora_training_client(base_model=TINY, rank=4, seed=5).result()
     _train(tc, batch, 2)
@@ -56,7 +56,7 @@ def test_resume_with_optimizer_continues_exactly(service_client, tokenizer) -> N
     assert _train(fresh_opt, batch, 2)[1] != pytest.approx(uninterrupted[1], rel=1e-6)
 
 
-def test_samplers_reproduce_training_weights(service_client, tokenizer) -> None:  # noqa: ANN001
+def test_samplers_reproduce_training_weights(service_client, tokenizer) -> None:
     batch = [text_datum(tokenizer, s) for s in SENTENCES]
     tc = service_client.create_lora_training_client(base_model=TINY, rank=4, seed=4).result()
     _train(tc, batch, 3)
@@ -87,7 +87,7 @@ def test_samplers_reproduce_training_weights(service_client, tokenizer) -> None:
     assert snap.compute_logprobs(probe).result() == before
 
 
-def test_rest_calls_find_work_again(service_client, rest_client, tokenizer) -> None:  # noqa: ANN001
+def test_rest_calls_find_work_again(service_client, rest_client, tokenizer) -> None:
     tc = service_client.create_lora_training_client(
         base_model=TINY, rank=2, user_metadata={"experiment": "rest", "renderer_name": "role_colon"}
     ).result()
@@ -122,7 +122,7 @@ def test_rest_calls_find_work_again(service_client, rest_client, tokenizer) -> N
         service_client.create_training_client_from_state(p1).result()
 
 
-def test_restart_keeps_runs_and_checkpoints(tmp_path: Path, tokenizer) -> None:  # noqa: ANN001
+def test_restart_keeps_runs_and_checkpoints(tmp_path: Path, tokenizer) -> None:
     batch = [text_datum(tokenizer, s) for s in SENTENCES[:2]]
     with tinsmith.local(models=[TINY], data_dir=tmp_path) as url:
         sc = tinker.ServiceClient(base_url=url, api_key=API_KEY)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from conftest import TINY
 
 USER_SCRIPT = textwrap.dedent(

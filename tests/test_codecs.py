@@ -7,7 +7,10 @@ import pytest
 import torch
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
-from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
+from tinker.proto.response_conv import (
+    deserialize_forward_backward_output,
+    deserialize_sample_response,
+)
 
 from tinsmith.api.codecs import decode_forward_backward, encode_forward_backward, encode_sample
 from tinsmith.types import FwdBwdOut, SampledSeq, SampleOut, UserError

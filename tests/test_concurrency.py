@@ -6,12 +6,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from conftest import SENTENCES, TINY, logprobs_of, text_datum
 from tinker import types
 
-from conftest import SENTENCES, TINY, logprobs_of, text_datum
 
-
-def _job(service_client, tokenizer, k: int) -> tuple[list[float], list[np.ndarray], list[int]]:  # noqa: ANN001
+def _job(service_client, tokenizer, k: int) -> tuple[list[float], list[np.ndarray], list[int]]:
     batch = [text_datum(tokenizer, s) for s in SENTENCES[k:] + SENTENCES[:k]][: 2 + k]
     tc = service_client.create_lora_training_client(base_model=TINY, rank=2 + k, seed=k).result()
     adam = types.AdamParams(learning_rate=1e-2 * (k + 1))
@@ -27,7 +26,7 @@ def _job(service_client, tokenizer, k: int) -> tuple[list[float], list[np.ndarra
     return losses, after, sample.sequences[0].tokens
 
 
-def test_concurrent_runs_equal_solo_runs(service_client, tokenizer) -> None:  # noqa: ANN001
+def test_concurrent_runs_equal_solo_runs(service_client, tokenizer) -> None:
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda k: _job(service_client, tokenizer, k), range(4)))
     alone = [_job(service_client, tokenizer, k) for k in range(4)]

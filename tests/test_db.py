@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -162,7 +162,7 @@ def test_large_size_bytes_and_portable_schema(store: MetadataStore) -> None:
 
 
 def test_expired_checkpoints(store: MetadataStore) -> None:
-    t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
     _ckpt(store, "r:train:0", "a", expires_at=t0)
     _ckpt(store, "r:train:0", "b", expires_at=t0 + timedelta(hours=1))
     _ckpt(store, "r:train:0", "never")  # no expiry
@@ -200,7 +200,7 @@ def test_data_survives_reopen(db_path: Path) -> None:
     s.finish_session("s1", "done")
     run = s.add_run("s1:train:0", session_id="s1", base_model="tiny", lora=LORA,
                     user_metadata=None)
-    exp = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
+    exp = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
     ck = _ckpt(s, "s1:train:0", "000001", expires_at=exp, user_metadata={"a": "b"})
     samp = s.add_sampler("samp", session_id="s1", base_model="tiny", model_path=ck.tinker_path)
     fin = s.get_session("s1")

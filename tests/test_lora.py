@@ -20,7 +20,7 @@ def runner() -> ModelRunner:
     return ModelRunner(resolve_model_dir(TINY), TINY)
 
 
-def _adapter(runner: ModelRunner, seed: int, rank: int, **kw) -> Adapter:  # noqa: ANN003
+def _adapter(runner: ModelRunner, seed: int, rank: int, **kw) -> Adapter:
     a = Adapter.create(LoraSpec(rank=rank, seed=seed, **kw), runner.layers)
     g = torch.Generator().manual_seed(seed)
     for w in a.weights.values():  # B = 0 at init; give it values so the adapter matters

@@ -9,7 +9,7 @@ import torch
 from tinsmith.engine.losses import LOSSES, get_loss
 
 
-def _run(name: str, lp: np.ndarray, inputs: dict[str, np.ndarray], config=None):  # noqa: ANN001, ANN202
+def _run(name: str, lp: np.ndarray, inputs: dict[str, np.ndarray], config=None):
     t = torch.tensor(lp, dtype=torch.float64, requires_grad=True)
     loss, metrics = get_loss(name).fn(t, {k: torch.tensor(v, dtype=torch.float64) for k, v in inputs.items()},
                                       config or {})
@@ -18,7 +18,7 @@ def _run(name: str, lp: np.ndarray, inputs: dict[str, np.ndarray], config=None):
 
 
 @pytest.mark.parametrize("shape", [(7,), (5, 3)])
-def test_cross_entropy_matches_numpy(shape) -> None:  # noqa: ANN001
+def test_cross_entropy_matches_numpy(shape) -> None:
     rng = np.random.default_rng(0)
     lp = -rng.random(shape) * 5
     w = rng.normal(size=shape)  # any real weights, negative ones included

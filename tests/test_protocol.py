@@ -10,11 +10,11 @@ import httpx
 import numpy as np
 import pytest
 import tinker
+from conftest import API_KEY, SENTENCES, TINY, logprobs_of, text_datum
 from tinker import types
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
 import tinsmith
-from conftest import API_KEY, SENTENCES, TINY, logprobs_of, text_datum
 
 LONG_POLL_S = 0.5
 
@@ -27,7 +27,7 @@ def chunky_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def test_chunked_calls_equal_one_call(chunky_url, service_client, tokenizer) -> None:  # noqa: ANN001
+def test_chunked_calls_equal_one_call(chunky_url, service_client, tokenizer) -> None:
     batch = [text_datum(tokenizer, s, weight=0.5 + i) for i, s in enumerate(SENTENCES * 2)]  # 8 datums
     chunked = tinker.ServiceClient(base_url=chunky_url, api_key=API_KEY)
     a = chunked.create_lora_training_client(base_model=TINY, rank=4, seed=3).result()
@@ -46,7 +46,7 @@ def test_chunked_calls_equal_one_call(chunky_url, service_client, tokenizer) -> 
         np.testing.assert_allclose(x, y, atol=1e-5)
 
 
-def _proto(model_id: str, seq_id: int, tokenizer) -> bytes:  # noqa: ANN001
+def _proto(model_id: str, seq_id: int, tokenizer) -> bytes:
     req = types.ForwardBackwardRequest(
         forward_backward_input=types.ForwardBackwardInput(
             data=[text_datum(tokenizer, SENTENCES[0])], loss_fn="cross_entropy"),
@@ -54,7 +54,7 @@ def _proto(model_id: str, seq_id: int, tokenizer) -> bytes:  # noqa: ANN001
     return forward_backward_request_to_proto(req).SerializeToString()
 
 
-def test_wire_long_poll_ordering_and_dedup(chunky_url, tokenizer) -> None:  # noqa: ANN001
+def test_wire_long_poll_ordering_and_dedup(chunky_url, tokenizer) -> None:
     proto_headers = {"content-type": "application/x-protobuf"}
     with httpx.Client(base_url=chunky_url, headers={"X-API-Key": API_KEY}, timeout=30) as http:
         assert http.post("/api/v1/client/config", json={"sdk_version": "0.38.0"}).status_code == 200

@@ -6,22 +6,21 @@ import asyncio
 
 import numpy as np
 import pytest
-from tinker import types
-
 from conftest import SENTENCES, TINY, logprobs_of, text_datum
+from tinker import types
 
 
 @pytest.fixture(scope="module")
-def base_sampler(service_client):  # noqa: ANN001, ANN201
+def base_sampler(service_client):
     return service_client.create_sampling_client(base_model=TINY).result()
 
 
 @pytest.fixture(scope="module")
-def prompt(tokenizer) -> types.ModelInput:  # noqa: ANN001
+def prompt(tokenizer) -> types.ModelInput:
     return types.ModelInput.from_ints(tokenizer.encode("Once upon a time, in a land far away"))
 
 
-def test_greedy_is_deterministic_and_logprobs_match_forward(service_client, base_sampler, prompt) -> None:  # noqa: ANN001
+def test_greedy_is_deterministic_and_logprobs_match_forward(service_client, base_sampler, prompt) -> None:
     params = types.SamplingParams(max_tokens=12, temperature=0.0, stop=[])
     r1 = base_sampler.sample(prompt, 2, params).result()
     r2 = base_sampler.sample(prompt, 1, params).result()
@@ -40,7 +39,7 @@ def test_greedy_is_deterministic_and_logprobs_match_forward(service_client, base
     assert r1.sequences[0].sequence_id != r1.sequences[1].sequence_id
 
 
-def test_seed_reproducible_and_samples_differ(base_sampler, prompt) -> None:  # noqa: ANN001
+def test_seed_reproducible_and_samples_differ(base_sampler, prompt) -> None:
     params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=123, stop=[])
     a = base_sampler.sample(prompt, 4, params).result()
     b = base_sampler.sample(prompt, 4, params).result()
@@ -50,7 +49,7 @@ def test_seed_reproducible_and_samples_differ(base_sampler, prompt) -> None:  # 
     assert [s.tokens for s in a.sequences] != [s.tokens for s in c.sequences]
 
 
-def test_stop_tokens_and_strings_are_included(base_sampler, prompt, tokenizer) -> None:  # noqa: ANN001
+def test_stop_tokens_and_strings_are_included(base_sampler, prompt, tokenizer) -> None:
     greedy = base_sampler.sample(prompt, 1, types.SamplingParams(max_tokens=10, temperature=0.0, stop=[])).result()
     toks = greedy.sequences[0].tokens
     stop_tok = toks[3]
@@ -67,7 +66,7 @@ def test_stop_tokens_and_strings_are_included(base_sampler, prompt, tokenizer) -
     assert r.tokens == toks[: len(r.tokens)]
 
 
-def test_top_k_one_is_greedy_and_prompt_logprobs(base_sampler, prompt) -> None:  # noqa: ANN001
+def test_top_k_one_is_greedy_and_prompt_logprobs(base_sampler, prompt) -> None:
     greedy = base_sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, temperature=0.0, stop=[])).result()
     topk = base_sampler.sample(prompt, 1, types.SamplingParams(max_tokens=6, top_k=1, seed=5, stop=[])).result()
     assert greedy.sequences[0].tokens == topk.sequences[0].tokens
@@ -78,7 +77,7 @@ def test_top_k_one_is_greedy_and_prompt_logprobs(base_sampler, prompt) -> None: 
     np.testing.assert_allclose(np.array(full[1:]), np.array(lps[1:]), atol=1e-5)
 
 
-def test_async_style(service_client, tokenizer) -> None:  # noqa: ANN001
+def test_async_style(service_client, tokenizer) -> None:
     async def main() -> tuple[list[float], list[int]]:
         tc = await service_client.create_lora_training_client(base_model=TINY, rank=4, seed=0)
         batch = [text_datum(tokenizer, s) for s in SENTENCES]

@@ -9,17 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SENTENCES, TINY, logprobs_of, text_datum
 from safetensors.torch import load_file
 from tinker import types
 
-from conftest import SENTENCES, TINY, logprobs_of, text_datum
 
-
-def _batch(tokenizer, weight: float = 1.0) -> list[types.Datum]:  # noqa: ANN001
+def _batch(tokenizer, weight: float = 1.0) -> list[types.Datum]:
     return [text_datum(tokenizer, s, weight) for s in SENTENCES]
 
 
-def test_sft_loss_falls(service_client, tokenizer) -> None:  # noqa: ANN001
+def test_sft_loss_falls(service_client, tokenizer) -> None:
     tc = service_client.create_lora_training_client(base_model=TINY, rank=8, seed=0).result()
     batch = _batch(tokenizer)
     losses = []
@@ -32,7 +31,7 @@ def test_sft_loss_falls(service_client, tokenizer) -> None:  # noqa: ANN001
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_loss_is_a_plain_sum_with_any_real_weights(service_client, tokenizer) -> None:  # noqa: ANN001
+def test_loss_is_a_plain_sum_with_any_real_weights(service_client, tokenizer) -> None:
     tc = service_client.create_lora_training_client(base_model=TINY, rank=2).result()
     rng = np.random.default_rng(0)
     data = []
@@ -52,7 +51,7 @@ def test_loss_is_a_plain_sum_with_any_real_weights(service_client, tokenizer) ->
     assert all((lp < 0).all() for lp in lps)
 
 
-def test_forward_never_accumulates_and_fwdbwd_accumulates(service_client, tokenizer) -> None:  # noqa: ANN001
+def test_forward_never_accumulates_and_fwdbwd_accumulates(service_client, tokenizer) -> None:
     batch = _batch(tokenizer)
     adam = types.AdamParams(learning_rate=5e-3)
     clients = [service_client.create_lora_training_client(base_model=TINY, rank=4, seed=7).result()
@@ -78,7 +77,7 @@ def test_forward_never_accumulates_and_fwdbwd_accumulates(service_client, tokeni
     assert not np.allclose(before[0], after[0][0], atol=1e-4)  # the step did change the model
 
 
-def test_pipelined_equals_sequential(service_client, tokenizer) -> None:  # noqa: ANN001
+def test_pipelined_equals_sequential(service_client, tokenizer) -> None:
     batch = _batch(tokenizer)
     adam = types.AdamParams(learning_rate=5e-3)
     seq = service_client.create_lora_training_client(base_model=TINY, rank=4, seed=1).result()
@@ -99,7 +98,7 @@ def test_pipelined_equals_sequential(service_client, tokenizer) -> None:  # noqa
         np.testing.assert_array_equal(x, y)
 
 
-def test_lora_config_and_seed_are_honoured(service_client, rest_client, tokenizer, data_dir) -> None:  # noqa: ANN001
+def test_lora_config_and_seed_are_honoured(service_client, rest_client, tokenizer, data_dir) -> None:
     tc = service_client.create_lora_training_client(
         base_model=TINY, rank=3, seed=11, train_mlp=False, train_attn=True, train_unembed=False
     ).result()
@@ -128,13 +127,13 @@ def test_lora_config_and_seed_are_honoured(service_client, rest_client, tokenize
     assert not torch.equal(first, saved_a(12))
 
 
-def _peft_logprobs(model, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+def _peft_logprobs(model, ids: list[int]) -> torch.Tensor:
     x = torch.tensor([ids[:-1]])
     logits = model(input_ids=x).logits[0]
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-def test_optimizer_matches_peft_and_torch_adamw(service_client, tokenizer, data_dir) -> None:  # noqa: ANN001
+def test_optimizer_matches_peft_and_torch_adamw(service_client, tokenizer, data_dir) -> None:
     """Two AdamW steps with every AdamParams field set, against PEFT + torch.optim.AdamW."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

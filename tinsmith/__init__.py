@@ -7,7 +7,7 @@ base URL; `tinsmith serve` runs one from the command line.
 __version__ = "0.1.0"
 
 
-def local(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy re-export
+def local(*args, **kwargs):
     """Embedded server context manager; see tinsmith.embedded.local."""
     from tinsmith.embedded import local as _local
 

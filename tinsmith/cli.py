@@ -56,7 +56,7 @@ def cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
-def _db(args: argparse.Namespace):  # noqa: ANN202
+def _db(args: argparse.Namespace):
     from tinsmith.storage.db import MetadataStore
 
     return MetadataStore(ServerSettings(data_dir=Path(args.data_dir),

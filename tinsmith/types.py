@@ -52,7 +52,7 @@ class LoraSpec:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, object]) -> "LoraSpec":
+    def from_json(cls, d: dict[str, object]) -> LoraSpec:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})  # type: ignore[arg-type]
 
 

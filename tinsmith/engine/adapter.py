@@ -50,7 +50,7 @@ class Adapter:
 
     # ----- construction -------------------------------------------------------------
     @classmethod
-    def create(cls, spec: LoraSpec, layers: dict[str, MultiLoraLinear]) -> "Adapter":
+    def create(cls, spec: LoraSpec, layers: dict[str, MultiLoraLinear]) -> Adapter:
         if spec.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {spec.rank}")
         leaves = set(target_leaves(spec))
@@ -72,7 +72,7 @@ class Adapter:
             raise ValueError(f"the base model has none of the layers {sorted(leaves)}")
         return cls(spec, weights)
 
-    def clone_frozen(self) -> "Adapter":
+    def clone_frozen(self) -> Adapter:
         """A detached copy for sampling: same values, no grad, no optimizer."""
         return Adapter(
             self.spec,
@@ -161,7 +161,7 @@ class Adapter:
     @classmethod
     def from_peft_state_dict(
         cls, spec: LoraSpec, tensors: dict[str, torch.Tensor], layers: dict[str, MultiLoraLinear]
-    ) -> "Adapter":
+    ) -> Adapter:
         """Rebuild an adapter from PEFT-named tensors; shapes are checked against the model."""
         scale = spec.alpha / spec.rank
         weights: dict[str, LoraWeights] = {}

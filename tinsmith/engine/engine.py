@@ -23,7 +23,16 @@ from tinsmith.engine.checkpoint import adapter_from_files, adapter_to_files
 from tinsmith.engine.losses import get_loss
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.engine.sampler import Sampler
-from tinsmith.types import AdamSpec, DatumIn, FwdBwdOut, LoraSpec, NotFound, SampleOut, SampleSpec, UserError
+from tinsmith.types import (
+    AdamSpec,
+    DatumIn,
+    FwdBwdOut,
+    LoraSpec,
+    NotFound,
+    SampleOut,
+    SampleSpec,
+    UserError,
+)
 
 FilesLoader = Callable[[], Mapping[str, bytes]]
 
@@ -72,7 +81,7 @@ class Engine:
         forward_only: bool,
     ) -> FwdBwdOut:
         """Loss = sum over datums of the loss; gradients accumulate unless forward_only."""
-        adapter, slot = self._run(run_id)
+        _, slot = self._run(run_id)
         loss_spec = get_loss(loss_fn)
         lps = self.runner.target_logprobs([(slot, d) for d in data], grad=not forward_only)
         total = torch.zeros(())

@@ -95,7 +95,7 @@ class FutureStore:
         if waiter is not None:
             try:
                 await asyncio.wait_for(waiter, timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 with self._lock:
                     if waiter in e.waiters:
                         e.waiters.remove(waiter)

@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tinsmith.config import ServerSettings
@@ -57,7 +57,7 @@ class SamplerState:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Service:
@@ -188,7 +188,7 @@ class Service:
                 self.futures.set_error(rid, str(e), "user")
                 r.gate.submit(seq_id, rid, None, _call)
                 raise
-            job = lambda: r.handle.worker.submit(rid, work, kind)  # noqa: E731
+            job = lambda: r.handle.worker.submit(rid, work, kind)
             r.gate.submit(seq_id, rid, job, _call)
         return rid
 
@@ -387,7 +387,7 @@ class Service:
                 f"prompt of {spec.prompt.shape[0]} tokens plus max_tokens={spec.max_tokens} exceeds "
                 f"the model's context length of {h.max_context}"
             )
-        loader = (lambda: self.store.get(s.storage_key)) if s.storage_key else None  # noqa: E731
+        loader = (lambda: self.store.get(s.storage_key)) if s.storage_key else None
         with self._lock:
             rid = self.futures.create("sample")
             seq_ids = [f"{sampler_id}:{seq_id}:{i}" for i in range(spec.num_samples)]
@@ -408,7 +408,7 @@ class Service:
             try:
                 for row in self.db.expired_checkpoints(_now()):
                     remove_checkpoint(self.db, self.store, row)
-            except Exception:  # noqa: BLE001 - the sweeper must survive a bad row
+            except Exception:
                 log.exception("checkpoint sweep failed")
 
 

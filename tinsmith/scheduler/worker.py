@@ -59,7 +59,7 @@ class EngineWorker:
                 value = job.fn()
             except UserError as e:
                 self._futures.set_error(job.request_id, str(e), "user")
-            except Exception as e:  # noqa: BLE001 - reported to the client, server keeps going
+            except Exception as e:
                 log.exception("job %s (%s) failed", job.request_id, job.label)
                 self._futures.set_error(job.request_id, f"{type(e).__name__}: {e}", "server")
             else:

@@ -16,26 +16,39 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, TypeDecorator, UniqueConstraint
-from sqlalchemy import and_, create_engine, event, func, or_, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Integer,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    event,
+    func,
+    or_,
+    select,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 _clock_lock = threading.Lock()
-_last_now = datetime.min.replace(tzinfo=timezone.utc)
+_last_now = datetime.min.replace(tzinfo=UTC)
 
 
 def _now() -> datetime:
     """UTC now, strictly increasing within the process so "newest first" never ties."""
     global _last_now
     with _clock_lock:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         if now <= _last_now:
             now = _last_now + timedelta(microseconds=1)
         _last_now = now
@@ -53,15 +66,15 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}; pass an aware (UTC) datetime")
-        value = value.astimezone(timezone.utc)
+        value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -371,7 +384,7 @@ class MetadataStore:
         """Checkpoints whose expires_at is at or before ``now`` (default: the current time)."""
         q = (select(_Checkpoint)
              .where(_Checkpoint.expires_at.is_not(None),
-                    _Checkpoint.expires_at <= (now or datetime.now(timezone.utc)))
+                    _Checkpoint.expires_at <= (now or datetime.now(UTC)))
              .order_by(_Checkpoint.expires_at, _Checkpoint.id))
         with self._tx() as s:
             return [_row(CheckpointRow, o) for o in s.scalars(q)]
