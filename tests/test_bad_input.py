@@ -117,3 +117,21 @@ def test_missing_path_and_unknown_model_id(base_url, rest_client, service_client
         r = http.post("/api/v1/retrieve_future", json={"request_id": "req-nope"})
         assert r.status_code == 404 and "unknown or expired request_id" in r.json()["detail"]
     _still_healthy(service_client, victim)
+
+
+@pytest.mark.parametrize(
+    "prompt,params,message",
+    [
+        ([1, 2, 10**6], {"max_tokens": 4}, "outside the vocabulary"),
+        ([5] * 2000, {"max_tokens": 100}, "exceeds the model's context length of 2048"),
+        ([1, 2, 3], {"max_tokens": 4, "top_p": 0.0}, "top_p must be in (0, 1]"),
+        ([1, 2, 3], {"max_tokens": 4, "temperature": -1.0}, "temperature must be"),
+        ([1, 2, 3], {"max_tokens": 4, "stop": [""]}, "empty string"),
+    ],
+)
+def test_bad_sampling_requests(prompt, params, message, service_client, victim) -> None:  # noqa: ANN001
+    sampler = service_client.create_sampling_client(base_model=TINY).result()
+    with pytest.raises(Exception) as err:
+        sampler.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(**params)).result()
+    assert message in str(err.value) and "400" in str(err.value)
+    _still_healthy(service_client, victim)

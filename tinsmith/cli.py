@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tinsmith.config import DEFAULT_MODEL, ServerSettings
+from tinsmith.types import UserError
 
 
 def _settings(args: argparse.Namespace) -> ServerSettings:
@@ -32,10 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tinsmith.embedded import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    settings = _settings(args)
-    print(f"Tinsmith serving {', '.join(settings.models)} on http://{settings.host}:{settings.port}")
-    print(f"  TINKER_BASE_URL=http://{settings.host}:{settings.port} TINKER_API_KEY=tml-local python your_loop.py")
-    serve(settings)
+    serve(_settings(args))
     return 0
 
 
@@ -133,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    return int(args.fn(args))
+    try:
+        return int(args.fn(args))
+    except UserError as e:  # e.g. an unknown model name: a message, not a traceback
+        print(f"tinsmith: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

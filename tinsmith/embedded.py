@@ -77,6 +77,9 @@ def serve(settings: ServerSettings, log_level: str = "info") -> None:
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("Tinsmith has no API keys yet: anyone who can reach %s can use it", settings.host)
     svc = Service(settings)
+    url = f"http://{settings.host}:{settings.port}"
+    print(f"Tinsmith serving {', '.join(settings.models)} on {url}\n"
+          f"  TINKER_BASE_URL={url} TINKER_API_KEY=tml-local python your_loop.py", flush=True)
     try:
         uvicorn.Server(_uvicorn_config(svc, settings.host, settings.port, log_level)).run()
     finally:

@@ -18,14 +18,13 @@ Shapes: P = prompt length, B = rows still decoding (<= num_samples), V = vocab s
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from transformers import DynamicCache
 
 from tinsmith.engine.runner import ModelRunner
-from tinsmith.types import SampledSeq, SampleOut, SampleSpec, StopReason, UserError
+from tinsmith.engine.validation import check_sample
+from tinsmith.types import SampledSeq, SampleOut, SampleSpec, StopReason
 
 # Candidate counts tried before a full sort when only top-p is on (see Sampler._pick).
 _NUCLEUS_GUESSES = (1024, 8192)
@@ -75,30 +74,9 @@ class Sampler:
 
     # ----- validation -----------------------------------------------------------------
     def _check(self, spec: SampleSpec) -> torch.Tensor:
-        prompt = torch.as_tensor(np.asarray(spec.prompt), dtype=torch.long).reshape(-1)
-        n_prompt = int(prompt.shape[0])
-        if n_prompt == 0:
-            raise UserError("the prompt is empty: sampling needs at least one prompt token")
-        max_ctx = self.runner.max_context
-        if n_prompt + max(spec.max_tokens, 0) > max_ctx:
-            raise UserError(
-                f"prompt length ({n_prompt}) + max_tokens ({spec.max_tokens}) exceeds the "
-                f"model's context window of {max_ctx} tokens"
-            )
-        vocab = self.runner.vocab_size
-        if int(prompt.min()) < 0 or int(prompt.max()) >= vocab:
-            raise UserError(f"prompt token ids must be in [0, {vocab})")
-        if spec.num_samples < 1:
-            raise UserError(f"num_samples must be >= 1, got {spec.num_samples}")
-        if not spec.temperature >= 0 or math.isinf(spec.temperature):
-            raise UserError(f"temperature must be a finite number >= 0, got {spec.temperature}")
-        if not 0.0 < spec.top_p <= 1.0:
-            raise UserError(f"top_p must be in (0, 1], got {spec.top_p}")
-        if spec.top_k < -1:
-            raise UserError(f"top_k must be -1 (off), 0 (off) or positive, got {spec.top_k}")
-        if any(s == "" for s in spec.stop_strings):
-            raise UserError("stop strings must be non-empty")
-        return prompt
+        """The prompt as a tensor, after the same checks the scheduler runs at submission."""
+        check_sample(spec, self.runner.vocab_size, self.runner.max_context)
+        return torch.as_tensor(np.asarray(spec.prompt), dtype=torch.long).reshape(-1)
 
     # ----- one decoding step ----------------------------------------------------------
     @staticmethod

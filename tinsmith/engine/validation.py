@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from tinsmith.engine.losses import LOSSES
-from tinsmith.types import DatumIn, UserError
+from tinsmith.types import DatumIn, SampleSpec, UserError
 
 
 def check_loss(loss_fn: str, config: Mapping[str, object]) -> None:
@@ -26,9 +26,12 @@ def check_loss(loss_fn: str, config: Mapping[str, object]) -> None:
         )
 
 
+MAX_NUM_SAMPLES = 256
+
+
 def check_tokens(tokens: np.ndarray, vocab_size: int, max_context: int, where: str) -> None:
     if tokens.ndim != 1 or tokens.shape[0] == 0:
-        raise UserError(f"{where}: model input is empty")
+        raise UserError(f"{where}: the input is empty (at least one token is needed)")
     if tokens.shape[0] > max_context:
         raise UserError(
             f"{where}: sequence of {tokens.shape[0]} tokens exceeds the model's context "
@@ -81,3 +84,26 @@ def check_data(
                 )
             if not np.isfinite(arr).all():
                 raise UserError(f"{where}: {key} contains a non-finite value (NaN or inf)")
+
+
+def check_sample(spec: SampleSpec, vocab_size: int, max_context: int) -> None:
+    """Raise UserError naming the first problem of a sampling request for this model."""
+    check_tokens(spec.prompt, vocab_size, max_context, "prompt")
+    n_prompt = int(spec.prompt.shape[0])
+    if not 1 <= spec.num_samples <= MAX_NUM_SAMPLES:
+        raise UserError(f"num_samples must be between 1 and {MAX_NUM_SAMPLES}, got {spec.num_samples}")
+    if spec.max_tokens < 0:
+        raise UserError(f"max_tokens must be >= 0, got {spec.max_tokens}")
+    if n_prompt + spec.max_tokens > max_context:
+        raise UserError(
+            f"prompt length ({n_prompt}) + max_tokens ({spec.max_tokens}) exceeds the "
+            f"model's context length of {max_context} tokens"
+        )
+    if not (spec.temperature >= 0 and np.isfinite(spec.temperature)):
+        raise UserError(f"temperature must be a finite number >= 0, got {spec.temperature}")
+    if not 0.0 < spec.top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {spec.top_p}")
+    if spec.top_k < -1:
+        raise UserError(f"top_k must be -1 (off), 0 (off) or positive, got {spec.top_k}")
+    if any(s == "" for s in spec.stop_strings):
+        raise UserError("stop strings must be non-empty")

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tinsmith.config import ServerSettings
-from tinsmith.engine.validation import check_data, check_tokens
+from tinsmith.engine.validation import check_data, check_sample
 from tinsmith.scheduler.futures import FutureStore
 from tinsmith.scheduler.models import ModelHandle, load_model
 from tinsmith.scheduler.ordering import SeqGate
@@ -375,18 +375,7 @@ class Service:
         with self._lock:
             if seq_id in s.issued:
                 return s.issued[seq_id]
-        if not 1 <= spec.num_samples <= 256:
-            raise UserError(f"num_samples must be between 1 and 256, got {spec.num_samples}")
-        if spec.max_tokens < 0:
-            raise UserError(f"max_tokens must be >= 0, got {spec.max_tokens}")
-        if spec.temperature < 0 or not 0 < spec.top_p <= 1 or spec.top_k < -1:
-            raise UserError("sampling params need temperature >= 0, 0 < top_p <= 1 and top_k >= -1")
-        check_tokens(spec.prompt, h.vocab_size, h.max_context, "prompt")
-        if spec.prompt.shape[0] + spec.max_tokens > h.max_context:
-            raise UserError(
-                f"prompt of {spec.prompt.shape[0]} tokens plus max_tokens={spec.max_tokens} exceeds "
-                f"the model's context length of {h.max_context}"
-            )
+        check_sample(spec, h.vocab_size, h.max_context)
         loader = (lambda: self.store.get(s.storage_key)) if s.storage_key else None
         with self._lock:
             rid = self.futures.create("sample")
