@@ -123,13 +123,6 @@ def _tensors(files: Mapping[str, bytes], name: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"checkpoint file {name} is not a readable safetensors file: {e}") from e
 
 
-def read_base_model(files: Mapping[str, bytes]) -> str | None:
-    """The base model a checkpoint was trained on, as recorded in it (None if unknown)."""
-    info = _json_file(files, TINSMITH_FILE if TINSMITH_FILE in files else CONFIG_FILE)
-    name = info.get("base_model", info.get("base_model_name_or_path"))
-    return name if isinstance(name, str) else None
-
-
 def _spec_from_peft_config(config: Mapping[str, Any]) -> LoraSpec:
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(f"{CONFIG_FILE}: peft_type {config.get('peft_type')!r} is not LORA")

@@ -62,9 +62,6 @@ class Engine:
         if old is not None:
             self.runner.detach(old[1])
 
-    def has_run(self, run_id: str) -> bool:
-        return run_id in self._runs
-
     def _run(self, run_id: str) -> tuple[Adapter, int]:
         entry = self._runs.get(run_id)
         if entry is None:
@@ -119,9 +116,6 @@ class Engine:
             raise UserError(f"cannot load checkpoint: {e}") from e
         self._put_run(run_id, adapter)
         return adapter.spec
-
-    def run_spec(self, run_id: str) -> LoraSpec:
-        return self._run(run_id)[0].spec
 
     # ----- samplers ---------------------------------------------------------------------
     def snapshot_sampler(self, key: str, run_id: str) -> None:

@@ -54,11 +54,6 @@ class FutureStore:
             self._entries[rid] = _Entry(kind=kind, created=time.monotonic())
             return rid
 
-    def kind(self, rid: str) -> str | None:
-        with self._lock:
-            e = self._entries.get(rid)
-            return e.kind if e else None
-
     def set_result(self, rid: str, value: object) -> None:
         self._complete(rid, value, None)
 
@@ -74,11 +69,6 @@ class FutureStore:
             waiters, e.waiters = e.waiters, []
         for w in waiters:
             w.get_loop().call_soon_threadsafe(_wake, w)
-
-    def is_done(self, rid: str) -> bool:
-        with self._lock:
-            e = self._entries.get(rid)
-            return bool(e and e.done)
 
     async def wait(self, rid: str, timeout: float) -> tuple[bool, object, FutureError | None]:
         """Wait up to `timeout` s. Returns (done, value, error); raises KeyError if unknown."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,17 +32,12 @@ class EngineWorker:
         self.name = name
         self._futures = futures
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self.busy_s = 0.0  # total seconds spent computing (utilisation = busy_s / uptime)
-        self.jobs_done = 0
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, request_id: str, fn: Callable[[], object], label: str = "") -> None:
         """Queue `fn`; its return value becomes the future's result."""
         self._queue.put(_Job(request_id, fn, label))
-
-    def queue_depth(self) -> int:
-        return self._queue.qsize()
 
     def close(self, timeout: float = 30.0) -> None:
         self._queue.put(None)
@@ -54,7 +48,6 @@ class EngineWorker:
             job = self._queue.get()
             if job is None:
                 return
-            t0 = time.perf_counter()
             try:
                 value = job.fn()
             except UserError as e:
@@ -64,6 +57,3 @@ class EngineWorker:
                 self._futures.set_error(job.request_id, f"{type(e).__name__}: {e}", "server")
             else:
                 self._futures.set_result(job.request_id, value)
-            finally:
-                self.busy_s += time.perf_counter() - t0
-                self.jobs_done += 1
