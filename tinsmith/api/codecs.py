@@ -146,8 +146,6 @@ def sample_spec(
         stop_strings = tuple(str(s) for s in stop)
     else:
         raise UserError("sampling_params.stop must be a string, a list of strings or a list of token ids")
-    if any(s == "" for s in stop_strings):
-        raise UserError("sampling_params.stop contains an empty string")
     tokens = model_input_tokens(prompt)
     if prompt_logprobs_last_n is not None and not 1 <= prompt_logprobs_last_n <= max(len(tokens) - 1, 1):
         raise UserError(

@@ -106,4 +106,4 @@ def check_sample(spec: SampleSpec, vocab_size: int, max_context: int) -> None:
     if spec.top_k < -1:
         raise UserError(f"top_k must be -1 (off), 0 (off) or positive, got {spec.top_k}")
     if any(s == "" for s in spec.stop_strings):
-        raise UserError("stop strings must be non-empty")
+        raise UserError("sampling_params.stop contains an empty string")

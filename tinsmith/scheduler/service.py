@@ -26,7 +26,7 @@ from tinsmith.engine.validation import check_data, check_sample
 from tinsmith.scheduler.futures import FutureStore
 from tinsmith.scheduler.models import ModelHandle, load_model
 from tinsmith.scheduler.ordering import SeqGate
-from tinsmith.scheduler.paths import CheckpointRef, check_name, parse_path
+from tinsmith.scheduler.paths import CheckpointRef, check_name, parse_path, ref_from_checkpoint_id
 from tinsmith.storage.checkpoints import remove_checkpoint
 from tinsmith.storage.db import CheckpointRow, MetadataStore
 from tinsmith.storage.files import CheckpointStore
@@ -39,11 +39,14 @@ MAX_TTL_S = 10 * 365 * 24 * 3600
 @dataclass
 class RunState:
     run_id: str
-    base_model: str
     handle: ModelHandle
     lora: LoraSpec
+    create_request_id: str  # the create_model / create-via-load request (retries get it back)
     gate: SeqGate = field(default_factory=SeqGate)
-    create_request_id: str | None = None
+
+    @property
+    def base_model(self) -> str:
+        return self.handle.name
 
 
 @dataclass
@@ -139,22 +142,32 @@ class Service:
             raise UserError(f"LoRA rank must be between 1 and 512, got {lora.rank}")
         if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
             raise UserError("LoRA config trains nothing: enable train_mlp, train_attn or train_unembed")
-        run_id = f"{session_id}:train:{model_seq_id}"
-        with self._lock:
-            existing = self.runs.get(run_id)
-            if existing is not None and existing.create_request_id is not None:
-                return existing.create_request_id, run_id  # a retried create
-            self._check_unused(run_id)
-            rid = self.futures.create("create_model")
-            self.runs[run_id] = RunState(run_id, base_model, handle, lora, create_request_id=rid)
-        self.db.add_run(run_id, session_id=session_id, base_model=base_model, lora=lora.to_json(),
-                        user_metadata=dict(user_metadata) if user_metadata else None)
 
-        def work() -> dict[str, object]:
+        def work(run_id: str) -> dict[str, object]:
             handle.engine.create_run(run_id, lora)
             return {"model_id": run_id, "type": "create_model"}
 
-        handle.worker.submit(rid, work, "create_model")
+        return self._new_run(session_id, model_seq_id, handle, lora, user_metadata,
+                             "create_model", work)
+
+    def _new_run(
+        self, session_id: str, model_seq_id: int, handle: ModelHandle, lora: LoraSpec,
+        user_metadata: Mapping[str, object] | None, kind: str,
+        work: Callable[[str], object],
+    ) -> tuple[str, str]:
+        """Register run `<session>:train:<model_seq_id>` and queue `work(run_id)`, which
+        creates its adapter. A retried creation gets the first request id back."""
+        run_id = f"{session_id}:train:{model_seq_id}"
+        with self._lock:
+            existing = self.runs.get(run_id)
+            if existing is not None:
+                return existing.create_request_id, run_id
+            self._check_unused(run_id)
+            rid = self.futures.create(kind)
+            self.runs[run_id] = RunState(run_id, handle, lora, rid)
+        self.db.add_run(run_id, session_id=session_id, base_model=handle.name, lora=lora.to_json(),
+                        user_metadata=dict(user_metadata) if user_metadata else None)
+        handle.worker.submit(rid, lambda: work(run_id), kind)
         return rid, run_id
 
     def get_info(self, run_id: str) -> dict[str, object]:
@@ -249,7 +262,7 @@ class Service:
                 checkpoint_type=ref.checkpoint_type, tinker_path=ref.tinker_path,
                 storage_key=ref.storage_key, size_bytes=size,
                 expires_at=_now() + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
-                user_metadata=_str_dict(user_metadata), base_model=r.base_model,
+                user_metadata=dict(user_metadata) if user_metadata else None, base_model=r.base_model,
                 lora=r.lora.to_json(),
             )
             self.db.touch_run(run_id)
@@ -290,13 +303,10 @@ class Service:
         handle = self.model(ckpt.base_model)
         lora = LoraSpec.from_json(ckpt.lora)
 
-        def load(run_id: str) -> Callable[[], object]:
-            def work() -> object:
-                files = self.store.get(ckpt.storage_key)
-                spec = handle.engine.load_run(run_id, files, with_optimizer=optimizer)
-                self.runs[run_id].lora = spec
-                return {"model_id": run_id, "path": path, "type": "load_weights"}
-            return work
+        def load(run_id: str) -> object:
+            files = self.store.get(ckpt.storage_key)
+            self.runs[run_id].lora = handle.engine.load_run(run_id, files, with_optimizer=optimizer)
+            return {"model_id": run_id, "path": path, "type": "load_weights"}
 
         if model_id is not None:  # legacy: into an existing run, ordered by seq_id
             r = self.run(model_id)
@@ -304,21 +314,11 @@ class Service:
                 raise UserError(f"{path} was trained on {ckpt.base_model!r}, this run uses {r.base_model!r}")
             if seq_id is None:
                 raise UserError("load_weights into an existing model needs seq_id")
-            return self._ordered(model_id, seq_id, "load_weights", load(model_id)), model_id
+            return self._ordered(model_id, seq_id, "load_weights", lambda: load(model_id)), model_id
         if session_id is None or model_seq_id is None:
             raise UserError("load_weights needs session_id and model_seq_id (or model_id and seq_id)")
-        run_id = f"{session_id}:train:{model_seq_id}"
-        with self._lock:
-            existing = self.runs.get(run_id)
-            if existing is not None and existing.create_request_id is not None:
-                return existing.create_request_id, run_id
-            self._check_unused(run_id)
-            rid = self.futures.create("load_weights")
-            self.runs[run_id] = RunState(run_id, ckpt.base_model, handle, lora, create_request_id=rid)
-        self.db.add_run(run_id, session_id=session_id, base_model=ckpt.base_model,
-                        lora=lora.to_json(), user_metadata=dict(user_metadata) if user_metadata else None)
-        handle.worker.submit(rid, load(run_id), "load_weights")
-        return rid, run_id
+        return self._new_run(session_id, model_seq_id, handle, lora, user_metadata,
+                             "load_weights", load)
 
     # ----- sampling -----------------------------------------------------------------------
     def create_sampling_session(
@@ -389,7 +389,7 @@ class Service:
 
     # ----- checkpoints ----------------------------------------------------------------------
     def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
-        ref = parse_path(f"tinker://{run_id}/{checkpoint_id}")
+        ref = ref_from_checkpoint_id(run_id, checkpoint_id)
         remove_checkpoint(self.db, self.store, self.checkpoint(ref))
 
     def _sweep_loop(self) -> None:
@@ -404,6 +404,3 @@ class Service:
 def _call(job: Callable[[], None]) -> None:
     job()
 
-
-def _str_dict(d: Mapping[str, object] | None) -> dict[str, str] | None:
-    return {str(k): str(v) for k, v in d.items()} if d else None

@@ -248,19 +248,21 @@ class MetadataStore:
             s.add(obj)
         return _row(SessionRow, obj)
 
-    def heartbeat(self, session_id: str) -> bool:
+    def _update(self, model: type, key: str, **values: Any) -> bool:
+        """Set columns of one row by primary key; False if there is no such row."""
         with self._tx(write=True) as s:
-            obj = s.get(_Session, session_id)
+            obj = s.get(model, key)
             if obj is None:
                 return False
-            obj.last_heartbeat_at = _now()
+            for name, value in values.items():
+                setattr(obj, name, value)
             return True
 
+    def heartbeat(self, session_id: str) -> bool:
+        return self._update(_Session, session_id, last_heartbeat_at=_now())
+
     def finish_session(self, session_id: str, reason: str) -> None:
-        with self._tx(write=True) as s:
-            obj = s.get(_Session, session_id)
-            if obj is not None:
-                obj.finished_at, obj.finish_reason = _now(), reason
+        self._update(_Session, session_id, finished_at=_now(), finish_reason=reason)
 
     def get_session(self, session_id: str) -> SessionRow | None:
         with self._tx() as s:
@@ -286,10 +288,7 @@ class MetadataStore:
         return _row(RunRow, obj)
 
     def touch_run(self, training_run_id: str) -> None:
-        with self._tx(write=True) as s:
-            obj = s.get(_Run, training_run_id)
-            if obj is not None:
-                obj.last_request_time = _now()
+        self._update(_Run, training_run_id, last_request_time=_now())
 
     def get_run(self, training_run_id: str) -> RunRow | None:
         with self._tx() as s:

@@ -18,6 +18,11 @@ class WeightsInfoRequest(BaseModel):
     tinker_path: str
 
 
+def _str_dict(d: dict[str, object] | None) -> dict[str, str] | None:
+    """The SDK's TrainingRun and Checkpoint models want string metadata values."""
+    return {str(k): str(v) for k, v in d.items()} if d else None
+
+
 def checkpoint_json(row: CheckpointRow) -> dict[str, object]:
     return {
         "checkpoint_id": row.checkpoint_id,
@@ -26,7 +31,7 @@ def checkpoint_json(row: CheckpointRow) -> dict[str, object]:
         "tinker_path": row.tinker_path,
         "size_bytes": row.size_bytes,
         "public": False,
-        "user_metadata": row.user_metadata,
+        "user_metadata": _str_dict(row.user_metadata),
         "expires_at": row.expires_at.isoformat() if row.expires_at else None,
     }
 
@@ -35,7 +40,6 @@ def run_json(request: Request, row: RunRow) -> dict[str, object]:
     db = service(request).db
     last = db.last_checkpoint(row.training_run_id, "training")
     last_sampler = db.last_checkpoint(row.training_run_id, "sampler")
-    meta = {str(k): str(v) for k, v in row.user_metadata.items()} if row.user_metadata else None
     return {
         "training_run_id": row.training_run_id,
         "base_model": row.base_model,
@@ -46,7 +50,7 @@ def run_json(request: Request, row: RunRow) -> dict[str, object]:
         "last_request_time": row.last_request_time.isoformat(),
         "last_checkpoint": checkpoint_json(last) if last else None,
         "last_sampler_checkpoint": checkpoint_json(last_sampler) if last_sampler else None,
-        "user_metadata": meta,
+        "user_metadata": _str_dict(row.user_metadata),
     }
 
 
