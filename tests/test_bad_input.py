@@ -129,9 +129,54 @@ def test_missing_path_and_unknown_model_id(base_url, rest_client, service_client
         ([1, 2, 3], {"max_tokens": 4, "stop": [""]}, "empty string"),
     ],
 )
-def test_bad_sampling_requests(prompt, params, message, service_client, victim) -> None:  # noqa: ANN001
+def test_bad_sampling_requests(prompt, params, message, service_client, victim) -> None:
     sampler = service_client.create_sampling_client(base_model=TINY).result()
     with pytest.raises(Exception) as err:
         sampler.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(**params)).result()
     assert message in str(err.value) and "400" in str(err.value)
+    _still_healthy(service_client, victim)
+
+
+def _rl(tokens: list[int], **inputs: list[float]) -> types.Datum:
+    arrays = {k: np.asarray(v, np.float32) for k, v in inputs.items()}
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens),
+                       loss_fn_inputs={"target_tokens": np.asarray(tokens[1:] + [7]), **arrays})
+
+
+BAD_LOSS_CALLS = {
+    "loss without an input it needs": (
+        [_rl([1, 2, 3], logprobs=[0, -1, -1])], "ppo", None, "needs loss_fn_inputs['advantages']"),
+    "advantages shaped unlike the targets": (
+        [_rl([1, 2, 3], logprobs=[0, -1, -1], advantages=[1, 1])], "importance_sampling", None,
+        "advantages has shape [2] but target_tokens has shape [3]"),
+    "non-finite sampler logprob": (
+        [_rl([1, 2, 3], logprobs=[0, float("-inf"), -1], advantages=[0, 1, 1])], "cispo", None,
+        "logprobs contains a non-finite value"),
+    "unknown config key": (
+        [_rl([1, 2, 3], logprobs=[0, -1, -1], advantages=[0, 1, 1])], "ppo", {"clip_ratio": 0.2},
+        ("unknown loss_fn_config key(s) ['clip_ratio'] for loss 'ppo' (accepted: clip_high_threshold, "
+         "clip_low_threshold)")),
+    "clip bounds the wrong way round": (
+        [_rl([1, 2, 3], logprobs=[0, -1, -1], advantages=[0, 1, 1])], "ppo",
+        {"clip_low_threshold": 1.3, "clip_high_threshold": 0.7}, "clip_low_threshold <= clip_high_threshold"),
+    "dpo with an odd number of datums": (
+        [_rl([1, 2, 3], weights=[0, 1, 1], ref_logprobs=[0, -1, -1])], "dpo", None,
+        "odd number of datums (1)"),
+    "dpo without reference logprobs": (
+        [_rl([1, 2, 3], weights=[0, 1, 1])] * 2, "dpo", None, "needs loss_fn_inputs['ref_logprobs']"),
+    "dpo label smoothing out of range": (
+        [_rl([1, 2, 3], weights=[0, 1, 1], ref_logprobs=[0, -1, -1])] * 2, "dpo",
+        {"label_smoothing": 0.7}, "label_smoothing must be in [0, 0.5)"),
+    "importance ratio that overflows": (
+        [_rl([1, 2, 3], logprobs=[0, -500, -1], advantages=[0, 1, 1])], "importance_sampling", None,
+        "is not finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LOSS_CALLS))
+def test_bad_loss_calls(case: str, service_client, victim) -> None:
+    data, loss, config, message = BAD_LOSS_CALLS[case]
+    with pytest.raises(Exception) as err:
+        victim[0].forward_backward(data, loss, config).result()
+    assert message in str(err.value)
     _still_healthy(service_client, victim)

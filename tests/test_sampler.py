@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from tinsmith.engine import prompt_scoring
 from tinsmith.engine.adapter import Adapter
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.engine.sampler import Sampler
@@ -238,3 +239,89 @@ def test_limits_and_validation(runner: ModelRunner, sampler: Sampler, prompt: np
     too_many = runner.max_context - len(prompt) + 1
     with pytest.raises(UserError, match=f"{len(prompt)}.*{too_many}"):
         sampler.sample(None, SampleSpec(prompt=prompt, max_tokens=too_many))
+
+
+# ----- per-position extras (see prompt_scoring; SDK-level tests in test_sampling_extras) ---
+
+
+def test_prompt_extras_match_full_forward(
+    runner: ModelRunner, sampler: Sampler, prompt: np.ndarray, lora_slot: int
+) -> None:
+    n = len(prompt)
+    ids = np.full((n - 1, 2), -1, np.int64)  # row i scores prompt position i + 1
+    ids[:, 0], ids[3:, 1] = prompt[1:], 7
+    for slot in (None, lora_slot):
+        with torch.inference_mode():
+            full = runner.logits([(slot, torch.as_tensor(prompt))])[0].float()
+        ref = torch.log_softmax(full, -1)[:-1]  # [P - 1, V]
+        spec = SampleSpec(prompt=prompt, max_tokens=1, seed=0, topk_prompt_logprobs=4,
+                          target_ids=ids.ravel(), target_shape=ids.shape, prompt_alt_tokens_k=3)
+        out = sampler.sample(slot, spec)
+        assert (out.topk_prompt_ids[0] == 0).all() and (out.topk_prompt_logprobs[0] == -99999.0).all()
+        want_lp, want_ids = ref.topk(4, dim=-1)
+        np.testing.assert_array_equal(out.topk_prompt_ids[1:], want_ids.numpy())
+        np.testing.assert_allclose(out.topk_prompt_logprobs[1:], want_lp.numpy(), atol=1e-4)
+        want = np.where(ids >= 0, ref.gather(-1, torch.as_tensor(np.maximum(ids, 0))).numpy(), 0.0)
+        assert out.target_logprobs.shape == (n - 1, 2) and out.target_csr is None
+        np.testing.assert_allclose(out.target_logprobs, want, atol=1e-4)
+        assert out.alt_tokens.shape == out.alt_logprobs.shape == (n - 1, 3)
+        alt_ref = ref.gather(-1, torch.as_tensor(out.alt_tokens)).numpy()
+        np.testing.assert_allclose(out.alt_logprobs, alt_ref, atol=1e-4)
+
+
+def test_prefill_keeps_only_the_logits_it_needs(
+    runner: ModelRunner, sampler: Sampler, prompt: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+    forward = runner.model.forward
+
+    def spy(*args: object, **kw: object) -> object:
+        if "logits_to_keep" in kw:  # the prefill; decode steps do not pass it
+            seen.append(kw["logits_to_keep"])
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(runner.model, "forward", spy)
+    n = len(prompt)
+    target = np.full((n - 1, 2), -1, np.int64)
+    target[5, 1] = 3  # rows before the first id are not scored
+    cases = [
+        ({}, 1), ({"topk_sample_logprobs": 3}, 1),
+        ({"prompt_logprobs": True, "prompt_logprobs_last_n": 2}, 3),
+        ({"topk_prompt_logprobs": 2, "prompt_logprobs_last_n": 2}, 3),
+        ({"target_ids": target.ravel(), "target_shape": target.shape}, n - 5),
+        ({"prompt_alt_tokens_k": 2}, n), ({"prompt_logprobs": True}, n),
+    ]
+    for kw, keep in cases:
+        seen.clear()
+        sampler.sample(None, SampleSpec(prompt=prompt, max_tokens=2, **kw))
+        assert seen == [keep], kw
+
+
+def test_alternative_draws_follow_the_temperature(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prompt_scoring, "_DRAW_CELLS", 10)  # 2 rows per chunk: several chunks
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0]).expand(5, -1)
+    draws = prompt_scoring._draw_alternatives(logits, 4000, 0.7, seed=1)  # [5, 4000]
+    freq = torch.bincount(draws.reshape(-1), minlength=5).double() / draws.numel()
+    np.testing.assert_allclose(freq.numpy(), torch.softmax(logits[0] / 0.7, -1).numpy(), atol=0.015)
+    assert torch.equal(draws, prompt_scoring._draw_alternatives(logits, 4000, 0.7, seed=1))
+    assert not torch.equal(draws, prompt_scoring._draw_alternatives(logits, 4000, 0.7, seed=2))
+    assert (prompt_scoring._draw_alternatives(logits, 3, 0.0, seed=None) == 0).all()
+
+
+def test_target_layout_validation(sampler: Sampler, prompt: np.ndarray) -> None:
+    n = len(prompt)
+    crow = np.r_[0, np.ones(n - 1, np.int64)]  # one cell, in row 0
+    cases = [
+        ({"target_shape": (n - 1,)}, "must be 2-D"),
+        ({"target_shape": (n, 2)}, f"has {n} rows but the prompt has {n} tokens"),
+        ({"target_ids": np.array([5, 6])}, "2 values do not fill shape"),
+        ({"target_csr": (np.zeros(n, np.int64), np.array([0]))}, "malformed sparse CSR"),
+        ({"target_csr": (crow, np.array([2]))}, "column index out of range"),
+        ({"target_csr": (crow, np.array([1])), "target_ids": np.array([-2])}, "token id -2 is outside"),
+    ]
+    spec = SampleSpec(prompt=prompt, target_ids=np.array([5]), target_shape=(n - 1, 2))
+    for kw, message in cases:
+        with pytest.raises(UserError, match=message):
+            sampler.sample(None, replace(spec, **kw))
+    out = sampler.sample(None, replace(spec, target_csr=(crow, np.array([1]))))
+    assert out.target_logprobs.shape == (1,) and out.target_logprobs[0] < 0

@@ -20,6 +20,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         port=getattr(args, "port", 8000),
         database_url=args.database_url,
         storage_url=args.storage_url,
+        loss_modules=tuple(getattr(args, "loss_module", None) or ()),
     )
 
 
@@ -33,7 +34,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tinsmith.embedded import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve(_settings(args))
+    try:
+        serve(_settings(args))
+    except (ImportError, ValueError) as e:  # e.g. a --loss-module that cannot be used
+        print(f"tinsmith serve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -102,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--models", nargs="+", default=[DEFAULT_MODEL], help="base models to serve")
+    p.add_argument("--loss-module", action="append", metavar="MODULE",
+                   help="module or .py file defining LOSSES: dict[str, LossSpec] (repeatable)")
     _store_args(p)
     p.set_defaults(fn=cmd_serve)
 

@@ -30,6 +30,11 @@ class ServerSettings:
     """Sampler adapters kept in memory per base model (LRU)."""
     checkpoint_sweep_s: float = 60.0
     """How often expired checkpoints (ttl_seconds) are deleted."""
+    loss_modules: tuple[str, ...] = ()
+    """Python modules (dotted names or .py paths) defining `LOSSES: dict[str, LossSpec]`,
+    served beside the built-in losses."""
+    stability_max_tokens: int = 8_000_000
+    """Tokens of sampling records (record_stability_info) kept in memory, oldest dropped first."""
 
     def resolved_database_url(self) -> str:
         if self.database_url:

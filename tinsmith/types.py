@@ -57,15 +57,28 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class ProvenanceSpan:
+    """Where `length` consecutive loss positions came from: tokens [offset, offset+length)
+    of a recorded sampled sequence's prompt ("prompt") or of its sampled tokens ("sampled")."""
+
+    kind: Literal["prompt", "sampled"]
+    sequence_id: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class DatumIn:
     """One training example: model-input tokens [N] and its loss inputs (dense arrays).
 
     Every loss input shares next-token alignment with `tokens`: position i of the model
-    input predicts `target_tokens[i]`, so arrays are [N] or [N, K].
+    input predicts `target_tokens[i]`, so arrays are [N] or [N, K]. `spans` (the SDK's
+    loss_fn_input_spans) tile the N loss positions, in order, when the client sent them.
     """
 
     tokens: np.ndarray  # int64 [N]
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    spans: tuple[ProvenanceSpan, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,7 +108,16 @@ class SampleSpec:
     stop_tokens: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     prompt_logprobs: bool = False
-    prompt_logprobs_last_n: int | None = None
+    prompt_logprobs_last_n: int | None = None  # also limits the rows of topk_prompt_logprobs
+    topk_prompt_logprobs: int = 0  # k most likely tokens at every prompt position; 0 = off
+    topk_sample_logprobs: int = 0  # k most likely tokens at every sampled position; 0 = off
+    # target_prompt_logprobs: the request tensor [R, K] (R = P - 1; row i scores prompt[i + 1])
+    # as its stored values, so a sparse request stays sparse: dense -> all R*K ids row-major,
+    # CSR -> the listed ids with `target_csr` = (crow int64 [R + 1], col int64 [C]). -1 = no id.
+    target_ids: np.ndarray | None = None  # int64 [C]
+    target_shape: tuple[int, ...] = ()  # the dense shape [R, K]
+    target_csr: tuple[np.ndarray, np.ndarray] | None = None
+    prompt_alt_tokens_k: int = 0  # draws at every prompt position after the first; 0 = off
 
 
 @dataclass
@@ -103,12 +125,27 @@ class SampledSeq:
     tokens: np.ndarray  # int32 [T], stop token / stop-string tokens included
     logprobs: np.ndarray  # float32 [T], log p(token) under the model at temperature 1
     stop_reason: StopReason
+    # topk_sample_logprobs: the k most likely tokens at each step, by descending logprob
+    topk_ids: np.ndarray | None = None  # int32 [T, k]
+    topk_logprobs: np.ndarray | None = None  # float32 [T, k], temperature-1 logprobs
 
 
 @dataclass
 class SampleOut:
     sequences: list[SampledSeq]
     prompt_logprobs: np.ndarray | None = None  # float32 [P], NaN where not scored (always pos 0)
+    # topk_prompt_logprobs: row p = the k most likely tokens at prompt position p; rows not
+    # scored (position 0, and before prompt_logprobs_last_n) hold the SDK's (0, -99999.0)
+    topk_prompt_ids: np.ndarray | None = None  # int32 [P, k]
+    topk_prompt_logprobs: np.ndarray | None = None  # float32 [P, k]
+    # target_prompt_logprobs in the request's layout (SampleSpec.target_*): float32 values
+    # [C] in the order of SampleSpec.target_ids, 0.0 where the id was -1
+    target_logprobs: np.ndarray | None = None
+    target_shape: tuple[int, ...] = ()
+    target_csr: tuple[np.ndarray, np.ndarray] | None = None
+    # prompt_alt_tokens: row i = k draws for prompt position i + 1, with raw logprobs
+    alt_tokens: np.ndarray | None = None  # int64 [P - 1, k]
+    alt_logprobs: np.ndarray | None = None  # float32 [P - 1, k]
 
 
 @dataclass

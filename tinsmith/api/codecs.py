@@ -14,8 +14,9 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
 from tinker.types import ModelInput, SamplingParams
+from tinker.types._pydantic_types.tensor_data import TensorData as TensorDataModel
 
-from tinsmith.types import DatumIn, FwdBwdOut, SampleOut, SampleSpec, UserError
+from tinsmith.types import DatumIn, FwdBwdOut, ProvenanceSpan, SampleOut, SampleSpec, UserError
 
 _NP_DTYPE = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
 _STOP = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
@@ -68,6 +69,15 @@ def _chunks_to_tokens(chunks: Sequence[pb.Chunk], where: str) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
+def _span(msg: pb.ProvenanceSpan, where: str) -> ProvenanceSpan:
+    which = msg.WhichOneof("span")
+    if which is None:
+        raise UserError(f"{where}: empty provenance span")
+    inner = getattr(msg, which)
+    kind = "prompt" if which == "prompt_tokens" else "sampled"
+    return ProvenanceSpan(kind, inner.sequence_id, int(inner.offset), int(inner.length))
+
+
 def decode_forward_backward(body: bytes) -> FwdBwdRequest:
     msg = pb.ForwardBackwardRequest()
     try:
@@ -80,7 +90,8 @@ def decode_forward_backward(body: bytes) -> FwdBwdRequest:
     for i, d in enumerate(msg.data):
         where = f"datum {i}"
         inputs = {k: _tensor(t, f"{where}.{k}") for k, t in d.loss_fn_inputs.items()}
-        data.append(DatumIn(tokens=_chunks_to_tokens(d.model_input, where), inputs=inputs))
+        spans = tuple(_span(sp, f"{where}.loss_fn_input_spans") for sp in d.loss_fn_input_spans)
+        data.append(DatumIn(tokens=_chunks_to_tokens(d.model_input, where), inputs=inputs, spans=spans))
     config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for k, v in msg.loss_fn_config_v2.items():  # v2 wins: it also carries strings
         config[k] = v.text if v.WhichOneof("value") == "text" else float(v.number)
@@ -106,16 +117,54 @@ def encode_forward_backward(out: FwdBwdOut) -> bytes:
     return msg.SerializeToString()
 
 
+def _topk_msg(ids: np.ndarray, logprobs: np.ndarray) -> pb.TopkLogprobs:
+    """[n, k] ids and logprobs as the SDK's TopkLogprobs: row-major int32 / float32 bytes."""
+    n, k = ids.shape
+    return pb.TopkLogprobs(
+        token_ids=np.ascontiguousarray(ids, dtype=np.int32).tobytes(),
+        logprobs=np.ascontiguousarray(logprobs, dtype=np.float32).tobytes(),
+        k=k, length=n,
+    )
+
+
+def _tensor_msg(
+    values: np.ndarray, shape: Sequence[int], csr: tuple[np.ndarray, np.ndarray] | None = None
+) -> pb.Tensor:
+    """A float32 or int64 array as a proto Tensor: dense, or sparse CSR when `csr` =
+    (crow [R + 1], col [C]) gives the layout of `values` [C]."""
+    dtype = pb.DTYPE_FLOAT32 if values.dtype == np.float32 else pb.DTYPE_INT64
+    msg = pb.Tensor(dtype=dtype, shape=[int(s) for s in shape])
+    data = np.ascontiguousarray(values).tobytes()
+    if csr is None:
+        msg.dense = data
+    else:
+        crow, col = (np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in csr)
+        msg.sparse_csr.CopyFrom(pb.SparseCsr(values=data, crow_indices=crow, col_indices=col))
+    return msg
+
+
 def encode_sample(out: SampleOut) -> bytes:
     msg = pb.SampleResponse()
     for s in out.sequences:
-        msg.sequences.add(
+        seq = msg.sequences.add(
             stop_reason=_STOP[s.stop_reason],
             tokens=np.asarray(s.tokens, dtype=np.int32).tobytes(),
             logprobs=np.asarray(s.logprobs, dtype=np.float32).tobytes(),
         )
+        if s.topk_ids is not None and s.topk_logprobs is not None:
+            seq.topk_sampled_logprobs.CopyFrom(_topk_msg(s.topk_ids, s.topk_logprobs))
     if out.prompt_logprobs is not None:
         msg.prompt_logprobs = np.asarray(out.prompt_logprobs, dtype=np.float32).tobytes()
+    if out.topk_prompt_ids is not None and out.topk_prompt_logprobs is not None:
+        msg.topk_prompt_logprobs.CopyFrom(_topk_msg(out.topk_prompt_ids, out.topk_prompt_logprobs))
+    if out.target_logprobs is not None:
+        values = np.asarray(out.target_logprobs, dtype=np.float32)
+        msg.target_prompt_logprobs.CopyFrom(_tensor_msg(values, out.target_shape, out.target_csr))
+    if out.alt_tokens is not None and out.alt_logprobs is not None:
+        tokens = np.asarray(out.alt_tokens, dtype=np.int64)
+        msg.prompt_alt_tokens.tokens.CopyFrom(_tensor_msg(tokens, tokens.shape))
+        logprobs = np.asarray(out.alt_logprobs, dtype=np.float32)
+        msg.prompt_alt_tokens.logprobs.CopyFrom(_tensor_msg(logprobs, logprobs.shape))
     return msg.SerializeToString()
 
 
@@ -128,11 +177,47 @@ def model_input_tokens(mi: ModelInput, where: str = "prompt") -> np.ndarray:
     return np.asarray(tokens, dtype=np.int64)
 
 
+def _int64s(values: Sequence[int] | Sequence[float], where: str) -> np.ndarray:
+    """JSON numbers that must be integers, as int64 [n]."""
+    if not all(isinstance(v, int) or float(v).is_integer() for v in values):
+        raise UserError(f"{where} must hold integers")
+    try:
+        return np.asarray([int(v) for v in values], dtype=np.int64).reshape(-1)
+    except OverflowError as e:
+        raise UserError(f"{where} holds a value outside the int64 range") from e
+
+
+_Csr = tuple[np.ndarray, np.ndarray]  # (crow int64 [R + 1], col int64 [C])
+
+
+def decode_target(td: TensorDataModel | None) -> tuple[np.ndarray | None, tuple[int, ...], _Csr | None]:
+    """SampleSpec's (target_ids, target_shape, target_csr) for the request's
+    `target_prompt_logprobs`, a JSON TensorData, dense or sparse CSR, kept in its layout.
+    Its shape, layout and ids are checked by check_sample."""
+    if td is None:
+        return None, (), None
+    where = "target_prompt_logprobs"
+    if td.dtype != "int64":
+        raise UserError(f"{where} must be an int64 tensor of token ids, got {td.dtype}")
+    ids = _int64s(td.data, where)
+    shape = tuple(int(s) for s in td.shape) if td.shape is not None else (ids.size,)
+    if (td.sparse_crow_indices is None) != (td.sparse_col_indices is None):
+        raise UserError(f"{where}: sparse_crow_indices and sparse_col_indices go together")
+    csr = None
+    if td.sparse_crow_indices is not None and td.sparse_col_indices is not None:
+        csr = (_int64s(td.sparse_crow_indices, f"{where}.sparse_crow_indices"),
+               _int64s(td.sparse_col_indices, f"{where}.sparse_col_indices"))
+    return ids, shape, csr
+
+
 def sample_spec(
     prompt: ModelInput, num_samples: int, params: SamplingParams, *, eos_token_ids: Sequence[int],
-    prompt_logprobs: bool, prompt_logprobs_last_n: int | None,
+    prompt_logprobs: bool, prompt_logprobs_last_n: int | None, topk_prompt_logprobs: int = 0,
+    topk_sample_logprobs: int = 0, target_prompt_logprobs: TensorDataModel | None = None,
+    prompt_alt_tokens_k: int = 0,
 ) -> SampleSpec:
-    """`stop` omitted means the model's EOS; `stop=[]` means no stop at all."""
+    """`stop` omitted means the model's EOS; `stop=[]` means no stop at all. Limits of the
+    per-position extras (top-k widths, target ids) are checked by check_sample."""
     stop = params.stop
     stop_tokens: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
@@ -147,6 +232,7 @@ def sample_spec(
     else:
         raise UserError("sampling_params.stop must be a string, a list of strings or a list of token ids")
     tokens = model_input_tokens(prompt)
+    target_ids, target_shape, target_csr = decode_target(target_prompt_logprobs)
     if prompt_logprobs_last_n is not None and not 1 <= prompt_logprobs_last_n <= max(len(tokens) - 1, 1):
         raise UserError(
             f"prompt_logprobs_last_n must be between 1 and len(prompt) - 1 = {len(tokens) - 1}"
@@ -163,4 +249,10 @@ def sample_spec(
         stop_strings=stop_strings,
         prompt_logprobs=prompt_logprobs,
         prompt_logprobs_last_n=prompt_logprobs_last_n,
+        topk_prompt_logprobs=int(topk_prompt_logprobs),
+        topk_sample_logprobs=int(topk_sample_logprobs),
+        prompt_alt_tokens_k=int(prompt_alt_tokens_k),
+        target_ids=target_ids,
+        target_shape=target_shape,
+        target_csr=target_csr,
     )

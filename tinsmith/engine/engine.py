@@ -12,6 +12,7 @@ live only in memory.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
@@ -20,7 +21,7 @@ import torch
 
 from tinsmith.engine.adapter import Adapter
 from tinsmith.engine.checkpoint import adapter_from_files, adapter_to_files
-from tinsmith.engine.losses import get_loss
+from tinsmith.engine.losses import LossBatch, LossRegistry
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.engine.sampler import Sampler
 from tinsmith.types import (
@@ -38,8 +39,11 @@ FilesLoader = Callable[[], Mapping[str, bytes]]
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer, max_sampler_adapters: int = 16) -> None:
+    def __init__(
+        self, runner: ModelRunner, tokenizer, losses: LossRegistry, max_sampler_adapters: int = 16
+    ) -> None:
         self.runner = runner
+        self.losses = losses
         self.sampler = Sampler(runner, tokenizer)
         self._runs: dict[str, tuple[Adapter, int]] = {}
         self._samplers: OrderedDict[str, tuple[Adapter, int]] = OrderedDict()
@@ -77,26 +81,36 @@ class Engine:
         *,
         forward_only: bool,
     ) -> FwdBwdOut:
-        """Loss = sum over datums of the loss; gradients accumulate unless forward_only."""
+        """One loss over the whole request; gradients accumulate unless forward_only.
+
+        `data` was validated against the loss at submission (validation.check_data), and
+        carries any server-side inputs (recorded sampler logprobs) the loss needs.
+        """
         _, slot = self._run(run_id)
-        loss_spec = get_loss(loss_fn)
+        spec = self.losses.get(loss_fn)
         lps = self.runner.target_logprobs([(slot, d) for d in data], grad=not forward_only)
-        total = torch.zeros(())
-        metrics: dict[str, float] = {}
         with torch.set_grad_enabled(not forward_only):
-            for d, lp in zip(data, lps):
-                inputs = {
-                    k: torch.as_tensor(v, dtype=torch.float32)
-                    for k, v in d.inputs.items()
-                    if k != "target_tokens"
-                }
-                loss, m = loss_spec.fn(lp, inputs, config)
-                total = total + loss
-                for k, v in m.items():
-                    metrics[k] = metrics.get(k, 0.0) + v
-        if not forward_only and total.requires_grad:
-            total.backward()
-        metrics["loss:sum"] = float(total.detach())
+            keys = {*spec.required_inputs, *spec.optional_inputs, *spec.server_inputs}
+            inputs = [
+                {k: torch.as_tensor(v, dtype=lp.dtype) for k, v in d.inputs.items() if k in keys}
+                for d, lp in zip(data, lps)
+            ]
+            loss, metrics = spec.fn(LossBatch.from_datums(lps, inputs), {**spec.config, **config})
+        if loss.dim() != 0:
+            raise RuntimeError(f"loss {loss_fn!r} returned shape {list(loss.shape)}, not a scalar")
+        bad = [k for k in metrics if k.count(":") != 1]
+        if bad:
+            raise RuntimeError(f"loss {loss_fn!r} returned metric keys {bad}; use 'name:reduction'")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            # Nothing was backpropagated, so the run's accumulated gradients are intact.
+            raise UserError(
+                f"loss {loss_fn!r} is not finite ({value}) for this batch: check the inputs "
+                "(e.g. sampler logprobs far below the learner's make exp(lp - logprobs) overflow)"
+            )
+        if not forward_only and loss.requires_grad:
+            loss.backward()
+        metrics = {**metrics, "loss:sum": value}
         outputs = [{"logprobs": lp.detach().numpy().astype(np.float32, copy=False)} for lp in lps]
         return FwdBwdOut(outputs=outputs, metrics=metrics)
 

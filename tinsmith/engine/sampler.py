@@ -11,7 +11,10 @@ Semantics follow the hosted Tinker service:
 - the logprob reported for a token is always log p(token) under the model's raw
   distribution (temperature 1, no top-k/top-p), i.e. what a training forward pass gives;
 - a stop token, or a stop string appearing in the decoded generated text, ends a row and
-  the tokens that produced it are kept (stop_reason "stop"); otherwise "length".
+  the tokens that produced it are kept (stop_reason "stop"); otherwise "length";
+- `topk_sample_logprobs=k` adds, for every sampled token, the k most likely tokens of that
+  step's raw distribution. Prompt-wide outputs (prompt logprobs, top-k, target ids and
+  alternative tokens) come from the prefill; see prompt_scoring.
 
 Shapes: P = prompt length, B = rows still decoding (<= num_samples), V = vocab size.
 """
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from tinsmith.engine.prompt_scoring import first_position, score_prompt
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.engine.validation import check_sample
 from tinsmith.types import SampledSeq, SampleOut, SampleSpec, StopReason
@@ -147,14 +151,10 @@ class Sampler:
         else:
             gen.seed()  # fresh non-deterministic seed
 
-        # Prefill needs logits only at the last position, unless prompt logprobs are asked
-        # for: position i-1 scores prompt[i], so the last n prompt tokens need n+1 positions.
-        keep = 1
-        last_n = n_prompt - 1
-        if spec.prompt_logprobs:
-            if spec.prompt_logprobs_last_n is not None:
-                last_n = max(0, min(int(spec.prompt_logprobs_last_n), n_prompt - 1))
-            keep = last_n + 1
+        # Prefill needs logits only at the last position, unless a prompt-wide output is
+        # asked for: then from the first position it needs (position i-1 scores prompt[i]).
+        start = first_position(spec, n_prompt)
+        k_top = spec.topk_sample_logprobs
 
         with torch.inference_mode():
             cache = DynamicCache(config=self.runner.config)
@@ -163,28 +163,21 @@ class Sampler:
                     input_ids=prompt[None],
                     past_key_values=cache,
                     use_cache=True,
-                    logits_to_keep=keep,
+                    logits_to_keep=n_prompt - start,
                 )
-            logits = out.logits[0].float()  # [keep, V]
-
-            prompt_lp: np.ndarray | None = None
-            if spec.prompt_logprobs:
-                prompt_lp = np.full(n_prompt, np.nan, dtype=np.float32)
-                if last_n > 0:
-                    scored = logits[:-1]  # [last_n, V]: predictions for prompt[P-last_n:]
-                    targets = prompt[n_prompt - last_n :]
-                    lp = scored.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(scored, dim=-1)
-                    prompt_lp[n_prompt - last_n :] = lp.numpy()
+            logits = out.logits[0].float()  # [P - start, V]
+            result = score_prompt(logits, prompt, start, spec)  # no sequences yet
+            last = logits[-1:].clone()  # [1, V]; lets the prompt-wide logits go
+            del out, logits
 
             if spec.max_tokens <= 0:
-                empty = [
-                    SampledSeq(np.zeros(0, np.int32), np.zeros(0, np.float32), "length")
-                    for _ in range(n)
-                ]
-                return SampleOut(empty, prompt_lp)
+                result.sequences = [self._seq([], [], "length", [], k_top) for _ in range(n)]
+                return result
 
             toks: list[list[int]] = [[] for _ in range(n)]
             lps: list[list[float]] = [[] for _ in range(n)]
+            # topk_sample_logprobs: per sample, one ([k] ids, [k] logprobs) pair per step
+            tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
             reasons: list[StopReason] = ["length"] * n
             stop_tokens = set(spec.stop_tokens)
             watchers = (
@@ -196,14 +189,18 @@ class Sampler:
             # Invariant: batch row b of `next_logits` is sample active[b], and so is cache row
             # b from step 1 on; at step 0 the cache still holds the single prefill row.
             active = list(range(n))
-            next_logits = logits[-1:].expand(n, -1)  # [B, V]; step 0 is the same for all rows
+            next_logits = last.expand(n, -1)  # [B, V]; step 0 is the same for all rows
             for step in range(spec.max_tokens):
                 tokens, logprobs = self._pick(next_logits, spec, gen)
+                if k_top > 0:
+                    top_lp, top_ids = self._topk(next_logits if step else next_logits[:1], k_top)
                 keep_rows: list[int] = []
                 for b, (t, lp_) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
                     i = active[b]
                     toks[i].append(t)
                     lps[i].append(lp_)
+                    if k_top > 0:  # step 0: every row shares the prefill's last logits
+                        tops[i].append((top_ids[b if step else 0], top_lp[b if step else 0]))
                     if t in stop_tokens or (watchers is not None and watchers[i].push(t)):
                         reasons[i] = "stop"
                     else:
@@ -222,8 +219,26 @@ class Sampler:
                     out = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
                 next_logits = out.logits[:, -1].float()  # [B, V]
 
-        sequences = [
-            SampledSeq(np.asarray(toks[i], np.int32), np.asarray(lps[i], np.float32), reasons[i])
-            for i in range(n)
-        ]
-        return SampleOut(sequences, prompt_lp)
+        result.sequences = [self._seq(toks[i], lps[i], reasons[i], tops[i], k_top) for i in range(n)]
+        return result
+
+    @staticmethod
+    def _topk(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k most likely tokens per row of fp32 logits [B, V], most likely first:
+        (raw logprobs float32 [B, k], ids int32 [B, k])."""
+        vals, ids = logits.topk(k, dim=-1)
+        lp = vals - torch.logsumexp(logits, dim=-1, keepdim=True)
+        return lp.numpy().astype(np.float32), ids.numpy().astype(np.int32)
+
+    @staticmethod
+    def _seq(
+        tokens: list[int], logprobs: list[float], reason: StopReason,
+        tops: list[tuple[np.ndarray, np.ndarray]], k: int,
+    ) -> SampledSeq:
+        seq = SampledSeq(np.asarray(tokens, np.int32), np.asarray(logprobs, np.float32), reason)
+        if k > 0:  # [T, k] each, one row per sampled token
+            seq.topk_ids = np.stack([t for t, _ in tops]) if tops else np.zeros((0, k), np.int32)
+            seq.topk_logprobs = (
+                np.stack([lp for _, lp in tops]) if tops else np.zeros((0, k), np.float32)
+            )
+        return seq

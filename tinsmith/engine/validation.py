@@ -6,24 +6,27 @@ once with an HTTP 400 naming the problem, and never reaches the engine.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from tinsmith.engine.losses import LOSSES
+from tinsmith.engine.losses import LossSpec
 from tinsmith.types import DatumIn, SampleSpec, UserError
 
 
-def check_loss(loss_fn: str, config: Mapping[str, object]) -> None:
-    spec = LOSSES.get(loss_fn)
-    if spec is None:
-        raise UserError(f"unknown loss function {loss_fn!r}; available: {', '.join(sorted(LOSSES))}")
-    unknown = sorted(set(config) - set(spec.config_keys))
+def check_config(spec: LossSpec, loss_fn: str, config: Mapping[str, object]) -> None:
+    unknown = sorted(set(config) - set(spec.config))
     if unknown:
-        allowed = ", ".join(spec.config_keys) or "none"
+        allowed = ", ".join(sorted(spec.config)) or "none"
         raise UserError(
             f"unknown loss_fn_config key(s) {unknown} for loss {loss_fn!r} (accepted: {allowed})"
         )
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise UserError(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
+    if spec.check_config is not None:
+        spec.check_config({**spec.config, **config})  # type: ignore[dict-item]
 
 
 MAX_NUM_SAMPLES = 256
@@ -47,13 +50,21 @@ def check_tokens(tokens: np.ndarray, vocab_size: int, max_context: int, where: s
 
 
 def check_data(
-    data: Sequence[DatumIn], loss_fn: str, config: Mapping[str, object], vocab_size: int, max_context: int
+    data: Sequence[DatumIn], loss_fn: str, spec: LossSpec, config: Mapping[str, object],
+    vocab_size: int, max_context: int,
 ) -> None:
     """Raise UserError naming the first problem in `data` for this loss and model."""
-    check_loss(loss_fn, config)
-    spec = LOSSES[loss_fn]
+    check_config(spec, loss_fn, config)
     if not data:
         raise UserError("no data: forward_backward needs at least one datum")
+    if spec.paired and len(data) % 2:
+        raise UserError(
+            f"loss {loss_fn!r} takes (chosen, rejected) pairs as consecutive datums, but this "
+            f"request has an odd number of datums ({len(data)})"
+        )
+    # Inputs the loss does not take are ignored (the engine drops them), as clients may
+    # reuse one datum for several losses; those it takes are checked.
+    accepted = {"target_tokens", *spec.required_inputs, *spec.optional_inputs}
     for i, d in enumerate(data):
         where = f"datum {i}"
         check_tokens(d.tokens, vocab_size, max_context, where)
@@ -73,10 +84,17 @@ def check_data(
             raise UserError(
                 f"{where}: target token id {int(targets[bad][0])} is outside the vocabulary [0, {vocab_size})"
             )
+        for key in spec.optional_inputs:
+            if (key in d.inputs) != (key in data[0].inputs):
+                raise UserError(
+                    f"{where}: loss_fn_inputs[{key!r}] must be given on every datum of a request "
+                    "or on none"
+                )
         for key in spec.required_inputs:
-            arr = d.inputs.get(key)
-            if arr is None:
+            if key not in d.inputs:
                 raise UserError(f"{where}: loss {loss_fn!r} needs loss_fn_inputs[{key!r}]")
+        for key in sorted((set(d.inputs) & accepted) - {"target_tokens"}):
+            arr = d.inputs[key]
             if arr.shape != targets.shape:
                 raise UserError(
                     f"{where}: {key} has shape {list(arr.shape)} but target_tokens has shape "
@@ -84,6 +102,12 @@ def check_data(
                 )
             if not np.isfinite(arr).all():
                 raise UserError(f"{where}: {key} contains a non-finite value (NaN or inf)")
+
+
+# Widest top-k / draw count a sampling request may ask for, and the most cells (positions x
+# width) one of its per-position outputs may hold: 4M cells is ~32 MB of ids + logprobs.
+MAX_TOPK = 1000
+MAX_OUTPUT_CELLS = 1 << 22
 
 
 def check_sample(spec: SampleSpec, vocab_size: int, max_context: int) -> None:
@@ -107,3 +131,60 @@ def check_sample(spec: SampleSpec, vocab_size: int, max_context: int) -> None:
         raise UserError(f"top_k must be -1 (off), 0 (off) or positive, got {spec.top_k}")
     if any(s == "" for s in spec.stop_strings):
         raise UserError("sampling_params.stop contains an empty string")
+    # Per-position extras: (field, k, most k allowed, cells of its output).
+    extras = (
+        ("topk_prompt_logprobs", spec.topk_prompt_logprobs, min(MAX_TOPK, vocab_size), n_prompt),
+        ("topk_sample_logprobs", spec.topk_sample_logprobs, min(MAX_TOPK, vocab_size),
+         spec.num_samples * spec.max_tokens),
+        ("prompt_alt_tokens_k", spec.prompt_alt_tokens_k, MAX_TOPK, n_prompt - 1),  # with replacement
+    )
+    for name, k, limit, rows in extras:
+        if not 0 <= k <= limit:
+            raise UserError(f"{name} must be between 0 and {limit}, got {k}")
+        if k * rows > MAX_OUTPUT_CELLS:
+            raise UserError(
+                f"{name}={k} asks for {k * rows} values ({rows} positions x {k}); the limit is "
+                f"{MAX_OUTPUT_CELLS}"
+            )
+    if spec.target_ids is not None:
+        _check_target_ids(spec, vocab_size)
+
+
+def _check_target_ids(spec: SampleSpec, vocab_size: int) -> None:
+    """target_prompt_logprobs: an int64 [len(prompt) - 1, K] tensor, dense or CSR, of ids or -1."""
+    where = "target_prompt_logprobs"
+    n_prompt = int(spec.prompt.shape[0])
+    ids = np.asarray(spec.target_ids).reshape(-1)  # [C]
+    shape = tuple(int(s) for s in spec.target_shape)
+    if len(shape) != 2 or min(shape) < 0:
+        raise UserError(f"{where} must be 2-D, [len(prompt) - 1, K], got shape {list(shape)}")
+    rows, width = shape
+    if rows != n_prompt - 1:
+        raise UserError(
+            f"{where} has {rows} rows but the prompt has {n_prompt} tokens: it needs "
+            f"len(prompt) - 1 = {n_prompt - 1} rows (row i scores prompt position i + 1)"
+        )
+    if spec.target_csr is None:
+        if ids.size != rows * width:
+            raise UserError(f"{where}: {ids.size} values do not fill shape {list(shape)}")
+    else:
+        crow, col = (np.asarray(a).reshape(-1) for a in spec.target_csr)
+        if (len(crow) != rows + 1 or crow[0] != 0 or crow[-1] != ids.size or col.size != ids.size
+                or (np.diff(crow) < 0).any()):
+            raise UserError(f"{where}: malformed sparse CSR tensor for shape {list(shape)}")
+        if col.size and (col.min() < 0 or col.max() >= width):
+            raise UserError(f"{where}: sparse CSR column index out of range for shape {list(shape)}")
+    bad = (ids < -1) | (ids >= vocab_size)
+    if bad.any():
+        raise UserError(
+            f"{where}: token id {int(ids[bad][0])} is outside the vocabulary [0, {vocab_size}) "
+            "(use -1 for cells that request nothing)"
+        )
+    distinct = np.unique(ids[ids >= 0]).size
+    if distinct == 0:
+        raise UserError(f"{where} names no token id (every cell is -1)")
+    if n_prompt * distinct > MAX_OUTPUT_CELLS:
+        raise UserError(
+            f"{where} asks for {distinct} distinct ids over {n_prompt} prompt tokens; "
+            f"len(prompt) * distinct ids is limited to {MAX_OUTPUT_CELLS}"
+        )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tinsmith.config import ServerSettings
 from tinsmith.engine.engine import Engine
+from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.models import resolve_model_dir
 from tinsmith.scheduler.futures import FutureStore
@@ -29,7 +30,9 @@ class ModelHandle:
     eos_token_ids: tuple[int, ...]
 
 
-def load_model(name: str, settings: ServerSettings, futures: FutureStore) -> ModelHandle:
+def load_model(
+    name: str, settings: ServerSettings, futures: FutureStore, losses: LossRegistry
+) -> ModelHandle:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
@@ -47,7 +50,7 @@ def load_model(name: str, settings: ServerSettings, futures: FutureStore) -> Mod
         gen_eos = None
     if gen_eos is not None:
         eos.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
-    engine = Engine(runner, tokenizer, max_sampler_adapters=settings.max_sampler_adapters)
+    engine = Engine(runner, tokenizer, losses, max_sampler_adapters=settings.max_sampler_adapters)
     log.info("serving %s from %s", name, model_dir)
     return ModelHandle(
         name=name,

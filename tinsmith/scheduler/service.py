@@ -22,11 +22,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tinsmith.config import ServerSettings
+from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.validation import check_data, check_sample
 from tinsmith.scheduler.futures import FutureStore
 from tinsmith.scheduler.models import ModelHandle, load_model
 from tinsmith.scheduler.ordering import SeqGate
 from tinsmith.scheduler.paths import CheckpointRef, check_name, parse_path, ref_from_checkpoint_id
+from tinsmith.scheduler.stability import StabilityRecords
 from tinsmith.storage.checkpoints import remove_checkpoint
 from tinsmith.storage.db import CheckpointRow, MetadataStore
 from tinsmith.storage.files import CheckpointStore
@@ -70,9 +72,11 @@ class Service:
         self.db = MetadataStore(settings.resolved_database_url())
         self.store = CheckpointStore(settings.resolved_storage_url())
         self.futures = FutureStore()
+        self.losses = LossRegistry.load(settings.loss_modules)
+        self.stability = StabilityRecords(max_tokens=settings.stability_max_tokens)
         self.models: dict[str, ModelHandle] = {}
         for name in settings.models:
-            self.models[name] = load_model(name, settings, self.futures)
+            self.models[name] = load_model(name, settings, self.futures, self.losses)
         self.runs: dict[str, RunState] = {}
         self.samplers: dict[str, SamplerState] = {}
         self._lock = threading.Lock()
@@ -207,16 +211,19 @@ class Service:
 
     def forward_backward(
         self, run_id: str, seq_id: int, data: Sequence[DatumIn], loss_fn: str,
-        config: Mapping[str, float], *, forward_only: bool,
+        config: Mapping[str, float | str], *, forward_only: bool,
     ) -> str:
         r = self.run(run_id)
         h = r.handle
+        prepared: list[DatumIn] = []
 
         def validate() -> None:
-            check_data(data, loss_fn, config, h.vocab_size, h.max_context)
+            spec = self.losses.get(loss_fn)
+            check_data(data, loss_fn, spec, config, h.vocab_size, h.max_context)
+            prepared.extend(self.stability.attach(data) if spec.server_inputs else data)
 
         def work() -> object:
-            return h.engine.forward_backward(run_id, data, loss_fn, config, forward_only=forward_only)
+            return h.engine.forward_backward(run_id, prepared, loss_fn, config, forward_only=forward_only)  # type: ignore[arg-type]
 
         return self._ordered(run_id, seq_id, "forward" if forward_only else "forward_backward",
                              work, validate)
@@ -369,7 +376,9 @@ class Service:
             out["model_path"] = s.model_path
         return out
 
-    def sample(self, sampler_id: str, seq_id: int, spec: SampleSpec) -> tuple[str, list[str]]:
+    def sample(
+        self, sampler_id: str, seq_id: int, spec: SampleSpec, *, record_stability_info: bool = False
+    ) -> tuple[str, list[str]]:
         s = self.sampler(sampler_id)
         h = s.handle
         with self._lock:
@@ -384,7 +393,13 @@ class Service:
             if len(s.issued) > 4096:  # retries come soon after the first try: keep the newest
                 for old in list(s.issued)[:2048]:
                     del s.issued[old]
-        h.worker.submit(rid, lambda: h.engine.sample(s.adapter_key, spec, loader), "sample")
+        def work() -> object:
+            out = h.engine.sample(s.adapter_key, spec, loader)
+            if record_stability_info:
+                self.stability.record(seq_ids, spec.prompt, out)
+            return out
+
+        h.worker.submit(rid, work, "sample")
         return rid, seq_ids
 
     # ----- checkpoints ----------------------------------------------------------------------

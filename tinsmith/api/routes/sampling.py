@@ -9,7 +9,6 @@ from tinker.types import CreateSamplingSessionRequest, SampleRequest
 
 from tinsmith.api.codecs import sample_spec
 from tinsmith.api.deps import future_response, service
-from tinsmith.types import UserError
 
 router = APIRouter(prefix="/api/v1")
 
@@ -31,16 +30,6 @@ async def get_sampler(sampler_id: str, request: Request) -> dict[str, object]:
 @router.post("/asample")
 async def asample(req: SampleRequest, request: Request) -> dict[str, object]:
     svc = service(request)
-    unsupported = [
-        name for name, on in (
-            ("topk_prompt_logprobs", req.topk_prompt_logprobs > 0),
-            ("topk_sample_logprobs", req.topk_sample_logprobs > 0),
-            ("target_prompt_logprobs", req.target_prompt_logprobs is not None),
-            ("prompt_alt_tokens_k", req.prompt_alt_tokens_k > 0),
-        ) if on
-    ]
-    if unsupported:
-        raise UserError(f"{', '.join(unsupported)} not supported by this server yet")
     sampler_id = req.sampling_session_id
     if sampler_id is None:  # older clients name the model per request
         sampler_id = svc.create_sampling_session(
@@ -51,7 +40,10 @@ async def asample(req: SampleRequest, request: Request) -> dict[str, object]:
     spec = sample_spec(
         req.prompt, req.num_samples, req.sampling_params, eos_token_ids=handle.eos_token_ids,
         prompt_logprobs=bool(req.prompt_logprobs), prompt_logprobs_last_n=req.prompt_logprobs_last_n,
+        topk_prompt_logprobs=req.topk_prompt_logprobs, topk_sample_logprobs=req.topk_sample_logprobs,
+        target_prompt_logprobs=req.target_prompt_logprobs, prompt_alt_tokens_k=req.prompt_alt_tokens_k,
     )
     seq_id = req.seq_id if req.seq_id is not None else -uuid.uuid4().int % (1 << 62)
-    rid, seq_ids = svc.sample(sampler_id, seq_id, spec)
+    rid, seq_ids = svc.sample(sampler_id, seq_id, spec,
+                              record_stability_info=bool(req.record_stability_info))
     return future_response(rid, None, sample_sequence_ids=seq_ids)
