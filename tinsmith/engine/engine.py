@@ -88,7 +88,8 @@ class Engine:
         """
         _, slot = self._run(run_id)
         spec = self.losses.get(loss_fn)
-        lps = self.runner.target_logprobs([(slot, d) for d in data], grad=not forward_only)
+        active = [spec.grad_positions(d.inputs) if spec.grad_positions else None for d in data]
+        lps = self.runner.target_logprobs([(slot, d) for d in data], grad=not forward_only, active=active)
         with torch.set_grad_enabled(not forward_only):
             keys = {*spec.required_inputs, *spec.optional_inputs, *spec.server_inputs}
             inputs = [

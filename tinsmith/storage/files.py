@@ -105,14 +105,14 @@ class CheckpointStore:
                     os.rename(tmp, path)  # fails if `path` exists and is not empty
                     return
                 except OSError as e:
-                    if e.errno not in _TAKEN or not os.path.lexists(path):
+                    if e.errno not in _TAKEN:
                         raise
                 old = f"{path}.old-{uuid.uuid4().hex}"
                 try:
                     os.rename(path, old)
                     olds.append(old)
                 except FileNotFoundError:
-                    pass
+                    pass  # another writer moved it aside meanwhile: try again
             raise OSError(f"could not publish checkpoint {path!r}: concurrent writers")
         except BaseException:
             if olds and not os.path.lexists(path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -67,9 +68,23 @@ class LossSpec:
     """Datums come as (chosen, rejected) pairs: 2i is chosen, 2i+1 its rejected partner."""
     check_config: Callable[[Mapping[str, float]], None] | None = None
     """Raises UserError for config values out of range (defaults already merged)."""
+    grad_positions: Callable[[Mapping[str, np.ndarray]], np.ndarray] | None = None
+    """From one datum's inputs, a bool [N] that is True wherever d loss / d lp can be
+    non-zero (a superset is fine, a subset is a bug); None = every position. The runner
+    skips autograd through the unembedding at the other positions."""
     server_inputs: tuple[str, ...] = ()
     """Inputs the server adds itself (resolved from provenance spans); never sent by clients."""
     doc: str = ""
+
+
+def nonzero(key: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """grad_positions for a loss that is zero-gradient wherever inputs[key] is 0 ([N] or [N, K])."""
+
+    def positions(inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        x = inputs[key] != 0
+        return x.any(axis=1) if x.ndim == 2 else x
+
+    return positions
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> float:

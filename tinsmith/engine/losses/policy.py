@@ -30,7 +30,7 @@ from collections.abc import Mapping
 
 import torch
 
-from tinsmith.engine.losses.base import LossBatch, LossSpec, Tensor, masked_mean
+from tinsmith.engine.losses.base import LossBatch, LossSpec, Tensor, masked_mean, nonzero
 from tinsmith.types import UserError
 
 CLIP_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
@@ -176,6 +176,8 @@ def check_policy_config(config: Mapping[str, float]) -> None:
 
 
 def _spec(fn, inputs=PG_INPUTS, optional=(), config=None, **kw) -> LossSpec:
+    # Every ratio-based loss here has zero gradient where A == 0 (see the module docstring).
+    kw.setdefault("grad_positions", nonzero("advantages"))
     return LossSpec(fn, inputs, optional, config or {}, check_config=check_policy_config, **kw)
 
 
@@ -183,12 +185,12 @@ POLICY = {
     "importance_sampling": _spec(importance_sampling, doc="-sum exp(lp - lq) * A"),
     "ppo": _spec(ppo, optional=CLIP_INPUTS, config=CLIP_DEFAULTS, doc="-sum min(r*A, clip(r, lo, hi)*A)"),
     "cispo": _spec(cispo, optional=CLIP_INPUTS, config=CLIP_DEFAULTS, doc="-sum sg(clip(r, lo, hi)) * lp * A"),
-    "dro": _spec(dro, config={"beta": 0.05}, doc="-sum (lp*A - beta/2 (lp - lq)^2)"),
+    "dro": _spec(dro, config={"beta": 0.05}, grad_positions=None, doc="-sum (lp*A - beta/2 (lp - lq)^2)"),
     "gspo": _spec(gspo, (*PG_INPUTS, "sequence_ratio_mask"), CLIP_INPUTS, CLIP_DEFAULTS,
                   doc="GSPO-token with the sequence ratio over sequence_ratio_mask"),
     "stable_reinforce": _spec(
         stable_reinforce, config={"kl_coeff": 0.0, "clip_high_threshold": 2.0},
-        server_inputs=("recorded_logprobs", "recorded_mask"),
+        server_inputs=("recorded_logprobs", "recorded_mask"), grad_positions=nonzero("recorded_mask"),
         doc="truncated-IS REINFORCE on the server's sampling record (provenance spans)",
     ),
 }

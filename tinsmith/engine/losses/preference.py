@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import torch.nn.functional as F
 
-from tinsmith.engine.losses.base import LossBatch, LossSpec, Tensor
+from tinsmith.engine.losses.base import LossBatch, LossSpec, Tensor, nonzero
 from tinsmith.types import UserError
 
 
@@ -69,12 +69,12 @@ def check_preference_config(config: Mapping[str, float]) -> None:
 PREFERENCE = {
     "dpo": LossSpec(
         dpo, ("weights", "ref_logprobs"), config={"beta": 0.1, "label_smoothing": 0.0},
-        paired=True, check_config=check_preference_config,
+        paired=True, check_config=check_preference_config, grad_positions=nonzero("weights"),
         doc="DPO on (chosen, rejected) datum pairs with reference logprobs",
     ),
     "bradley_terry": LossSpec(
         bradley_terry, ("weights",), config={"label_smoothing": 0.0}, paired=True,
-        check_config=check_preference_config,
+        check_config=check_preference_config, grad_positions=nonzero("weights"),
         doc="Bradley-Terry reward model on (chosen, rejected) datum pairs",
     ),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tinsmith.engine.losses.base import LossBatch, LossSpec, Tensor
+from tinsmith.engine.losses.base import LossBatch, LossSpec, Tensor, nonzero
 
 
 def cross_entropy(b: LossBatch, config: Mapping[str, float]) -> tuple[Tensor, dict[str, float]]:
@@ -18,7 +18,7 @@ def cross_entropy(b: LossBatch, config: Mapping[str, float]) -> tuple[Tensor, di
 
 SUPERVISED = {
     "cross_entropy": LossSpec(
-        cross_entropy, ("weights",), allow_2d_targets=True,
+        cross_entropy, ("weights",), allow_2d_targets=True, grad_positions=nonzero("weights"),
         doc="-sum(weights * logprobs); [N] or [N, K] targets",
     ),
 }
