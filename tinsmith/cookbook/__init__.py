@@ -1,0 +1,10 @@
+"""The cookbook's building blocks, importable on their own.
+
+- `renderers`: conversations -> tokens and loss weights from the model's own chat template.
+- `hyperparams`: recommended LoRA learning rates, schedules, batch scaling.
+- `logs`: metrics.jsonl per step, a console table, progress, optional TensorBoard / W&B.
+- `recipe`: the shared recipe plumbing (key=value config, embedded server, resume).
+
+Recipes built from them live in `tinsmith.recipes` (`python -m tinsmith.recipes.<name>`).
+Everything here talks to a server only through the official `tinker` SDK.
+"""
