@@ -2,6 +2,9 @@
 
 - `renderers`: conversations -> tokens and loss weights from the model's own chat template.
 - `hyperparams`: recommended LoRA learning rates, schedules, batch scaling.
+- `datasets`: conversation, prompt/completion and preference-pair loaders; RL env interfaces.
+- `arithmetic`: seeded arithmetic word problems with `\\boxed{}` answers and their grader.
+- `transcripts`: self-contained HTML transcripts of sampled conversations and episodes.
 - `logs`: metrics.jsonl per step, a console table, progress, optional TensorBoard / W&B.
 - `recipe`: the shared recipe plumbing (key=value config, embedded server, resume).
 

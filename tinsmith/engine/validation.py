@@ -60,7 +60,8 @@ def check_data(
     if spec.paired and len(data) % 2:
         raise UserError(
             f"loss {loss_fn!r} takes (chosen, rejected) pairs as consecutive datums, but this "
-            f"request has an odd number of datums ({len(data)})"
+            f"request has an odd number of datums ({len(data)}); note that the SDK splits a call "
+            "of over 5 MB or 1024 datums into several requests, so keep each call below that"
         )
     # Inputs the loss does not take are ignored (the engine drops them), as clients may
     # reuse one datum for several losses; those it takes are checked.

@@ -1,0 +1,166 @@
+"""Supervised fine-tuning on conversations, with held-out NLL, checkpoints and resume.
+
+    python -m tinsmith.recipes.chat_sl                                   # built-in conversations
+    python -m tinsmith.recipes.chat_sl data_path=chats.jsonl train_on=all_assistant
+    python -m tinsmith.recipes.chat_sl hf_dataset_path=./my_dataset      # a datasets.save_to_disk folder
+
+Data: a JSONL file of {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"}
+lines, or a local Hugging Face `datasets` folder with such rows. Each conversation is
+rendered with the model's own chat template (tinsmith.cookbook.renderers), and `train_on`
+picks the tokens that carry loss: the last assistant message, all assistant messages, all
+messages, or everything. Weights are normalised over a batch, so the reported `nll` is the
+mean negative log-likelihood per trained token.
+
+A share of the data (`eval_fraction`) is held out; every `eval_every` steps its NLL is
+measured with `forward` (no gradient). The learning rate, unless given, is the recommended
+LoRA rate for the model's hidden size (tinsmith.cookbook.hyperparams), with linear warmup
+and cosine decay. Without data it trains on built-in two-turn conversations with a unit
+conversion assistant, whose held-out NLL falls visibly within a few dozen steps.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import tinker
+from tinker import types
+
+from tinsmith.cookbook.datasets import (
+    Conversation,
+    batches,
+    load_conversations,
+    load_hf_dataset,
+    row_to_conversation,
+    train_test_split,
+)
+from tinsmith.cookbook.hyperparams import get_lora_lr_for_model, warmup_cosine
+from tinsmith.cookbook.logs import MetricsLogger
+from tinsmith.cookbook.recipe import (
+    RecipeConfig,
+    connect,
+    parse_config,
+    save,
+    should_save,
+    training_client,
+)
+from tinsmith.cookbook.renderers import TrainOn, get_renderer, to_datum
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(RecipeConfig):
+    log_path: str = "runs/chat_sl"
+    learning_rate: float | None = None  # type: ignore[assignment]
+    """Peak Adam learning rate; None: the recommended LoRA rate for the model."""
+    warmup_steps: int = 2
+    """Linear warmup steps before the cosine decay."""
+    batch_size: int = 8
+    """Conversations per step."""
+    train_on: Literal["last_assistant", "all_assistant", "all_messages", "all_tokens"] = "all_assistant"
+    """Which tokens carry loss (tinsmith.cookbook.renderers.TrainOn)."""
+    data_path: str | None = None
+    """JSONL of conversations or prompt/completion pairs (None: the built-in set)."""
+    hf_dataset_path: str | None = None
+    """A local `datasets.save_to_disk` folder (needs the `datasets` package)."""
+    eval_fraction: float = 0.2
+    """Share of the conversations held out for the NLL evaluation."""
+    eval_every: int = 5
+    """Evaluate every this many steps (and after the last)."""
+
+
+UNITS = [("kilometres", "miles", 0.621371), ("miles", "kilometres", 1.609344),
+         ("kilograms", "pounds", 2.204623), ("litres", "gallons", 0.264172),
+         ("metres", "feet", 3.280840), ("inches", "centimetres", 2.54)]
+
+
+def builtin_conversations(n: int = 60, seed: int = 0) -> list[Conversation]:
+    """Two-turn chats with a terse unit-conversion assistant (answers are computed)."""
+    rng = random.Random(seed)
+    system = {"role": "system", "content": "You convert units. Reply with the number and unit only."}
+    out = []
+    for _ in range(n):
+        (a, b, f), (c, d, g) = rng.sample(UNITS, 2)
+        x, y = rng.randint(2, 99), rng.randint(2, 99)
+        out.append([system,
+                    {"role": "user", "content": f"How many {b} is {x} {a}?"},
+                    {"role": "assistant", "content": f"{x * f:.2f} {b}"},
+                    {"role": "user", "content": f"And {y} {c} in {d}?"},
+                    {"role": "assistant", "content": f"{y * g:.2f} {d}"}])
+    return out
+
+
+def load(cfg: Config) -> list[Conversation]:
+    if cfg.hf_dataset_path:
+        return [row_to_conversation(r) for r in load_hf_dataset(cfg.hf_dataset_path)]
+    if cfg.data_path:
+        return load_conversations(cfg.data_path)
+    return builtin_conversations(seed=cfg.seed)
+
+
+def normalised(data: list[types.Datum]) -> list[types.Datum]:
+    """Scale weights so they sum to 1 over the batch: loss:sum = mean NLL per trained token."""
+    total = sum(float(d.loss_fn_inputs["weights"].to_numpy().sum()) for d in data) or 1.0
+    return [types.Datum(model_input=d.model_input,
+                        loss_fn_inputs={**d.loss_fn_inputs,
+                                        "weights": d.loss_fn_inputs["weights"].to_numpy() / total})
+            for d in data]
+
+
+def peak_lr(cfg: Config) -> float:
+    if cfg.learning_rate is not None:
+        return cfg.learning_rate
+    from tinsmith.models.catalog import resolve_model_dir
+
+    try:
+        return get_lora_lr_for_model(resolve_model_dir(cfg.model_name))
+    except (ValueError, OSError, KeyError) as e:
+        raise SystemExit(f"error: no recommended learning rate for {cfg.model_name} ({e}); "
+                         "pass learning_rate=...") from e
+
+
+def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
+    training, start_step = training_client(service, cfg)
+    renderer = get_renderer(training.get_tokenizer())
+    train_convs, eval_convs = train_test_split(load(cfg), cfg.eval_fraction, cfg.seed)
+    if len(train_convs) < cfg.batch_size:
+        raise SystemExit(f"error: {len(train_convs)} training conversations, fewer than batch_size")
+    train_on = TrainOn(cfg.train_on)
+    datums = [to_datum(*renderer.build_supervised_example(c, train_on)) for c in train_convs]
+    eval_data = normalised([to_datum(*renderer.build_supervised_example(c, train_on))
+                            for c in eval_convs]) if eval_convs else []
+    lr = peak_lr(cfg)
+    logger = MetricsLogger(cfg.log_path, cfg.max_steps, start_step, desc="chat_sl",
+                           wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
+                           table_every=cfg.table_every, config=asdict(cfg))
+    per_epoch = len(datums) // cfg.batch_size
+    metrics: dict[str, float] = {}
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.perf_counter()
+        epoch, k = divmod(step, per_epoch)
+        batch = normalised(batches(datums, cfg.batch_size, cfg.seed, epoch, drop_last=True)[k])
+        step_lr = warmup_cosine(step, cfg.max_steps, min(cfg.warmup_steps, cfg.max_steps - 1), lr)
+        fwd_bwd = training.forward_backward(batch, "cross_entropy")
+        optim = training.optim_step(types.AdamParams(learning_rate=step_lr))
+        metrics = {"nll": fwd_bwd.result().metrics["loss:sum"], "learning_rate": step_lr,
+                   "grad_norm": (optim.result().metrics or {}).get("grad_norm:mean", float("nan")),
+                   "tokens": sum(d.model_input.length for d in batch)}
+        if eval_data and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+            metrics["eval/nll"] = training.forward(eval_data, "cross_entropy").result().metrics["loss:sum"]
+        metrics["step_s"] = time.perf_counter() - t0
+        logger.log(step, metrics)
+        if should_save(cfg, step + 1):
+            save(training, cfg, step + 1, sampler=step + 1 == cfg.max_steps)
+    logger.close()
+    return {"start_step": start_step, "resumed": start_step > 0, "metrics": metrics}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse_config(Config, argv)
+    with connect(cfg) as service:
+        return train(cfg, service)
+
+
+if __name__ == "__main__":
+    main()
