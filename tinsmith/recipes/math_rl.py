@@ -1,0 +1,293 @@
+"""Math RL with a verifiable reward: GRPO-style groups on arithmetic word problems, with a
+held-out evaluation set, a choice of policy-gradient loss and an optional KL penalty.
+
+    python -m tinsmith.recipes.math_rl                          # embedded Tinsmith, bundled model
+    python -m tinsmith.recipes.math_rl difficulty=medium group_size=16 batch_size=16 max_steps=100
+    python -m tinsmith.recipes.math_rl loss=ppo clip_low_threshold=0.8 clip_high_threshold=1.2
+    python -m tinsmith.recipes.math_rl kl_coeff=0.05 base_url=http://127.0.0.1:8000
+
+The full-featured sibling of `rl_loop` (read that one first: the core step is the same).
+Each step:
+1. Save the current weights for sampling (`save_weights_and_get_sampling_client`).
+2. Make `batch_size` new problems (`tinsmith.cookbook.arithmetic`, seeded by (seed, step),
+   so a resumed run sees the same ones), render them with the model's chat template
+   (`tinsmith.cookbook.renderers`) and sample `group_size` answers each, stopping at the
+   end-of-turn token. On an evaluation step the held-out problems are sampled at the same
+   time, one greedy answer each (temperature 0).
+3. Grade each answer (`arithmetic.grade`): 1 for the right number in `\\boxed{}`, plus 0.1
+   for using `\\boxed{}` at all.
+4. Advantages are centred in each group (reward - the group's mean); a group whose answers
+   all scored the same carries no signal and is skipped.
+5. With `kl_coeff` > 0: the base model's logprobs of every sampled token come from a
+   `forward` on a fresh rank-1 LoRA client (a fresh adapter is exactly the base model), and
+   each token's advantage becomes A - kl_coeff * (sampler logprob - reference logprob): a
+   sample-based penalty on KL(policy || base). `kl_ref` logs the mean of that difference.
+6. `forward_backward` with `loss` (`importance_sampling`, `ppo` or `cispo`; the clip
+   thresholds go in `loss_fn_config` for the last two; the server computes all three), then
+   one Adam step. The server's `ratio:mean`, `kl_sampler:mean` and (ppo, cispo)
+   `clip_fraction:mean` are logged as `ratio`, `kl_sampler` and `clip_fraction`.
+7. Every `eval_every` steps: `eval/accuracy` and `eval/format` on the held-out problems
+   (scored with the policy the step sampled from, before its update), and an HTML page of
+   a few sampled episodes at `<log_path>/transcripts/step_XXXXXX.html`.
+8. Save every `save_every` steps and after the last; the same `log_path` resumes.
+
+Learning rate: unless `learning_rate` is given, the LoRA rate that `cookbook.hyperparams`
+recommends for the model (`get_lora_lr_for_model`) is taken as tuned for 32 problems a step
+(`REFERENCE_BATCH`) and scaled to `batch_size` by the square-root rule
+(`rl_lr_for_batch`): lr = lora_lr * sqrt(batch_size / 32). The group size does not enter:
+more samples per problem sharpen each group's baseline rather than add independent prompts.
+
+Held-out problems come from a fixed seed (`EVAL_SEED`) outside the range of training seeds
+(seed * 1_000_003 + step), so every run and every step scores the same set. With `easy`
+problems the space is small, so an evaluation question can still coincide in text with a
+training one; the seeds, not the texts, are disjoint.
+
+What it leaves out: dividing advantages by the group's standard deviation, length
+normalisation, multi-turn environments, several optimizer steps per batch (the samples are
+on-policy, so the ratio is 1 and ppo/cispo clipping only matters against a stale sampler),
+and asynchronous (overlapped) sampling and training.
+
+Naming: _P per problem, _G per sample in a group, _D per training datum, _E per eval problem.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import tinker
+from tinker import types
+
+from tinsmith.cookbook.arithmetic import Problem, grade, make_problems, problem_messages
+from tinsmith.cookbook.hyperparams import get_lora_lr_for_model, rl_lr_for_batch
+from tinsmith.cookbook.logs import MetricsLogger
+from tinsmith.cookbook.recipe import (
+    RecipeConfig,
+    connect,
+    parse_config,
+    save,
+    should_save,
+    training_client,
+)
+from tinsmith.cookbook.renderers import Renderer, get_renderer
+from tinsmith.cookbook.transcripts import Episode, write_html_transcripts
+from tinsmith.recipes.rl_loop import rl_datum
+
+REFERENCE_BATCH = 32
+"""Problems per step that the hyperparams LoRA learning rate is taken to be tuned for."""
+EVAL_SEED = 987_654_321_987
+"""Seed of the held-out problems: beyond seed * 1_000_003 + step for any seed < 987_000."""
+TRAIN_SEED_STRIDE = 1_000_003
+SERVER_METRICS = {"ratio:mean": "ratio", "kl_sampler:mean": "kl_sampler",
+                  "clip_fraction:mean": "clip_fraction"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(RecipeConfig):
+    log_path: str = "runs/math_rl"
+    learning_rate: float | None = None  # type: ignore[assignment]
+    """Adam learning rate (constant). None: the hyperparams LoRA rate * sqrt(batch_size / 32)."""
+    batch_size: int = 8
+    """Problems per step."""
+    group_size: int = 8
+    """Answers sampled per problem; advantages are centred within each group."""
+    max_tokens: int = 128
+    """Longest answer sampled, in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature for training samples (evaluation is greedy)."""
+    difficulty: Literal["easy", "medium", "hard"] = "easy"
+    """Problem difficulty (see tinsmith.cookbook.arithmetic)."""
+    fewshot: bool = True
+    """Show one worked example in every prompt, so a small model sees the \\boxed{} format."""
+    loss: Literal["importance_sampling", "ppo", "cispo"] = "importance_sampling"
+    """Policy-gradient loss, computed by the server."""
+    clip_low_threshold: float = 0.8
+    """Lower clip of the importance ratio (ppo, cispo)."""
+    clip_high_threshold: float = 1.2
+    """Upper clip of the importance ratio (ppo, cispo)."""
+    kl_coeff: float = 0.0
+    """Penalty on (sampler logprob - base-model logprob) per token; 0: no reference model."""
+    eval_every: int = 5
+    """Evaluate and write transcripts every this many steps (0: never)."""
+    eval_size: int = 32
+    """Held-out problems in the evaluation set."""
+    num_transcripts: int = 4
+    """Sampled episodes written to each transcripts page."""
+
+
+def learning_rate(cfg: Config) -> float:
+    """`cfg.learning_rate`, or the hyperparams LoRA rate scaled to the batch (module docstring)."""
+    if cfg.learning_rate is not None:
+        return cfg.learning_rate
+    from tinsmith.models.catalog import resolve_model_dir
+
+    try:
+        lora_lr = get_lora_lr_for_model(resolve_model_dir(cfg.model_name))
+    except (ValueError, OSError, KeyError) as e:
+        raise SystemExit(f"error: no recommended learning rate for {cfg.model_name} ({e}); "
+                         "pass learning_rate=...") from e
+    return rl_lr_for_batch(lora_lr, cfg.batch_size, REFERENCE_BATCH)
+
+
+def eval_problems(cfg: Config) -> list[Problem]:
+    """The held-out set: the same problems for every run and step (see EVAL_SEED)."""
+    return make_problems(cfg.eval_size, seed=EVAL_SEED, difficulty=cfg.difficulty)
+
+
+def loss_config(cfg: Config) -> dict[str, float] | None:
+    if cfg.loss == "importance_sampling":
+        return None
+    return {"clip_low_threshold": cfg.clip_low_threshold,
+            "clip_high_threshold": cfg.clip_high_threshold}
+
+
+def with_kl_penalty(reference: tinker.TrainingClient, data_D: list[types.Datum],
+                    n_sampled_D: list[int], kl_coeff: float) -> tuple[list[types.Datum], float]:
+    """Advantages minus kl_coeff * (sampler logprob - reference logprob) on each datum's last
+    `n_sampled` positions, the sampled tokens (prompt positions stay 0). Returns the new
+    datums and the mean logprob difference over sampled tokens."""
+    ref_data = [types.Datum(model_input=d.model_input, loss_fn_inputs={
+        "target_tokens": d.loss_fn_inputs["target_tokens"],
+        "weights": np.ones(len(d.loss_fn_inputs["target_tokens"].to_numpy()), np.float32)})
+        for d in data_D]
+    outs = reference.forward(ref_data, "cross_entropy").result().loss_fn_outputs
+    penalised, diffs = [], []
+    for d, n_sampled, out in zip(data_D, n_sampled_D, outs):
+        lq = d.loss_fn_inputs["logprobs"].to_numpy().astype(np.float32)
+        lref = out["logprobs"].to_numpy().astype(np.float32)
+        sampled = np.arange(len(lq)) >= len(lq) - n_sampled
+        diff = np.where(sampled, lq - lref, 0.0).astype(np.float32)
+        diffs.append(diff[sampled])
+        advantages = d.loss_fn_inputs["advantages"].to_numpy().astype(np.float32)
+        penalised.append(types.Datum(model_input=d.model_input, loss_fn_inputs={
+            **d.loss_fn_inputs, "advantages": advantages - kl_coeff * diff}))
+    all_diffs = np.concatenate(diffs) if diffs else np.zeros(0)
+    return penalised, float(all_diffs.mean()) if all_diffs.size else 0.0
+
+
+def score(renderer: Renderer, tokens: list[int], answer: int) -> tuple[str, float, dict[str, float]]:
+    """(response text, reward, grade metrics) of one sampled answer."""
+    text = renderer.parse_response(list(tokens))[0]["content"]
+    reward, info = grade(text, answer)
+    return text, reward, info
+
+
+def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
+    training, start_step = training_client(service, cfg)  # fresh, or resumed from log_path
+    renderer = get_renderer(training.get_tokenizer())
+    lr = learning_rate(cfg)
+    adam = types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8)
+    reference = (service.create_lora_training_client(base_model=cfg.model_name, rank=1).result()
+                 if cfg.kl_coeff > 0 else None)
+    problems_E = eval_problems(cfg) if cfg.eval_every > 0 else []
+    prompts_E = [renderer.build_generation_prompt(problem_messages(p, cfg.fewshot))
+                 for p in problems_E]
+    logger = MetricsLogger(cfg.log_path, cfg.max_steps, start_step, desc="math_rl",
+                           wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
+                           table_every=cfg.table_every, config={**asdict(cfg), "lr": lr})
+    metrics: dict[str, float] = {}
+    checkpoint = None
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.perf_counter()
+        evaluate = cfg.eval_every > 0 and step % cfg.eval_every == 0
+        sampler = training.save_weights_and_get_sampling_client().result()
+
+        # Training problems and samples; on an eval step, the greedy eval samples too.
+        problems_P = make_problems(cfg.batch_size, seed=cfg.seed * TRAIN_SEED_STRIDE + step,
+                                   difficulty=cfg.difficulty)
+        messages_P = [problem_messages(p, cfg.fewshot) for p in problems_P]
+        prompts_P = [renderer.build_generation_prompt(m) for m in messages_P]
+        stop = renderer.stop_sequences()
+        futures_P = [
+            sampler.sample(types.ModelInput.from_ints(prompt), num_samples=cfg.group_size,
+                           sampling_params=types.SamplingParams(
+                               max_tokens=cfg.max_tokens, temperature=cfg.temperature, stop=stop,
+                               seed=cfg.seed * TRAIN_SEED_STRIDE + step * 1_000 + p))
+            for p, prompt in enumerate(prompts_P)
+        ]
+        futures_E = [
+            sampler.sample(types.ModelInput.from_ints(prompt), num_samples=1,
+                           sampling_params=types.SamplingParams(
+                               max_tokens=cfg.max_tokens, temperature=0.0, stop=stop, seed=e))
+            for e, prompt in enumerate(prompts_E)
+        ] if evaluate else []
+
+        # Grade, centre the rewards in each group, one datum per answer of a mixed group.
+        data_D: list[types.Datum] = []
+        n_sampled_D: list[int] = []
+        episodes: list[Episode] = []
+        rewards, correct, formatted, lengths, mixed_groups = [], [], [], [], 0
+        for p, (problem, prompt, future) in enumerate(zip(problems_P, prompts_P, futures_P)):
+            sequences_G = future.result().sequences
+            rewards_G = []
+            for g, seq in enumerate(sequences_G):
+                text, reward, info = score(renderer, seq.tokens, problem.answer)
+                rewards_G.append(reward)
+                correct.append(info["correct"])
+                formatted.append(info["format"])
+                lengths.append(len(seq.tokens))
+                if evaluate and len(episodes) < cfg.num_transcripts:
+                    episodes.append(Episode(
+                        messages=[*messages_P[p], {"role": "assistant", "content": text}],
+                        reward=reward, title=f"step {step}, problem {p}, sample {g}",
+                        metrics={**info, "answer": problem.answer}))
+            rewards += rewards_G
+            if max(rewards_G) == min(rewards_G):
+                continue  # every answer scored the same: no direction to push in
+            mixed_groups += 1
+            advantages_G = np.asarray(rewards_G) - np.mean(rewards_G)
+            for seq, advantage in zip(sequences_G, advantages_G):
+                data_D.append(rl_datum(list(prompt), list(seq.tokens), list(seq.logprobs),
+                                       float(advantage)))
+                n_sampled_D.append(len(seq.tokens))
+
+        metrics = {"reward": float(np.mean(rewards)), "correct": float(np.mean(correct)),
+                   "format": float(np.mean(formatted)),
+                   "mixed_groups": mixed_groups / len(problems_P),
+                   "response_len": float(np.mean(lengths)), "num_datums": len(data_D)}
+        if evaluate:
+            graded_E = [score(renderer, f.result().sequences[0].tokens, p.answer)[2]
+                        for p, f in zip(problems_E, futures_E)]
+            metrics["eval/accuracy"] = float(np.mean([i["correct"] for i in graded_E]))
+            metrics["eval/format"] = float(np.mean([i["format"] for i in graded_E]))
+            write_html_transcripts(Path(cfg.log_path) / "transcripts" / f"step_{step:06d}.html",
+                                   episodes, title=f"math_rl step {step}")
+        metrics["sample_s"] = time.perf_counter() - t0
+
+        # The policy-gradient step (skipped when no group had a signal).
+        if data_D:
+            if reference is not None:
+                data_D, metrics["kl_ref"] = with_kl_penalty(reference, data_D, n_sampled_D,
+                                                                cfg.kl_coeff)
+            fwd_bwd_future = training.forward_backward(data_D, loss_fn=cfg.loss,
+                                                       loss_fn_config=loss_config(cfg))
+            optim_future = training.optim_step(adam)
+            fwd_bwd = fwd_bwd_future.result()
+            optim_future.result()
+            for key, name in SERVER_METRICS.items():
+                if key in fwd_bwd.metrics and math.isfinite(fwd_bwd.metrics[key]):
+                    metrics[name] = fwd_bwd.metrics[key]
+        metrics["step_s"] = time.perf_counter() - t0
+
+        logger.log(step, metrics)
+        if should_save(cfg, step + 1):
+            checkpoint = save(training, cfg, step + 1, sampler=step + 1 == cfg.max_steps)
+    logger.close()
+    return {"start_step": start_step, "steps_done": max(start_step, cfg.max_steps),
+            "resumed": start_step > 0, "metrics": metrics, "checkpoint": checkpoint,
+            "learning_rate": lr}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse `key=value` arguments, connect (or start an embedded server), train."""
+    cfg = parse_config(Config, argv)
+    with connect(cfg) as service:
+        return train(cfg, service)
+
+
+if __name__ == "__main__":
+    main()
