@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
+import tinsmith.recipes as recipes_pkg
 from tinsmith.cookbook import logs, recipe
 from tinsmith.recipes import rl_loop, sl_loop
 
@@ -134,13 +136,21 @@ def test_rl_loop_with_the_real_grader_skips_constant_groups(tmp_path: Path) -> N
 
 
 # ----- the command line -----------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["sl_loop", "rl_loop"])
+RECIPES = sorted(m.name for m in pkgutil.iter_modules(recipes_pkg.__path__))
+
+
+def test_every_recipe_is_listed() -> None:
+    assert {"sl_loop", "rl_loop", "chat_sl", "dpo", "math_rl", "distillation",
+            "prompt_distillation"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
 def test_help_lists_keys_and_the_docstring(name: str) -> None:
     proc = subprocess.run([sys.executable, "-m", f"tinsmith.recipes.{name}", "--help"],
                           check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert f"usage: python -m tinsmith.recipes.{name} [key=value ...]" in proc.stdout
-    assert "leaves out" in proc.stdout
+    assert "leaves out" in proc.stdout.lower()
     for key in ("model_name", "base_url", "log_path", "max_steps", "learning_rate", "lora_rank"):
         assert f"  {key}: " in proc.stdout
 

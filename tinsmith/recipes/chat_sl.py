@@ -16,6 +16,9 @@ measured with `forward` (no gradient). The learning rate, unless given, is the r
 LoRA rate for the model's hidden size (tinsmith.cookbook.hyperparams), with linear warmup
 and cosine decay. Without data it trains on built-in two-turn conversations with a unit
 conversion assistant, whose held-out NLL falls visibly within a few dozen steps.
+
+What it leaves out: sequence packing, gradient accumulation, sampling-based evaluation
+(see math_rl), and per-conversation loss normalisation (weights are per token).
 """
 
 from __future__ import annotations
