@@ -30,12 +30,11 @@ os.environ.setdefault("TINKER_TELEMETRY", "0")
 
 import numpy as np
 import tinker
-import torch
-import torch.nn.functional as F
 from step_overhead import start_server, summary
 from tinker import types
 
 from tinsmith.config import DEFAULT_MODEL
+from tinsmith.recipes.dpo import client_dpo
 
 
 def make_pairs(vocab: int, pairs: int, prompt_len: int, response_len: int) -> list[types.Datum]:
@@ -50,17 +49,6 @@ def make_pairs(vocab: int, pairs: int, prompt_len: int, response_len: int) -> li
             data.append(types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
                                     loss_fn_inputs={"target_tokens": ids[1:], "weights": w}))
     return data
-
-
-def client_dpo(beta: float):
-    def loss_fn(data, logprobs):
-        h = torch.stack([
-            beta * ((lp - torch.as_tensor(d.loss_fn_inputs["ref_logprobs"].to_numpy()))
-                    * torch.as_tensor(d.loss_fn_inputs["weights"].to_numpy())).sum()
-            for d, lp in zip(data, logprobs)
-        ])
-        return -F.logsigmoid(h[0::2] - h[1::2]).sum(), {}
-    return loss_fn
 
 
 def main() -> int:
@@ -93,7 +81,7 @@ def main() -> int:
             data = [types.Datum(model_input=d.model_input,
                                 loss_fn_inputs={**d.loss_fn_inputs, "ref_logprobs": r["logprobs"]})
                     for d, r in zip(data, refs)]
-            loss_fn = client_dpo(args.beta)
+            loss_fn = client_dpo(args.beta, 0.0)
             times: dict[str, list[float]] = {"server": [], "client": []}
             losses: dict[str, list[float]] = {"server": [], "client": []}
             for i in range(args.warmup + args.steps):

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from conftest import TINY, logprobs_of
 from tinker import types
 
+from tinsmith.recipes.dpo import client_dpo
+
 GRAD_STEP = types.AdamParams(learning_rate=0.05, eps=1.0)
 PAIRS = [
     ("Q: What do bees make? A:", " Honey, from nectar.", " Cheese, from milk."),
@@ -53,16 +55,6 @@ def _w(d: types.Datum, key: str) -> torch.Tensor:
     return torch.tensor(d.loss_fn_inputs[key].to_numpy(), dtype=torch.float32)
 
 
-def client_dpo(beta: float, eps: float):
-    def loss_fn(data, logprobs):
-        h = torch.stack([beta * ((lp - _w(d, "ref_logprobs")) * _w(d, "weights")).sum()
-                         for d, lp in zip(data, logprobs)])
-        z = h[0::2] - h[1::2]
-        loss = -((1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)).sum()
-        return loss, {"accuracy": float((z > 0).float().mean())}
-    return loss_fn
-
-
 def client_bradley_terry(data, logprobs):
     s = torch.stack([(lp * _w(d, "weights")).sum() for d, lp in zip(data, logprobs)])
     return -F.logsigmoid(s[0::2] - s[1::2]).sum(), {}
@@ -85,7 +77,7 @@ def test_server_dpo_matches_client_dpo(service_client, tokenizer, beta, eps) -> 
     assert out_s.metrics["loss:sum"] == pytest.approx(out_c.metrics["loss:sum"], abs=1e-4)
     assert out_s.metrics["loss:sum"] != pytest.approx(len(PAIRS) * np.log(2), abs=1e-3)
     assert out_s.metrics["pairs:sum"] == len(PAIRS)
-    assert out_s.metrics["pair_accuracy:mean"] == pytest.approx(out_c.metrics["accuracy"])
+    assert out_s.metrics["pair_accuracy:mean"] == pytest.approx(out_c.metrics["pair_accuracy"])
     before = _after(server, data)
     server.optim_step(GRAD_STEP).result()
     client.optim_step(GRAD_STEP).result()

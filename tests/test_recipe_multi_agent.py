@@ -71,9 +71,9 @@ def test_transcript_tokens_match_the_rendered_conversation() -> None:
     after = [*before, reply, {"role": "user", "content": "higher"}]
     prompt = renderer.build_generation_prompt(before)
     sampled = renderer.tokenizer.encode("8", add_special_tokens=False) + renderer.stop_sequences()
-    extra = ma.observation_tokens(renderer, before, after, ended=True)
+    extra = renderer.observation_tokens(before, after, ended=True)
     assert prompt + sampled + extra == renderer.build_generation_prompt(after)
-    cut = ma.observation_tokens(renderer, before, after, ended=False)
+    cut = renderer.observation_tokens(before, after, ended=False)
     assert cut == renderer.stop_sequences() + extra  # the end-of-turn marker is inserted
 
     datum = ma.transcript_datum([1, 2, 3, 4, 5], [0, 0, -0.5, 0, -1.0],

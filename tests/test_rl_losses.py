@@ -13,6 +13,8 @@ import pytest
 from conftest import TINY, logprobs_of
 from tinker import types
 
+from tinsmith.recipes.rl_loop import rl_datum as recipe_rl_datum
+
 ADAM = types.AdamParams(learning_rate=1e-2)
 
 
@@ -32,20 +34,10 @@ def rollouts(run, tokenizer):
 
 
 def rl_datum(prompt: list[int], seq, advantage: float, nudge: np.ndarray | None = None) -> types.Datum:
-    """The cookbook's layout: targets = prompt[1:] + sampled; prompt positions get
-    logprob 0 and advantage 0. `nudge` shifts the sampler logprobs (ratios != 1)."""
-    sampled = list(seq.tokens)
-    tokens = prompt + sampled
-    n_prompt = len(prompt) - 1
-    lq = np.concatenate([np.zeros(n_prompt), np.asarray(seq.logprobs, np.float64)])
-    if nudge is not None:
-        lq[n_prompt:] += nudge
-    adv = np.concatenate([np.zeros(n_prompt), np.full(len(sampled), advantage)])
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": lq.astype(np.float32).tolist(),
-                        "advantages": adv.astype(np.float32).tolist()},
-    )
+    """The cookbook's layout (rl_loop.rl_datum) for a sampled sequence; `nudge` shifts the
+    sampler logprobs, so ratios differ from 1."""
+    lq = np.asarray(seq.logprobs, np.float64) + (0.0 if nudge is None else nudge)
+    return recipe_rl_datum(prompt, list(seq.tokens), lq.astype(np.float32).tolist(), advantage)
 
 
 def _inputs(d: types.Datum, key: str) -> np.ndarray:

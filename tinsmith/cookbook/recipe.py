@@ -254,3 +254,40 @@ def save(client: tinker.TrainingClient, cfg: RecipeConfig, steps_done: int, *,
     with open(Path(cfg.log_path) / CHECKPOINTS, "a") as f:
         f.write(json.dumps(entry) + "\n")
     return entry
+
+
+# ----- the parts of every training loop that are not the algorithm -----------------------------
+def open_logger(cfg: RecipeConfig, start_step: int, desc: str, **config_extra: Any) -> Any:
+    """The run's MetricsLogger, configured from the common fields; config.json gets the
+    config plus `config_extra` (values the recipe derived, e.g. the learning rate used)."""
+    from tinsmith.cookbook.logs import MetricsLogger
+
+    return MetricsLogger(cfg.log_path, cfg.max_steps, start_step, desc=desc,
+                         wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
+                         table_every=cfg.table_every,
+                         config={**dataclasses.asdict(cfg), **config_extra})
+
+
+def end_step(logger: Any, client: tinker.TrainingClient, cfg: RecipeConfig, step: int,
+             metrics: dict[str, Any], *, sampler_at_end: bool = True) -> dict[str, Any] | None:
+    """Log step `step` (0-based) and save when due (with sampler weights after the last step
+    unless told otherwise); returns the checkpoints.jsonl line written, if any."""
+    logger.log(step, metrics)
+    if not should_save(cfg, step + 1):
+        return None
+    return save(client, cfg, step + 1, sampler=sampler_at_end and step + 1 == cfg.max_steps)
+
+
+def summary(cfg: RecipeConfig, start_step: int, metrics: dict[str, Any],
+            checkpoint: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    """What a recipe's `main` returns: where it started, the last metrics, the last save."""
+    return {"start_step": start_step, "steps_done": max(start_step, cfg.max_steps),
+            "resumed": start_step > 0, "metrics": metrics, "checkpoint": checkpoint, **extra}
+
+
+def run(config_cls: type[C], train: Any, argv: Sequence[str] | None = None) -> Any:
+    """A recipe's `main`: parse `key=value` arguments, connect (or start an embedded
+    server), and call `train(cfg, service)`."""
+    cfg = parse_config(config_cls, argv)
+    with connect(cfg) as service:
+        return train(cfg, service)

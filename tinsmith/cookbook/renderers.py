@@ -106,6 +106,25 @@ class Renderer(ABC):
                    for ts, te in offsets]
         return tokens, weights
 
+    def observation_tokens(self, before: list[Message], after: list[Message], ended: bool) -> list[int]:
+        """Tokens that follow a sampled assistant reply in a multi-turn episode.
+
+        `before` is the conversation the reply was sampled for; `after` is `before` plus the
+        reply plus the new (user / tool) messages. Returns the rendering of `after` with its
+        generation prompt, less that of `before` and of the reply up to its end-of-turn
+        marker; when sampling was cut off before the marker (`ended` False) the marker is
+        kept, so the transcript stays exactly what the template renders.
+        """
+        prev, full = self.build_generation_prompt(before), self.build_generation_prompt(after)
+        if full[: len(prev)] != prev:
+            raise ValueError("the chat template is not prefix-stable across turns")
+        rest, stops = full[len(prev):], self.stop_sequences()
+        for j in range(len(rest)):
+            if rest[j] in stops or any(isinstance(s, str) and s in self.tokenizer.decode(rest[: j + 1])
+                                       for s in stops):
+                return rest[j + 1:] if ended else rest[j:]
+        raise ValueError("no end-of-turn marker after the assistant reply")
+
     def build_generation_prompt(self, messages: list[Message]) -> list[int]:
         """Tokens of the conversation followed by the assistant turn opener."""
         return self._encode(self._prompt_text(messages))[0]

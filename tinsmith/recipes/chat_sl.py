@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import tinker
@@ -40,13 +40,12 @@ from tinsmith.cookbook.datasets import (
     train_test_split,
 )
 from tinsmith.cookbook.hyperparams import get_lora_lr_for_model, warmup_cosine
-from tinsmith.cookbook.logs import MetricsLogger
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
-    connect,
-    parse_config,
-    save,
-    should_save,
+    end_step,
+    open_logger,
+    run,
+    summary,
     training_client,
 )
 from tinsmith.cookbook.renderers import TrainOn, get_renderer, to_datum
@@ -134,11 +133,10 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     eval_data = normalised([to_datum(*renderer.build_supervised_example(c, train_on))
                             for c in eval_convs]) if eval_convs else []
     lr = peak_lr(cfg)
-    logger = MetricsLogger(cfg.log_path, cfg.max_steps, start_step, desc="chat_sl",
-                           wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
-                           table_every=cfg.table_every, config=asdict(cfg))
+    logger = open_logger(cfg, start_step, "chat_sl")
     per_epoch = len(datums) // cfg.batch_size
     metrics: dict[str, float] = {}
+    checkpoint = None
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         epoch, k = divmod(step, per_epoch)
@@ -152,17 +150,14 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         if eval_data and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
             metrics["eval/nll"] = training.forward(eval_data, "cross_entropy").result().metrics["loss:sum"]
         metrics["step_s"] = time.perf_counter() - t0
-        logger.log(step, metrics)
-        if should_save(cfg, step + 1):
-            save(training, cfg, step + 1, sampler=step + 1 == cfg.max_steps)
+        checkpoint = end_step(logger, training, cfg, step, metrics) or checkpoint
     logger.close()
-    return {"start_step": start_step, "resumed": start_step > 0, "metrics": metrics}
+    return summary(cfg, start_step, metrics, checkpoint)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_config(Config, argv)
-    with connect(cfg) as service:
-        return train(cfg, service)
+    """Parse `key=value` arguments, connect (or start an embedded server), train."""
+    return run(Config, train, argv)
 
 
 if __name__ == "__main__":

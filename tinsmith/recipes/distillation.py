@@ -59,10 +59,9 @@ Naming: _P per prompt, _G per sample of a prompt, _D per training datum.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,16 +69,16 @@ import numpy as np
 import tinker
 from tinker import types
 
-from tinsmith.cookbook.logs import MetricsLogger
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
-    connect,
-    parse_config,
-    save,
-    should_save,
+    end_step,
+    open_logger,
+    run,
+    summary,
     training_client,
 )
 from tinsmith.cookbook.renderers import Message, get_renderer
+from tinsmith.cookbook.rl import policy_step
 from tinsmith.recipes.rl_loop import rl_datum
 
 TEACHER_SYSTEM = (
@@ -97,9 +96,6 @@ QUESTIONS = [
     "How do vaccines work?", "Why do cats purr?", "What makes a rainbow?",
     "How does a computer remember things?",
 ]
-SERVER_METRICS = {"ratio:mean": "ratio", "kl_sampler:mean": "kl_sampler"}
-
-
 @dataclass(frozen=True, kw_only=True)
 class Config(RecipeConfig):
     log_path: str = "runs/distillation"
@@ -271,13 +267,7 @@ def on_policy_step(cfg: Config, training: tinker.TrainingClient, teacher: tinker
         metrics["reverse_kl"] = float(np.concatenate(diffs).mean())
         metrics["teacher_logprob"] = float(np.concatenate(teacher_lps).mean())
         metrics["student_logprob"] = float(np.concatenate(student_lps).mean())
-        fwd_bwd_future = training.forward_backward(data_D, loss_fn="importance_sampling")
-        optim_future = training.optim_step(adam)
-        fwd_bwd = fwd_bwd_future.result()
-        optim_future.result()
-        for key, name in SERVER_METRICS.items():
-            if key in fwd_bwd.metrics and math.isfinite(fwd_bwd.metrics[key]):
-                metrics[name] = fwd_bwd.metrics[key]
+        metrics |= policy_step(training, data_D, adam)
     return metrics
 
 
@@ -287,9 +277,7 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     teacher = teacher_client(cfg, service)
     prompts = load_prompts(cfg)
     adam = types.AdamParams(learning_rate=cfg.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
-    logger = MetricsLogger(cfg.log_path, cfg.max_steps, start_step, desc=f"distill {cfg.mode}",
-                           wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
-                           table_every=cfg.table_every, config=asdict(cfg))
+    logger = open_logger(cfg, start_step, f"distill {cfg.mode}")
     step_fn = off_policy_step if cfg.mode == "off_policy" else on_policy_step
     metrics: dict[str, float] = {}
     checkpoint = None
@@ -298,19 +286,14 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         metrics = step_fn(cfg, training, teacher, renderer, step_prompts(prompts, cfg, step),
                           step, adam)
         metrics["step_s"] = time.perf_counter() - t0
-        logger.log(step, metrics)
-        if should_save(cfg, step + 1):
-            checkpoint = save(training, cfg, step + 1, sampler=step + 1 == cfg.max_steps)
+        checkpoint = end_step(logger, training, cfg, step, metrics) or checkpoint
     logger.close()
-    return {"start_step": start_step, "steps_done": max(start_step, cfg.max_steps),
-            "resumed": start_step > 0, "metrics": metrics, "checkpoint": checkpoint}
+    return summary(cfg, start_step, metrics, checkpoint)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse `key=value` arguments, connect (or start an embedded server), train."""
-    cfg = parse_config(Config, argv)
-    with connect(cfg) as service:
-        return train(cfg, service)
+    return run(Config, train, argv)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,9 @@ Leaves out: reference models other than the base model, and the SFT stage (see `
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import tinker
 import torch
 import torch.nn.functional as F
@@ -40,16 +39,16 @@ from tinsmith.cookbook.datasets import (
     load_preference_pairs,
     train_test_split,
 )
-from tinsmith.cookbook.logs import MetricsLogger
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
-    connect,
-    parse_config,
-    save,
-    should_save,
+    end_step,
+    open_logger,
+    run,
+    summary,
     training_client,
 )
 from tinsmith.cookbook.renderers import TrainOn, get_renderer, to_datum
+from tinsmith.cookbook.rl import forward_logprobs, reference_client
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,13 +111,11 @@ def pair_datums(renderer: Any, pair: PreferencePair) -> list[types.Datum]:
 
 
 def with_reference(service: tinker.ServiceClient, cfg: Config, data: list[types.Datum]) -> list[types.Datum]:
-    """Add `ref_logprobs` from the base model: a fresh LoRA adapter is exactly the base."""
-    reference = service.create_lora_training_client(base_model=cfg.model_name, rank=1).result()
-    outs = reference.forward(data, "cross_entropy").result().loss_fn_outputs
+    """Add `ref_logprobs` from the base model (the policy at step 0)."""
+    refs = forward_logprobs(reference_client(service, cfg.model_name), data)
     return [types.Datum(model_input=d.model_input,
-                        loss_fn_inputs={**d.loss_fn_inputs,
-                                        "ref_logprobs": o["logprobs"].to_numpy().astype(np.float32)})
-            for d, o in zip(data, outs)]
+                        loss_fn_inputs={**d.loss_fn_inputs, "ref_logprobs": r})
+            for d, r in zip(data, refs)]
 
 
 def client_dpo(beta: float, eps: float):
@@ -152,11 +149,10 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     eval_data = flatten([with_ref[2 * i: 2 * i + 2] for i in range(len(train_pairs), len(rendered))])
     dpo_config = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing}
     adam = types.AdamParams(learning_rate=cfg.learning_rate)
-    logger = MetricsLogger(cfg.log_path, cfg.max_steps, start_step, desc="dpo",
-                           wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
-                           table_every=cfg.table_every, config=asdict(cfg))
+    logger = open_logger(cfg, start_step, "dpo")
     per_epoch = max(1, len(train_data) // cfg.batch_size)
     metrics: dict[str, float] = {}
+    checkpoint = None
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         epoch, k = divmod(step, per_epoch)
@@ -175,17 +171,14 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
             ev = training.forward(eval_data, "dpo", dpo_config).result().metrics
             metrics |= {"eval/pair_accuracy": ev["pair_accuracy:mean"], "eval/margin": ev["margin:mean"]}
         metrics["step_s"] = time.perf_counter() - t0
-        logger.log(step, metrics)
-        if should_save(cfg, step + 1):
-            save(training, cfg, step + 1)
+        checkpoint = end_step(logger, training, cfg, step, metrics, sampler_at_end=False) or checkpoint
     logger.close()
-    return {"start_step": start_step, "resumed": start_step > 0, "metrics": metrics}
+    return summary(cfg, start_step, metrics, checkpoint)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_config(Config, argv)
-    with connect(cfg) as service:
-        return train(cfg, service)
+    """Parse `key=value` arguments, connect (or start an embedded server), train."""
+    return run(Config, train, argv)
 
 
 if __name__ == "__main__":

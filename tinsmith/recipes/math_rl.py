@@ -52,9 +52,8 @@ Naming: _P per problem, _G per sample in a group, _D per training datum, _E per 
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,16 +63,16 @@ from tinker import types
 
 from tinsmith.cookbook.arithmetic import Problem, grade, make_problems, problem_messages
 from tinsmith.cookbook.hyperparams import get_lora_lr_for_model, rl_lr_for_batch
-from tinsmith.cookbook.logs import MetricsLogger
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
-    connect,
-    parse_config,
-    save,
-    should_save,
+    end_step,
+    open_logger,
+    run,
+    summary,
     training_client,
 )
 from tinsmith.cookbook.renderers import Renderer, get_renderer
+from tinsmith.cookbook.rl import forward_logprobs, policy_step, reference_client
 from tinsmith.cookbook.transcripts import Episode, write_html_transcripts
 from tinsmith.recipes.rl_loop import rl_datum
 
@@ -82,10 +81,6 @@ REFERENCE_BATCH = 32
 EVAL_SEED = 987_654_321_987
 """Seed of the held-out problems: beyond seed * 1_000_003 + step for any seed < 987_000."""
 TRAIN_SEED_STRIDE = 1_000_003
-SERVER_METRICS = {"ratio:mean": "ratio", "kl_sampler:mean": "kl_sampler",
-                  "clip_fraction:mean": "clip_fraction"}
-
-
 @dataclass(frozen=True, kw_only=True)
 class Config(RecipeConfig):
     log_path: str = "runs/math_rl"
@@ -150,15 +145,9 @@ def with_kl_penalty(reference: tinker.TrainingClient, data_D: list[types.Datum],
     """Advantages minus kl_coeff * (sampler logprob - reference logprob) on each datum's last
     `n_sampled` positions, the sampled tokens (prompt positions stay 0). Returns the new
     datums and the mean logprob difference over sampled tokens."""
-    ref_data = [types.Datum(model_input=d.model_input, loss_fn_inputs={
-        "target_tokens": d.loss_fn_inputs["target_tokens"],
-        "weights": np.ones(len(d.loss_fn_inputs["target_tokens"].to_numpy()), np.float32)})
-        for d in data_D]
-    outs = reference.forward(ref_data, "cross_entropy").result().loss_fn_outputs
     penalised, diffs = [], []
-    for d, n_sampled, out in zip(data_D, n_sampled_D, outs):
+    for d, n_sampled, lref in zip(data_D, n_sampled_D, forward_logprobs(reference, data_D)):
         lq = d.loss_fn_inputs["logprobs"].to_numpy().astype(np.float32)
-        lref = out["logprobs"].to_numpy().astype(np.float32)
         sampled = np.arange(len(lq)) >= len(lq) - n_sampled
         diff = np.where(sampled, lq - lref, 0.0).astype(np.float32)
         diffs.append(diff[sampled])
@@ -181,14 +170,11 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     renderer = get_renderer(training.get_tokenizer())
     lr = learning_rate(cfg)
     adam = types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8)
-    reference = (service.create_lora_training_client(base_model=cfg.model_name, rank=1).result()
-                 if cfg.kl_coeff > 0 else None)
+    reference = reference_client(service, cfg.model_name) if cfg.kl_coeff > 0 else None
     problems_E = eval_problems(cfg) if cfg.eval_every > 0 else []
     prompts_E = [renderer.build_generation_prompt(problem_messages(p, cfg.fewshot))
                  for p in problems_E]
-    logger = MetricsLogger(cfg.log_path, cfg.max_steps, start_step, desc="math_rl",
-                           wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
-                           table_every=cfg.table_every, config={**asdict(cfg), "lr": lr})
+    logger = open_logger(cfg, start_step, "math_rl", lr=lr)
     metrics: dict[str, float] = {}
     checkpoint = None
     for step in range(start_step, cfg.max_steps):
@@ -263,30 +249,16 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
             if reference is not None:
                 data_D, metrics["kl_ref"] = with_kl_penalty(reference, data_D, n_sampled_D,
                                                                 cfg.kl_coeff)
-            fwd_bwd_future = training.forward_backward(data_D, loss_fn=cfg.loss,
-                                                       loss_fn_config=loss_config(cfg))
-            optim_future = training.optim_step(adam)
-            fwd_bwd = fwd_bwd_future.result()
-            optim_future.result()
-            for key, name in SERVER_METRICS.items():
-                if key in fwd_bwd.metrics and math.isfinite(fwd_bwd.metrics[key]):
-                    metrics[name] = fwd_bwd.metrics[key]
+            metrics |= policy_step(training, data_D, adam, cfg.loss, loss_config(cfg))
         metrics["step_s"] = time.perf_counter() - t0
 
-        logger.log(step, metrics)
-        if should_save(cfg, step + 1):
-            checkpoint = save(training, cfg, step + 1, sampler=step + 1 == cfg.max_steps)
+        checkpoint = end_step(logger, training, cfg, step, metrics) or checkpoint
     logger.close()
-    return {"start_step": start_step, "steps_done": max(start_step, cfg.max_steps),
-            "resumed": start_step > 0, "metrics": metrics, "checkpoint": checkpoint,
-            "learning_rate": lr}
+    return summary(cfg, start_step, metrics, checkpoint, learning_rate=lr)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse `key=value` arguments, connect (or start an embedded server), train."""
-    cfg = parse_config(Config, argv)
-    with connect(cfg) as service:
-        return train(cfg, service)
+    return run(Config, train, argv)
 
 
 if __name__ == "__main__":

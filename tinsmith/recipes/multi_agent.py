@@ -41,7 +41,7 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -49,17 +49,17 @@ import tinker
 from tinker import types
 
 from tinsmith.cookbook.datasets import Conversation, StepResult
-from tinsmith.cookbook.logs import MetricsLogger
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
-    connect,
-    parse_config,
-    save,
-    should_save,
+    end_step,
+    open_logger,
+    run,
+    summary,
     training_client,
 )
 from tinsmith.cookbook.renderers import Renderer, get_renderer
-from tinsmith.recipes.math_rl import SERVER_METRICS, learning_rate
+from tinsmith.cookbook.rl import policy_step
+from tinsmith.recipes.math_rl import learning_rate
 
 ANSWERS = ("higher", "lower", "correct")
 Responder = Callable[[int, int], str]  # (hidden number, guess) -> one of ANSWERS
@@ -156,22 +156,6 @@ class ModelResponder:
         return truth
 
 
-def observation_tokens(renderer: Renderer, before: Conversation, after: Conversation,
-                       ended: bool) -> list[int]:
-    """Tokens that follow the guesser's sampled reply: `after` (= before + the reply + the
-    observation) rendered, less the rendering of `before` and of the reply up to its
-    end-of-turn marker (kept when the reply was cut off at max_tokens, `ended` False)."""
-    prev, full = (renderer.build_generation_prompt(c) for c in (before, after))
-    if full[:len(prev)] != prev:
-        raise ValueError("the chat template is not prefix-stable across turns")
-    rest, stops, tok = full[len(prev):], renderer.stop_sequences(), renderer.tokenizer
-    for j in range(len(rest)):
-        if rest[j] in stops or any(isinstance(s, str) and s in tok.decode(rest[:j + 1])
-                                   for s in stops):
-            return rest[j + 1:] if ended else rest[j:]
-    raise ValueError("no end-of-turn marker after the assistant reply")
-
-
 def transcript_datum(tokens: list[int], logprobs: list[float], mask: list[bool],
                      advantage: float) -> types.Datum:
     """Position i predicts tokens[i+1]; logprob and advantage only where mask[i+1] (guesser)."""
@@ -219,7 +203,7 @@ def play(envs: list[GuessNumberEnv], sampler: tinker.SamplingClient, renderer: R
                 g.metrics = metrics
                 continue
             after = [*g.messages, reply, *obs]
-            extra = observation_tokens(renderer, g.messages, after, ended)
+            extra = renderer.observation_tokens(g.messages, after, ended)
             g.messages, g.tokens = after, g.tokens + extra
             g.logprobs, g.mask = g.logprobs + [0.0] * len(extra), g.mask + [False] * len(extra)
     return games
@@ -232,9 +216,7 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     adam = types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8)
     responder = (ModelResponder(service.create_sampling_client(base_model=cfg.model_name),
                                 renderer, cfg.seed) if cfg.responder == "model" else None)
-    logger = MetricsLogger(cfg.log_path, cfg.max_steps, start_step, desc="multi_agent",
-                           wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
-                           table_every=cfg.table_every, config={**asdict(cfg), "lr": lr})
+    logger = open_logger(cfg, start_step, "multi_agent", lr=lr)
     metrics: dict[str, float] = {}
     checkpoint = None
     for step in range(start_step, cfg.max_steps):
@@ -268,28 +250,16 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
                                            / (responder.calls - calls0))
         metrics["sample_s"] = time.perf_counter() - t0
         if data_D:
-            fwd_bwd_future = training.forward_backward(data_D, loss_fn="importance_sampling")
-            optim_future = training.optim_step(adam)
-            fwd_bwd = fwd_bwd_future.result()
-            optim_future.result()
-            for key, name in SERVER_METRICS.items():
-                if key in fwd_bwd.metrics and np.isfinite(fwd_bwd.metrics[key]):
-                    metrics[name] = fwd_bwd.metrics[key]
+            metrics |= policy_step(training, data_D, adam)
         metrics["step_s"] = time.perf_counter() - t0
-        logger.log(step, metrics)
-        if should_save(cfg, step + 1):
-            checkpoint = save(training, cfg, step + 1, sampler=step + 1 == cfg.max_steps)
+        checkpoint = end_step(logger, training, cfg, step, metrics) or checkpoint
     logger.close()
-    return {"start_step": start_step, "steps_done": max(start_step, cfg.max_steps),
-            "resumed": start_step > 0, "metrics": metrics, "checkpoint": checkpoint,
-            "learning_rate": lr}
+    return summary(cfg, start_step, metrics, checkpoint, learning_rate=lr)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse `key=value` arguments, connect (or start an embedded server), train."""
-    cfg = parse_config(Config, argv)
-    with connect(cfg) as service:
-        return train(cfg, service)
+    return run(Config, train, argv)
 
 
 if __name__ == "__main__":

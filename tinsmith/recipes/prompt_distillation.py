@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,12 @@ import tinker
 from tinker import types
 
 from tinsmith.cookbook.datasets import batches, train_test_split
-from tinsmith.cookbook.logs import MetricsLogger
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
-    connect,
-    parse_config,
-    save,
-    should_save,
+    end_step,
+    open_logger,
+    run,
+    summary,
     training_client,
 )
 from tinsmith.cookbook.renderers import Message, TrainOn, get_renderer, to_datum
@@ -133,12 +132,11 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     eval_data = normalised([student_datum(renderer, r) for r in rows if r["eval"]])
     if len(datums) < cfg.batch_size:
         raise SystemExit(f"error: {len(datums)} training conversations, fewer than batch_size")
-    logger = MetricsLogger(cfg.log_path, cfg.max_steps, start_step, desc="prompt_distillation",
-                           wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
-                           table_every=cfg.table_every, config=asdict(cfg))
+    logger = open_logger(cfg, start_step, "prompt_distillation")
     adam = types.AdamParams(learning_rate=cfg.learning_rate)
     per_epoch = len(datums) // cfg.batch_size
     metrics: dict[str, float] = {}
+    checkpoint = None
     for step in range(start_step, cfg.max_steps):
         metrics = {"generate_s": time.perf_counter() - t0} if step == start_step and generated else {}
         t1 = time.perf_counter()
@@ -152,19 +150,14 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         if eval_data and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
             metrics["eval/nll"] = training.forward(eval_data, "cross_entropy").result().metrics["loss:sum"]
         metrics["step_s"] = time.perf_counter() - t1
-        logger.log(step, metrics)
-        if should_save(cfg, step + 1):
-            save(training, cfg, step + 1, sampler=step + 1 == cfg.max_steps)
+        checkpoint = end_step(logger, training, cfg, step, metrics) or checkpoint
     logger.close()
-    return {"start_step": start_step, "resumed": start_step > 0, "generated": generated,
-            "num_train": len(datums), "num_eval": len(eval_data), "metrics": metrics}
+    return summary(cfg, start_step, metrics, checkpoint, generated=generated, num_train=len(datums), num_eval=len(eval_data))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse `key=value` arguments, connect (or start an embedded server), train."""
-    cfg = parse_config(Config, argv)
-    with connect(cfg) as service:
-        return train(cfg, service)
+    return run(Config, train, argv)
 
 
 if __name__ == "__main__":

@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import tinker
 from tinker import types
 
-from tinsmith.cookbook.logs import MetricsLogger
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
-    connect,
-    parse_config,
-    save,
-    should_save,
+    end_step,
+    open_logger,
+    run,
+    summary,
     training_client,
 )
 
@@ -121,9 +120,7 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     tokenizer = training.get_tokenizer()
     data_D = [make_datum(tokenizer, cfg.system_prompt, q, a) for q, a in FACTS]
     adam = types.AdamParams(learning_rate=cfg.learning_rate, beta1=0.9, beta2=0.95, eps=1e-8)
-    logger = MetricsLogger(cfg.log_path, cfg.max_steps, start_step, desc="sl_loop",
-                           wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
-                           table_every=cfg.table_every, config=asdict(cfg))
+    logger = open_logger(cfg, start_step, "sl_loop")
     metrics: dict[str, float] = {}
     checkpoint = None
     for step in range(start_step, cfg.max_steps):
@@ -145,19 +142,14 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
             "num_tokens": sum(d.model_input.length for d in batch),
             "step_s": time.perf_counter() - t0,
         }
-        logger.log(step, metrics)
-        if should_save(cfg, step + 1):
-            checkpoint = save(training, cfg, step + 1, sampler=step + 1 == cfg.max_steps)
+        checkpoint = end_step(logger, training, cfg, step, metrics) or checkpoint
     logger.close()
-    return {"start_step": start_step, "steps_done": max(start_step, cfg.max_steps),
-            "resumed": start_step > 0, "metrics": metrics, "checkpoint": checkpoint}
+    return summary(cfg, start_step, metrics, checkpoint)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse `key=value` arguments, connect (or start an embedded server), train."""
-    cfg = parse_config(Config, argv)
-    with connect(cfg) as service:
-        return train(cfg, service)
+    return run(Config, train, argv)
 
 
 if __name__ == "__main__":

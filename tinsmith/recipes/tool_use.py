@@ -37,7 +37,7 @@ import ast
 import operator
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -45,17 +45,17 @@ import tinker
 from tinker import types
 
 from tinsmith.cookbook.arithmetic import Problem, extract_boxed, grade, make_problems
-from tinsmith.cookbook.logs import MetricsLogger
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
-    connect,
-    parse_config,
-    save,
-    should_save,
+    end_step,
+    open_logger,
+    run,
+    summary,
     training_client,
 )
 from tinsmith.cookbook.renderers import Renderer, get_renderer
-from tinsmith.recipes.math_rl import SERVER_METRICS, TRAIN_SEED_STRIDE, learning_rate
+from tinsmith.cookbook.rl import policy_step
+from tinsmith.recipes.math_rl import TRAIN_SEED_STRIDE, learning_rate
 
 TOOL_BONUS = 0.1
 SYSTEM_PROMPT = (
@@ -139,18 +139,6 @@ class CalculatorEnv:
                                     "turns": float(self.turns)}
 
 
-def observation_tokens(renderer: Renderer, messages: list[dict[str, Any]],
-                       new: list[dict[str, Any]], ended: bool) -> list[int]:
-    """Tokens that follow a sampled assistant turn (the last of `messages`): its end-of-turn
-    marker if sampling was cut off before it, then `new` and the next assistant opener."""
-    stop = renderer.stop_sequences()
-    closing = [] if ended else (list(stop) if isinstance(stop[0], int) else
-                                renderer.tokenizer.encode(stop[0], add_special_tokens=False))
-    end = renderer._render(messages)[1][-1][2]  # the assistant turn's end, marker included
-    rest = renderer._prompt_text([*messages, *new])[end:]
-    return closing + renderer.tokenizer.encode(rest, add_special_tokens=False)
-
-
 @dataclass
 class Episode:
     env: CalculatorEnv
@@ -222,9 +210,9 @@ def run_episodes(cfg: Config, sampler: tinker.SamplingClient, renderer: Renderer
             if e.done:
                 e.info = info
             else:
-                e.messages = [*e.messages, message]
-                e.extend(observation_tokens(renderer, e.messages, obs, ended))
-                e.messages += obs
+                after = [*e.messages, message, *obs]
+                e.extend(renderer.observation_tokens(e.messages, after, ended))
+                e.messages = after
     return episodes
 
 
@@ -233,9 +221,7 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     renderer = get_renderer(training.get_tokenizer())
     lr = learning_rate(cfg)  # type: ignore[arg-type]
     adam = types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8)
-    logger = MetricsLogger(cfg.log_path, cfg.max_steps, start_step, desc="tool_use",
-                           wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard,
-                           table_every=cfg.table_every, config={**asdict(cfg), "lr": lr})
+    logger = open_logger(cfg, start_step, "tool_use", lr=lr)
     metrics: dict[str, float] = {}
     checkpoint = None
     for step in range(start_step, cfg.max_steps):
@@ -259,27 +245,16 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
                    "mixed_groups": mixed / len(problems_P), "num_datums": len(data_D),
                    "sample_s": time.perf_counter() - t0}
         if data_D:
-            fwd_bwd_future = training.forward_backward(data_D, loss_fn="importance_sampling")
-            optim_future = training.optim_step(adam)
-            fwd_bwd = fwd_bwd_future.result()
-            optim_future.result()
-            metrics.update({name: fwd_bwd.metrics[key] for key, name in SERVER_METRICS.items()
-                            if key in fwd_bwd.metrics})
+            metrics |= policy_step(training, data_D, adam)
         metrics["step_s"] = time.perf_counter() - t0
-        logger.log(step, metrics)
-        if should_save(cfg, step + 1):
-            checkpoint = save(training, cfg, step + 1, sampler=step + 1 == cfg.max_steps)
+        checkpoint = end_step(logger, training, cfg, step, metrics) or checkpoint
     logger.close()
-    return {"start_step": start_step, "steps_done": max(start_step, cfg.max_steps),
-            "resumed": start_step > 0, "metrics": metrics, "checkpoint": checkpoint,
-            "learning_rate": lr}
+    return summary(cfg, start_step, metrics, checkpoint, learning_rate=lr)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse `key=value` arguments, connect (or start an embedded server), train."""
-    cfg = parse_config(Config, argv)
-    with connect(cfg) as service:
-        return train(cfg, service)
+    return run(Config, train, argv)
 
 
 if __name__ == "__main__":
