@@ -1,4 +1,5 @@
-"""Pieces the RL-style recipes share: the policy-gradient step and reference logprobs.
+"""Pieces the RL-style recipes share: group advantages, episode datums, the policy-gradient
+step and reference logprobs.
 
 `policy_step` sends forward_backward and optim_step before waiting for either (the server
 runs them in order, with no round trip between) and returns the server's policy metrics
@@ -30,6 +31,25 @@ def policy_step(client: tinker.TrainingClient, data: list[types.Datum], adam: ty
     optim.result()
     return {name: metrics[key] for key, name in SERVER_METRICS.items()
             if key in metrics and math.isfinite(metrics[key])}
+
+
+def centred_advantages(rewards: Sequence[float]) -> np.ndarray | None:
+    """GRPO advantages of one group: reward - the group's mean, or None when every member
+    scored the same (no direction to push in, so the group is skipped)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    return None if r.max() == r.min() else r - r.mean()
+
+
+def transcript_datum(tokens: Sequence[int], logprobs: Sequence[float], sampled: Sequence[bool],
+                     advantage: float) -> types.Datum:
+    """An episode's whole transcript as one datum: position i predicts tokens[i + 1], and
+    carries the sampler's logprob and the advantage only where that token was sampled
+    (the policy's turns); prompt and observation tokens carry 0 and 0."""
+    mask = np.asarray(sampled[1:], dtype=bool)
+    return types.Datum(model_input=types.ModelInput.from_ints(list(tokens[:-1])), loss_fn_inputs={
+        "target_tokens": list(tokens[1:]),
+        "logprobs": np.where(mask, np.asarray(logprobs[1:], np.float32), 0.0).astype(np.float32),
+        "advantages": np.where(mask, advantage, 0.0).astype(np.float32)})
 
 
 def reference_client(service: tinker.ServiceClient, model_name: str) -> tinker.TrainingClient:

@@ -72,7 +72,12 @@ from tinsmith.cookbook.recipe import (
     training_client,
 )
 from tinsmith.cookbook.renderers import Renderer, get_renderer
-from tinsmith.cookbook.rl import forward_logprobs, policy_step, reference_client
+from tinsmith.cookbook.rl import (
+    centred_advantages,
+    forward_logprobs,
+    policy_step,
+    reference_client,
+)
 from tinsmith.cookbook.transcripts import Episode, write_html_transcripts
 from tinsmith.recipes.rl_loop import rl_datum
 
@@ -222,10 +227,10 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
                         reward=reward, title=f"step {step}, problem {p}, sample {g}",
                         metrics={**info, "answer": problem.answer}))
             rewards += rewards_G
-            if max(rewards_G) == min(rewards_G):
+            advantages_G = centred_advantages(rewards_G)
+            if advantages_G is None:
                 continue  # every answer scored the same: no direction to push in
             mixed_groups += 1
-            advantages_G = np.asarray(rewards_G) - np.mean(rewards_G)
             for seq, advantage in zip(sequences_G, advantages_G):
                 data_D.append(rl_datum(list(prompt), list(seq.tokens), list(seq.logprobs),
                                        float(advantage)))

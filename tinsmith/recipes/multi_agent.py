@@ -58,7 +58,7 @@ from tinsmith.cookbook.recipe import (
     training_client,
 )
 from tinsmith.cookbook.renderers import Renderer, get_renderer
-from tinsmith.cookbook.rl import policy_step
+from tinsmith.cookbook.rl import centred_advantages, policy_step, transcript_datum
 from tinsmith.recipes.math_rl import learning_rate
 
 ANSWERS = ("higher", "lower", "correct")
@@ -156,15 +156,6 @@ class ModelResponder:
         return truth
 
 
-def transcript_datum(tokens: list[int], logprobs: list[float], mask: list[bool],
-                     advantage: float) -> types.Datum:
-    """Position i predicts tokens[i+1]; logprob and advantage only where mask[i+1] (guesser)."""
-    lp = [lp if m else 0.0 for lp, m in zip(logprobs[1:], mask[1:])]
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
-        "target_tokens": tokens[1:], "logprobs": lp,
-        "advantages": [advantage if m else 0.0 for m in mask[1:]]})
-
-
 @dataclass
 class Game:
     """One episode in progress: the guesser's transcript so far and, once done, its result."""
@@ -236,10 +227,11 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
             rewards += rewards_G
             info += [game.metrics for game in games_G]
             lengths += [len(game.tokens) for game in games_G]
-            if max(rewards_G) == min(rewards_G):
-                continue  # every game scored the same: no direction to push in
+            advantages_G = centred_advantages(rewards_G)
+            if advantages_G is None:
+                continue
             mixed_groups += 1
-            for game, adv in zip(games_G, rewards_G - np.mean(rewards_G)):
+            for game, adv in zip(games_G, advantages_G):
                 data_D.append(transcript_datum(game.tokens, game.logprobs, game.mask, float(adv)))
         metrics = {"reward": float(np.mean(rewards)), "mixed_groups": mixed_groups / cfg.batch_size,
                    **{k: float(np.mean([i[k] for i in info]))

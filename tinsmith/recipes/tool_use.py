@@ -54,7 +54,7 @@ from tinsmith.cookbook.recipe import (
     training_client,
 )
 from tinsmith.cookbook.renderers import Renderer, get_renderer
-from tinsmith.cookbook.rl import policy_step
+from tinsmith.cookbook.rl import centred_advantages, policy_step, transcript_datum
 from tinsmith.recipes.math_rl import TRAIN_SEED_STRIDE, learning_rate
 
 TOOL_BONUS = 0.1
@@ -158,14 +158,6 @@ class Episode:
         self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(tokens)
         self.sampled += [logprobs is not None] * len(tokens)
 
-    def datum(self, advantage: float) -> types.Datum:
-        """Position i predicts token i + 1: assistant tokens carry advantage, others 0."""
-        adv = np.where(self.sampled, advantage, 0.0)[1:].astype(np.float32)
-        return types.Datum(model_input=types.ModelInput.from_ints(self.tokens[:-1]),
-                           loss_fn_inputs={"target_tokens": self.tokens[1:],
-                                           "logprobs": self.logprobs[1:],
-                                           "advantages": adv.tolist()})
-
 
 @dataclass(frozen=True, kw_only=True)
 class Config(RecipeConfig):
@@ -234,11 +226,12 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         data_D, mixed = [], 0
         for p in range(len(problems_P)):
             group = episodes[p * cfg.group_size:(p + 1) * cfg.group_size]
-            rewards_G = np.asarray([e.reward for e in group])
-            if rewards_G.max() == rewards_G.min():
+            advantages_G = centred_advantages([e.reward for e in group])
+            if advantages_G is None:
                 continue  # no signal
             mixed += 1
-            data_D += [e.datum(float(a)) for e, a in zip(group, rewards_G - rewards_G.mean())]
+            data_D += [transcript_datum(e.tokens, e.logprobs, e.sampled, float(a))
+                       for e, a in zip(group, advantages_G)]
         metrics = {"reward": float(np.mean([e.reward for e in episodes])),
                    **{k: float(np.mean([e.info[k] for e in episodes]))
                       for k in ("correct", "format", "tool_calls", "turns")},
