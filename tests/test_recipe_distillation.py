@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TINY
-from test_recipes import assert_checkpoint_files, assert_finite, read_jsonl
+from test_recipes import (
+    assert_checkpoint_files,
+    assert_finite,
+    assert_resumes_at_step_2,
+    read_jsonl,
+)
 
 from tinsmith.recipes import distillation
 
@@ -79,13 +84,7 @@ def test_off_policy_runs_saves_and_resumes(tmp_path: Path, capsys) -> None:
     assert json.loads((log / "config.json").read_text())["mode"] == "off_policy"
     capsys.readouterr()
 
-    out = distillation.main(args(log, 3))
-    assert out["start_step"] == 2 and out["resumed"]
-    assert f"resuming from {ckpts[-1]['state_path']} at step 2" in capsys.readouterr().err
-    rows = read_jsonl(log / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    assert_finite(rows)
-    assert [c["step"] for c in read_jsonl(log / "checkpoints.jsonl")] == [2, 3]
+    assert_resumes_at_step_2(distillation.main, args(log, 3), log, capsys, ckpts[-1]["state_path"])
 
 
 def test_off_policy_loss_falls(tmp_path: Path) -> None:

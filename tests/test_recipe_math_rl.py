@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TINY
-from test_recipes import assert_checkpoint_files, assert_finite, read_jsonl
+from test_recipes import (
+    assert_checkpoint_files,
+    assert_finite,
+    assert_resumes_at_step_2,
+    read_jsonl,
+)
 from tinker import types
 
 from tinsmith.cookbook import arithmetic, hyperparams
@@ -63,12 +68,8 @@ def test_math_rl_runs_evaluates_saves_and_resumes(tmp_path: Path, odd_length_gra
     assert json.loads((log / "config.json").read_text())["lr"] == 1e-3
     capsys.readouterr()
 
-    out = math_rl.main(args(log, 3, "learning_rate=1e-3"))
-    assert out["start_step"] == 2 and out["resumed"]
-    assert f"resuming from {ckpts[-1]['state_path']} at step 2" in capsys.readouterr().err
-    rows = read_jsonl(log / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    assert_finite(rows)
+    rows = assert_resumes_at_step_2(math_rl.main, args(log, 3, "learning_rate=1e-3"), log, capsys,
+                                    ckpts[-1]["state_path"], checkpoints=False)
     assert EVAL_KEYS <= set(rows[2])  # step 2 is an eval step
     assert (log / "transcripts" / "step_000002.html").is_file()
     assert [c["step"] for c in read_jsonl(log / "checkpoints.jsonl")] == [2, 3]

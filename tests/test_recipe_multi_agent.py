@@ -9,7 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import TINY
-from test_recipes import assert_checkpoint_files, assert_finite, read_jsonl
+from test_recipes import (
+    assert_checkpoint_files,
+    assert_finite,
+    assert_resumes_at_step_2,
+    read_jsonl,
+)
 
 from tinsmith.cookbook.datasets import MultiStepEnv
 from tinsmith.recipes import multi_agent as ma
@@ -141,8 +146,4 @@ def test_multi_agent_runs_saves_and_resumes(tmp_path: Path, monkeypatch, capsys)
     assert_checkpoint_files(log, ckpts[-1])
     capsys.readouterr()
 
-    out = ma.main(args(log, 3))
-    assert out["start_step"] == 2 and out["resumed"]
-    assert f"resuming from {ckpts[-1]['state_path']} at step 2" in capsys.readouterr().err
-    assert [r["step"] for r in read_jsonl(log / "metrics.jsonl")] == [0, 1, 2]
-    assert [c["step"] for c in read_jsonl(log / "checkpoints.jsonl")] == [2, 3]
+    assert_resumes_at_step_2(ma.main, args(log, 3), log, capsys, ckpts[-1]["state_path"])

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY
-from test_recipes import assert_checkpoint_files, assert_finite, read_jsonl
+from test_recipes import (
+    assert_checkpoint_files,
+    assert_finite,
+    assert_resumes_at_step_2,
+    read_jsonl,
+)
 
 from tinsmith.cookbook.arithmetic import Problem
 from tinsmith.cookbook.datasets import MultiStepEnv
@@ -91,8 +96,4 @@ def test_tool_use_runs_saves_and_resumes(tmp_path: Path, scripted_tiny_model, ca
     assert_checkpoint_files(log, ckpts[-1])
     capsys.readouterr()
 
-    out = tool_use.main(args(log, 3))
-    assert out["start_step"] == 2 and out["resumed"]
-    assert f"resuming from {ckpts[-1]['state_path']} at step 2" in capsys.readouterr().err
-    assert [r["step"] for r in read_jsonl(log / "metrics.jsonl")] == [0, 1, 2]
-    assert [c["step"] for c in read_jsonl(log / "checkpoints.jsonl")] == [2, 3]
+    assert_resumes_at_step_2(tool_use.main, args(log, 3), log, capsys, ckpts[-1]["state_path"])

@@ -45,6 +45,22 @@ def assert_checkpoint_files(log_path: Path, entry: dict) -> None:
         assert (folder / file).is_file(), folder / file
 
 
+def assert_resumes_at_step_2(main, argv: list[str], log: Path, capsys, state_path: str,
+                             *, checkpoints: bool = True) -> list[dict]:
+    """Run `main(argv)` (max_steps=3) on a log_path holding a step-2 checkpoint: it must
+    resume there, add exactly the row of step 2 and (with `checkpoints`) save at step 3.
+    Returns the metrics rows."""
+    out = main(argv)
+    assert out["start_step"] == 2 and out["resumed"]
+    assert f"resuming from {state_path} at step 2" in capsys.readouterr().err
+    rows = read_jsonl(log / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert_finite(rows)
+    if checkpoints:
+        assert [c["step"] for c in read_jsonl(log / "checkpoints.jsonl")] == [2, 3]
+    return rows
+
+
 def sl_args(log_path: Path, max_steps: int) -> list[str]:
     return [f"model_name={TINY}", f"log_path={log_path}", f"max_steps={max_steps}",
             "batch_size=3", "learning_rate=1e-2", "lora_rank=4", "save_every=2"]
@@ -67,13 +83,7 @@ def test_sl_loop_runs_saves_and_resumes(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
 
     # Run again with a higher max_steps: it continues at step 2, from the checkpoint.
-    out = sl_loop.main(sl_args(log, 3))
-    assert out["start_step"] == 2 and out["resumed"]
-    assert f"resuming from {ckpts[-1]['state_path']} at step 2" in capsys.readouterr().err
-    rows = read_jsonl(log / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    assert_finite(rows)
-    assert [c["step"] for c in read_jsonl(log / "checkpoints.jsonl")] == [2, 3]
+    assert_resumes_at_step_2(sl_loop.main, sl_args(log, 3), log, capsys, ckpts[-1]["state_path"])
     out = sl_loop.main(sl_args(log, 4))  # and once more, from the resumed run's checkpoint
     assert out["start_step"] == 3
 
@@ -118,13 +128,7 @@ def test_rl_loop_runs_saves_and_resumes(tmp_path: Path, monkeypatch, capsys) -> 
     assert_checkpoint_files(log, ckpts[-1])
     capsys.readouterr()
 
-    out = rl_loop.main(rl_args(log, 3))
-    assert out["start_step"] == 2 and out["resumed"]
-    assert f"resuming from {ckpts[-1]['state_path']} at step 2" in capsys.readouterr().err
-    rows = read_jsonl(log / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    assert_finite(rows)
-    assert [c["step"] for c in read_jsonl(log / "checkpoints.jsonl")] == [2, 3]
+    assert_resumes_at_step_2(rl_loop.main, rl_args(log, 3), log, capsys, ckpts[-1]["state_path"])
 
 
 def test_rl_loop_with_the_real_grader_skips_constant_groups(tmp_path: Path) -> None:
