@@ -64,6 +64,14 @@ def _after(run, data) -> list[np.ndarray]:
     return logprobs_of(run.forward(data, "cross_entropy").result())
 
 
+def assert_same_update(server, client, data) -> None:
+    """One GRAD_STEP on each run leaves them giving the same logprobs on `data`."""
+    server.optim_step(GRAD_STEP).result()
+    client.optim_step(GRAD_STEP).result()
+    for a, b in zip(_after(server, data), _after(client, data)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 @pytest.mark.parametrize(("beta", "eps"), [(0.1, 0.0), (0.5, 0.2)])
 def test_server_dpo_matches_client_dpo(service_client, tokenizer, beta, eps) -> None:
     server, client = twin_runs(service_client, seed=11)
@@ -94,10 +102,7 @@ def test_server_bradley_terry_matches_client(service_client, tokenizer) -> None:
     out_s = server.forward_backward(data, "bradley_terry").result()
     out_c = client.forward_backward_custom(data, client_bradley_terry).result()
     assert out_s.metrics["loss:sum"] == pytest.approx(out_c.metrics["loss:sum"], abs=1e-4)
-    server.optim_step(GRAD_STEP).result()
-    client.optim_step(GRAD_STEP).result()
-    for a, b in zip(_after(server, data), _after(client, data)):
-        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert_same_update(server, client, data)
 
 
 def test_dpo_training_prefers_chosen(service_client, tokenizer) -> None:
@@ -127,7 +132,4 @@ def test_loss_handle_matches_server_cross_entropy(service_client, tokenizer) -> 
     out_s = server.forward_backward(data, "cross_entropy").result()
     out_c = client.forward_backward_custom(data, handle).result()
     assert out_c.metrics["loss:sum"] == pytest.approx(out_s.metrics["loss:sum"], rel=1e-5)
-    server.optim_step(GRAD_STEP).result()
-    client.optim_step(GRAD_STEP).result()
-    for a, b in zip(_after(server, data), _after(client, data)):
-        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert_same_update(server, client, data)
