@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from tinsmith import __version__
 from tinsmith.api.deps import user_error_response
-from tinsmith.api.routes import futures, rest, sampling, session, training
+from tinsmith.api.routes import futures, health, rest, sampling, session, training
 from tinsmith.scheduler.service import Service
 from tinsmith.types import UserError
 
@@ -15,6 +15,8 @@ def create_app(svc: Service) -> FastAPI:
     app = FastAPI(title="Tinsmith", version=__version__, docs_url="/docs", redoc_url=None)
     app.state.service = svc
     app.add_exception_handler(UserError, user_error_response)
-    for r in (session.router, training.router, sampling.router, futures.router, rest.router):
+    routers = (session.router, training.router, sampling.router, futures.router, rest.router,
+               health.router)
+    for r in routers:
         app.include_router(r)
     return app

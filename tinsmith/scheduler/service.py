@@ -29,10 +29,11 @@ from tinsmith.scheduler.models import ModelHandle, load_model
 from tinsmith.scheduler.ordering import SeqGate
 from tinsmith.scheduler.paths import CheckpointRef, check_name, parse_path, ref_from_checkpoint_id
 from tinsmith.scheduler.stability import StabilityRecords
+from tinsmith.scheduler.telemetry import ModelSnapshot, ServerMetrics
 from tinsmith.storage.checkpoints import remove_checkpoint
 from tinsmith.storage.db import CheckpointRow, MetadataStore
 from tinsmith.storage.files import CheckpointStore
-from tinsmith.types import AdamSpec, DatumIn, LoraSpec, NotFound, SampleSpec, UserError
+from tinsmith.types import AdamSpec, DatumIn, LoraSpec, NotFound, SampleOut, SampleSpec, UserError
 
 log = logging.getLogger("tinsmith.service")
 MAX_TTL_S = 10 * 365 * 24 * 3600
@@ -74,9 +75,11 @@ class Service:
         self.futures = FutureStore()
         self.losses = LossRegistry.load(settings.loss_modules)
         self.stability = StabilityRecords(max_tokens=settings.stability_max_tokens)
+        self.metrics = ServerMetrics(self._metrics_snapshot)
         self.models: dict[str, ModelHandle] = {}
         for name in settings.models:
             self.models[name] = load_model(name, settings, self.futures, self.losses)
+            self.models[name].worker.attach_metrics(self.metrics)
         self.runs: dict[str, RunState] = {}
         self.samplers: dict[str, SamplerState] = {}
         self._lock = threading.Lock()
@@ -90,6 +93,16 @@ class Service:
             h.worker.close()
         self.futures.fail_all_pending("the server is shutting down")
         self.db.close()
+
+    def _metrics_snapshot(self) -> dict[str, ModelSnapshot]:
+        with self._lock:
+            runs, samplers = list(self.runs.values()), list(self.samplers.values())
+        return {name: ModelSnapshot(
+            queued=h.worker.queued,
+            held=sum(r.gate.waiting() for r in runs if r.handle is h),
+            training_runs=sum(r.handle is h for r in runs),
+            sampling_sessions=sum(s.handle is h for s in samplers),
+        ) for name, h in self.models.items()}
 
     # ----- lookups ------------------------------------------------------------------------
     def model(self, name: str) -> ModelHandle:
@@ -188,7 +201,7 @@ class Service:
 
     def _ordered(
         self, run_id: str, seq_id: int, kind: str, work: Callable[[], object],
-        validate: Callable[[], None] | None = None,
+        validate: Callable[[], None] | None = None, tokens: int = 0,
     ) -> str:
         """Queue `work` behind the run's earlier seq_ids. Returns the request id."""
         r = self.run(run_id)
@@ -202,10 +215,11 @@ class Service:
                 if validate is not None:
                     validate()
             except UserError as e:
+                self.metrics.rejected(r.base_model, kind)
                 self.futures.set_error(rid, str(e), "user")
                 r.gate.submit(seq_id, rid, None, _call)
                 raise
-            job = lambda: r.handle.worker.submit(rid, work, kind)
+            job = lambda: r.handle.worker.submit(rid, work, kind, tokens)
             r.gate.submit(seq_id, rid, job, _call)
         return rid
 
@@ -226,7 +240,7 @@ class Service:
             return h.engine.forward_backward(run_id, prepared, loss_fn, config, forward_only=forward_only)  # type: ignore[arg-type]
 
         return self._ordered(run_id, seq_id, "forward" if forward_only else "forward_backward",
-                             work, validate)
+                             work, validate, tokens=sum(len(d.tokens) for d in data))
 
     def optim_step(self, run_id: str, seq_id: int, adam: AdamSpec) -> str:
         r = self.run(run_id)
@@ -384,7 +398,11 @@ class Service:
         with self._lock:
             if seq_id in s.issued:
                 return s.issued[seq_id]
-        check_sample(spec, h.vocab_size, h.max_context)
+        try:
+            check_sample(spec, h.vocab_size, h.max_context)
+        except UserError:
+            self.metrics.rejected(h.name, "sample")
+            raise
         loader = (lambda: self.store.get(s.storage_key)) if s.storage_key else None
         with self._lock:
             rid = self.futures.create("sample")
@@ -399,7 +417,11 @@ class Service:
                 self.stability.record(seq_ids, spec.prompt, out)
             return out
 
-        h.worker.submit(rid, work, "sample")
+        def tokens(out: object) -> int:  # prompt once per sample, plus what was generated
+            assert isinstance(out, SampleOut)
+            return len(spec.prompt) * spec.num_samples + sum(len(q.tokens) for q in out.sequences)
+
+        h.worker.submit(rid, work, "sample", tokens)
         return rid, seq_ids
 
     # ----- checkpoints ----------------------------------------------------------------------

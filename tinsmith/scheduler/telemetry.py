@@ -1,0 +1,209 @@
+"""Health checks and Prometheus metrics of one server.
+
+`ServerMetrics` owns a per-server `CollectorRegistry` (several servers may share one
+process, so never the global default registry) and the metric objects. The engine workers
+report every job they run (`job_started` / `job_finished`); the service reports requests it
+rejects before they reach a worker (`rejected`). Values that are cheap to read at scrape time
+(queue depths, run and sampler counts, the sliding-window busy fraction) come from a
+snapshot callback and a custom collector, so nothing has to keep them up to date.
+
+`readiness` runs the readiness checks of `GET /readyz`: every served base model is loaded,
+its engine worker thread is alive, and the metadata database answers a trivial query.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from tinsmith.scheduler.service import Service
+
+Outcome = Literal["ok", "user_error", "server_error"]
+
+# Worker job labels as the service passes them, folded into a few request kinds.
+_KINDS = {"create_model", "forward_backward", "forward", "optim_step", "sample"}
+# Queue wait + compute of one job: from milliseconds (tiny models) to minutes (big saves).
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            120.0, 300.0, 600.0)
+
+
+def request_kind(label: str) -> str:
+    """The `kind` label of a worker job label: save_* -> save, load_* -> load."""
+    if label.startswith("save"):
+        return "save"
+    if label.startswith("load"):
+        return "load"
+    return label if label in _KINDS else "other"
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """What the service reports about one base model at scrape time."""
+
+    queued: int  # jobs in the engine worker's queue
+    held: int  # training jobs held back by their run's SeqGate, waiting for their seq turn
+    training_runs: int
+    sampling_sessions: int
+
+
+class _BusyWindow:
+    """Busy intervals of one worker over the last `window_s` seconds (monotonic clock)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.created = time.monotonic()
+        self.intervals: deque[tuple[float, float]] = deque()
+        self.current: float | None = None  # start of the job running now
+
+    def add(self, start: float, end: float) -> None:
+        self.current = None
+        self.intervals.append((start, end))
+        self._prune(end - self.window_s)  # bounded even if nobody scrapes
+
+    def _prune(self, lo: float) -> None:
+        while self.intervals and self.intervals[0][1] <= lo:
+            self.intervals.popleft()
+
+    def fraction(self, now: float) -> float:
+        lo = now - self.window_s
+        self._prune(lo)
+        busy = sum(end - max(start, lo) for start, end in self.intervals)
+        if self.current is not None:
+            busy += now - max(self.current, lo)
+        span = min(self.window_s, now - self.created)
+        return min(1.0, max(0.0, busy / span)) if span > 0 else 0.0
+
+
+class ServerMetrics:
+    def __init__(
+        self, snapshot: Callable[[], Mapping[str, ModelSnapshot]] | None = None,
+        busy_window_s: float = 60.0,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.busy_window_s = busy_window_s
+        self._snapshot = snapshot
+        self._lock = threading.Lock()
+        self._windows: dict[str, _BusyWindow] = {}
+        r = self.registry
+        self.request_seconds = Histogram(
+            "tinsmith_request_seconds",
+            "Seconds from a job's submission to its engine worker until it finished "
+            "(queue wait + compute)", ["model", "kind"], buckets=_BUCKETS, registry=r)
+        self.requests = Counter(
+            "tinsmith_requests", "Requests by kind and outcome (ok, user_error, server_error)",
+            ["model", "kind", "outcome"], registry=r)
+        self.tokens = Counter(
+            "tinsmith_tokens", "Tokens processed: model-input tokens of the datums for "
+            "forward/forward_backward, prompt x num_samples + generated tokens for sample",
+            ["model", "kind"], registry=r)
+        self.busy_seconds = Counter(
+            "tinsmith_engine_busy_seconds", "Seconds the engine worker spent running jobs",
+            ["model"], registry=r)
+        r.register(_ScrapeCollector(self))
+
+    def add_model(self, model: str) -> None:
+        """Make a model's series visible (at zero) before its first job."""
+        with self._lock:
+            self._windows.setdefault(model, _BusyWindow(self.busy_window_s))
+        self.busy_seconds.labels(model=model)
+
+    def job_started(self, model: str, started: float) -> None:
+        with self._lock:
+            self._windows.setdefault(model, _BusyWindow(self.busy_window_s)).current = started
+
+    def job_finished(
+        self, model: str, label: str, outcome: Outcome, *, submitted: float, started: float,
+        finished: float, tokens: int = 0,
+    ) -> None:
+        """Record one job the worker ran; times are `time.monotonic()` values."""
+        kind = request_kind(label)
+        with self._lock:
+            self._windows.setdefault(model, _BusyWindow(self.busy_window_s)).add(started, finished)
+        self.busy_seconds.labels(model=model).inc(max(0.0, finished - started))
+        self.request_seconds.labels(model=model, kind=kind).observe(max(0.0, finished - submitted))
+        self.requests.labels(model=model, kind=kind, outcome=outcome).inc()
+        if tokens > 0:
+            self.tokens.labels(model=model, kind=kind).inc(tokens)
+
+    def rejected(self, model: str, label: str) -> None:
+        """A request refused with a user error before it reached the engine worker."""
+        self.requests.labels(model=model, kind=request_kind(label), outcome="user_error").inc()
+
+    def busy_fraction(self, model: str) -> float:
+        with self._lock:
+            w = self._windows.get(model)
+            return w.fraction(time.monotonic()) if w is not None else 0.0
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric of this server."""
+        return generate_latest(self.registry)
+
+
+class _ScrapeCollector(Collector):
+    """Gauges computed when /metrics is scraped."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        busy = GaugeMetricFamily(
+            "tinsmith_engine_busy_fraction",
+            f"Fraction of the last {m.busy_window_s:g} s the engine worker spent running jobs",
+            labels=["model"])
+        with m._lock:
+            models = sorted(m._windows)
+        for model in models:
+            busy.add_metric([model], m.busy_fraction(model))
+        yield busy
+        if m._snapshot is None:
+            return
+        snap = m._snapshot()
+        depth = GaugeMetricFamily(
+            "tinsmith_queue_depth", "Jobs waiting: state=queued in the engine worker's queue, "
+            "state=held by a run's seq_id gate until earlier seq_ids arrive",
+            labels=["model", "state"])
+        runs = GaugeMetricFamily("tinsmith_training_runs", "Training runs loaded in memory",
+                                 labels=["model"])
+        samplers = GaugeMetricFamily("tinsmith_sampling_sessions",
+                                     "Sampling sessions loaded in memory", labels=["model"])
+        for model, s in sorted(snap.items()):
+            depth.add_metric([model, "queued"], s.queued)
+            depth.add_metric([model, "held"], s.held)
+            runs.add_metric([model], s.training_runs)
+            samplers.add_metric([model], s.sampling_sessions)
+        yield from (depth, runs, samplers)
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    detail: str
+
+
+def readiness(svc: Service) -> dict[str, Check]:
+    """The readiness checks by name: `model:<name>`, `engine_worker:<name>`, `database`."""
+    checks: dict[str, Check] = {}
+    for name in svc.settings.models:
+        h = svc.models.get(name)
+        checks[f"model:{name}"] = (Check(True, "loaded") if h is not None
+                                   else Check(False, "not loaded"))
+        if h is not None:
+            alive = h.worker.alive
+            checks[f"engine_worker:{name}"] = Check(
+                alive, "thread alive" if alive else "engine worker thread is not running")
+    try:
+        svc.db.get_run("readyz-probe")  # a trivial SELECT on a real table
+        checks["database"] = Check(True, "answers queries")
+    except Exception as e:  # noqa: BLE001 - whatever the failure, the server is not ready
+        checks["database"] = Check(False, f"{type(e).__name__}: {e}"[:500])
+    return checks
