@@ -8,10 +8,11 @@ import json
 import math
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
-from tinsmith.cookbook import arithmetic, datasets, hyperparams, transcripts
+from tinsmith.cookbook import arithmetic, curves, datasets, hyperparams, transcripts
 from tinsmith.cookbook.arithmetic import extract_boxed, grade, make_problems
 from tinsmith.cookbook.hyperparams import get_lora_lr, get_lora_lr_for_model, warmup_cosine
 
@@ -274,3 +275,20 @@ def test_html_transcripts(tmp_path):
     assert "http://" not in page and "https://" not in page  # self-contained
     assert '<div class="msg user">' in page and '<div class="msg assistant">' in page
     assert "mean reward 0.425" in page
+
+
+def test_curves_report_reads_metrics_back(tmp_path: Path) -> None:
+    rows = [{"step": 0, "loss": 4.0, "step_s": 1.5}, {"step": 1, "loss": 2.0, "step_s": 2.0},
+            {"step": 1, "loss": 3.0, "step_s": 2.5, "eval/acc": 0.5},  # a resumed rewrite
+            {"step": 2, "loss": 1.0, "step_s": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["loss"] for r in curves.read_rows(tmp_path)] == [4.0, 3.0, 1.0]
+    assert curves.sparkline([4.0, 3.0, 1.0]) == "█▆▁"
+    text = curves.report(tmp_path, ["loss", "eval/acc", "missing"], every=2)
+    assert text.splitlines() == [
+        f"{tmp_path}: 3 steps, 5 s of steps",
+        "loss: 4 -> 1  █▆▁", "    0:4  2:1",
+        "eval/acc: 0.5 -> 0.5  ▁", "    1:0.5",
+        "missing: not logged"]
+    with pytest.raises(SystemExit, match="no metrics"):
+        curves.read_rows(tmp_path / "nowhere")

@@ -145,7 +145,7 @@ RECIPES = sorted(m.name for m in pkgutil.iter_modules(recipes_pkg.__path__))
 
 def test_every_recipe_is_listed() -> None:
     assert {"sl_loop", "rl_loop", "chat_sl", "dpo", "math_rl", "distillation",
-            "prompt_distillation", "multi_agent", "tool_use"} <= set(RECIPES)
+            "prompt_distillation", "multi_agent", "tool_use", "rlhf"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -215,11 +215,15 @@ def last_checkpoint(log_path: str | Path) -> dict[str, Any] | None:
     return json.loads(lines[-1]) if lines else None
 
 
-def training_client(service: tinker.ServiceClient,
-                    cfg: RecipeConfig) -> tuple[tinker.TrainingClient, int]:
+def training_client(service: tinker.ServiceClient, cfg: RecipeConfig,
+                    init_state: str | None = None) -> tuple[tinker.TrainingClient, int]:
     """(client, first step to run): resumed from the last checkpoint in `cfg.log_path`, with
-    its Adam moments, or else a fresh LoRA run of rank `cfg.lora_rank` seeded by `cfg.seed`."""
+    its Adam moments, or else a new run: the weights of `init_state` (a `tinker://` training
+    state, e.g. an earlier stage's result) with fresh Adam moments, or a fresh LoRA run of
+    rank `cfg.lora_rank` seeded by `cfg.seed`."""
     ckpt = last_checkpoint(cfg.log_path)
+    if ckpt is None and init_state is not None:
+        return service.create_training_client_from_state(init_state).result(), 0
     if ckpt is None:
         client = service.create_lora_training_client(
             base_model=cfg.model_name, rank=cfg.lora_rank, seed=cfg.seed).result()
@@ -232,6 +236,16 @@ def training_client(service: tinker.ServiceClient,
         print(f"already {ckpt['step']} steps done: raise max_steps to train more", file=sys.stderr)
     client = service.create_training_client_from_state_with_optimizer(ckpt["state_path"]).result()
     return client, int(ckpt["step"])
+
+
+def finished_stage(cfg: RecipeConfig, name: str) -> str | None:
+    """The final training state of a run (e.g. one stage of a multi-stage recipe) whose last
+    checkpoint already reached `cfg.max_steps`, else None."""
+    ckpt = last_checkpoint(cfg.log_path)
+    if ckpt is None or ckpt["step"] < cfg.max_steps:
+        return None
+    print(f"{name}: done ({ckpt['step']} steps), using {ckpt['state_path']}", file=sys.stderr)
+    return str(ckpt["state_path"])
 
 
 def should_save(cfg: RecipeConfig, steps_done: int) -> bool:

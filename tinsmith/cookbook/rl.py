@@ -1,5 +1,5 @@
 """Pieces the RL-style recipes share: group advantages, episode datums, the policy-gradient
-step and reference logprobs.
+step, reference logprobs and a KL penalty to a reference model.
 
 `policy_step` sends forward_backward and optim_step before waiting for either (the server
 runs them in order, with no round trip between) and returns the server's policy metrics
@@ -66,3 +66,21 @@ def forward_logprobs(client: tinker.TrainingClient, data: Sequence[types.Datum])
         for d in data]
     outs = client.forward(scored, "cross_entropy").result().loss_fn_outputs
     return [o["logprobs"].to_numpy().astype(np.float32) for o in outs]
+
+
+def with_kl_penalty(reference: tinker.TrainingClient, data_D: list[types.Datum],
+                    n_sampled_D: list[int], kl_coeff: float) -> tuple[list[types.Datum], float]:
+    """Advantages minus kl_coeff * (sampler logprob - reference logprob) on each datum's last
+    `n_sampled` positions, the sampled tokens (prompt positions stay 0). Returns the new
+    datums and the mean logprob difference over sampled tokens."""
+    penalised, diffs = [], []
+    for d, n_sampled, lref in zip(data_D, n_sampled_D, forward_logprobs(reference, data_D)):
+        lq = d.loss_fn_inputs["logprobs"].to_numpy().astype(np.float32)
+        sampled = np.arange(len(lq)) >= len(lq) - n_sampled
+        diff = np.where(sampled, lq - lref, 0.0).astype(np.float32)
+        diffs.append(diff[sampled])
+        advantages = d.loss_fn_inputs["advantages"].to_numpy().astype(np.float32)
+        penalised.append(types.Datum(model_input=d.model_input, loss_fn_inputs={
+            **d.loss_fn_inputs, "advantages": advantages - kl_coeff * diff}))
+    all_diffs = np.concatenate(diffs) if diffs else np.zeros(0)
+    return penalised, float(all_diffs.mean()) if all_diffs.size else 0.0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import tinker
@@ -43,6 +44,7 @@ from tinsmith.cookbook.hyperparams import get_lora_lr_for_model, warmup_cosine
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
     end_step,
+    finished_stage,
     open_logger,
     run,
     summary,
@@ -122,10 +124,13 @@ def peak_lr(cfg: Config) -> float:
                          "pass learning_rate=...") from e
 
 
-def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
+def train(cfg: Config, service: tinker.ServiceClient,
+          conversations: list[Conversation] | None = None) -> dict[str, Any]:
+    """Train on `conversations` (default: those `cfg` names, see `load`)."""
     training, start_step = training_client(service, cfg)
     renderer = get_renderer(training.get_tokenizer())
-    train_convs, eval_convs = train_test_split(load(cfg), cfg.eval_fraction, cfg.seed)
+    convs = load(cfg) if conversations is None else conversations
+    train_convs, eval_convs = train_test_split(convs, cfg.eval_fraction, cfg.seed)
     if len(train_convs) < cfg.batch_size:
         raise SystemExit(f"error: {len(train_convs)} training conversations, fewer than batch_size")
     train_on = TrainOn(cfg.train_on)
@@ -153,6 +158,22 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         checkpoint = end_step(logger, training, cfg, step, metrics) or checkpoint
     logger.close()
     return summary(cfg, start_step, metrics, checkpoint)
+
+
+def sft_stage(cfg: RecipeConfig, service: tinker.ServiceClient, conversations: list[Conversation],
+              *, steps: int, batch_size: int, learning_rate: float | None,
+              train_on: str = "last_assistant", folder: str = "sft") -> str:
+    """Supervised fine-tuning on `conversations` as the first stage of another recipe (its
+    own run in <cfg.log_path>/<folder>, no held-out set); returns the final training state's
+    path. A stage that already ran all `steps` is not run again, an interrupted one resumes."""
+    sub = Config(model_name=cfg.model_name, log_path=str(Path(cfg.log_path) / folder),
+                 max_steps=steps, learning_rate=learning_rate, lora_rank=cfg.lora_rank,
+                 seed=cfg.seed, save_every=cfg.save_every, table_every=cfg.table_every,
+                 batch_size=batch_size, train_on=train_on, eval_fraction=0.0,  # type: ignore[arg-type]
+                 wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard)
+    if (done := finished_stage(sub, folder)) is not None:
+        return done
+    return str(train(sub, service, conversations)["checkpoint"]["state_path"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -82,7 +82,8 @@ QUESTIONS = [
     "How do I learn to juggle?",
 ]
 CHOSEN = "Happy to help! Here is a short answer: {}"
-REJECTED = "Figure it out yourself."
+REJECTED = ["Figure it out yourself.", "Look it up.", "Not my problem.", "Why ask me?",
+            "Whatever. Ask someone else."]
 ANSWERS = [
     "simmer it for nine minutes, then cool it in cold water.", "Biscuit is a friendly choice.",
     "about 384,000 kilometres.", "try The Hobbit by J. R. R. Tolkien.",
@@ -97,8 +98,9 @@ ANSWERS = [
 
 
 def builtin_pairs() -> list[PreferencePair]:
-    return [PreferencePair([{"role": "user", "content": q}], CHOSEN.format(a), REJECTED)
-            for q, a in zip(QUESTIONS, ANSWERS)]
+    return [PreferencePair([{"role": "user", "content": q}], CHOSEN.format(a),
+                           REJECTED[i % len(REJECTED)])
+            for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS))]
 
 
 def pair_datums(renderer: Any, pair: PreferencePair) -> list[types.Datum]:
@@ -138,6 +140,43 @@ def flatten(pairs: list[list[types.Datum]]) -> list[types.Datum]:
     return [d for pair in pairs for d in pair]
 
 
+def pair_steps(client: tinker.TrainingClient, cfg: RecipeConfig, start_step: int,
+               train_data: list[list[types.Datum]], eval_data: list[types.Datum], *,
+               loss_fn: str, loss_config: dict[str, float], batch_size: int, eval_every: int,
+               desc: str, custom: Any = None) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Steps `start_step`..`cfg.max_steps` of a pairwise loss (`dpo`, `bradley_terry`) over
+    `train_data` ([chosen, rejected] datum pairs), `batch_size` pairs a step, shuffled per
+    epoch; with `custom` (a forward_backward_custom loss) instead of the server's loss.
+    Evaluates on `eval_data` every `eval_every` steps and after the last; logs and saves
+    through `cfg`. Returns (last metrics, last checkpoints.jsonl line or None)."""
+    adam = types.AdamParams(learning_rate=cfg.learning_rate)
+    logger = open_logger(cfg, start_step, desc)
+    per_epoch = max(1, len(train_data) // batch_size)
+    metrics: dict[str, float] = {}
+    checkpoint = None
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.perf_counter()
+        epoch, k = divmod(step, per_epoch)
+        batch = flatten(batches(train_data, batch_size, cfg.seed, epoch, drop_last=True)[k])
+        if custom is None:
+            m = client.forward_backward(batch, loss_fn, loss_config).result().metrics
+            metrics = {"loss": m["loss:sum"], "pair_accuracy": m["pair_accuracy:mean"],
+                       "margin": m["margin:mean"]}
+        else:
+            m = client.forward_backward_custom(batch, custom).result().metrics
+            metrics = {"loss": m["loss:sum"], "pair_accuracy": m["pair_accuracy"],
+                       "margin": m["margin"]}
+        client.optim_step(adam).result()
+        if eval_data and ((step + 1) % eval_every == 0 or step + 1 == cfg.max_steps):
+            ev = client.forward(eval_data, loss_fn, loss_config).result().metrics
+            metrics |= {"eval/pair_accuracy": ev["pair_accuracy:mean"],
+                        "eval/margin": ev["margin:mean"]}
+        metrics["step_s"] = time.perf_counter() - t0
+        checkpoint = end_step(logger, client, cfg, step, metrics, sampler_at_end=False) or checkpoint
+    logger.close()
+    return metrics, checkpoint
+
+
 def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     training, start_step = training_client(service, cfg)
     renderer = get_renderer(training.get_tokenizer())
@@ -146,33 +185,12 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     rendered = [pair_datums(renderer, p) for p in train_pairs + eval_pairs]
     with_ref = with_reference(service, cfg, flatten(rendered))
     train_data = [with_ref[2 * i: 2 * i + 2] for i in range(len(train_pairs))]
-    eval_data = flatten([with_ref[2 * i: 2 * i + 2] for i in range(len(train_pairs), len(rendered))])
-    dpo_config = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing}
-    adam = types.AdamParams(learning_rate=cfg.learning_rate)
-    logger = open_logger(cfg, start_step, "dpo")
-    per_epoch = max(1, len(train_data) // cfg.batch_size)
-    metrics: dict[str, float] = {}
-    checkpoint = None
-    for step in range(start_step, cfg.max_steps):
-        t0 = time.perf_counter()
-        epoch, k = divmod(step, per_epoch)
-        batch = flatten(batches(train_data, cfg.batch_size, cfg.seed, epoch, drop_last=True)[k])
-        if cfg.loss == "server":
-            out = training.forward_backward(batch, "dpo", dpo_config).result()
-            m = out.metrics
-            metrics = {"loss": m["loss:sum"], "pair_accuracy": m["pair_accuracy:mean"],
-                       "margin": m["margin:mean"]}
-        else:
-            out = training.forward_backward_custom(batch, client_dpo(cfg.beta, cfg.label_smoothing)).result()
-            metrics = {"loss": out.metrics["loss:sum"], "pair_accuracy": out.metrics["pair_accuracy"],
-                       "margin": out.metrics["margin"]}
-        training.optim_step(adam).result()
-        if eval_data and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
-            ev = training.forward(eval_data, "dpo", dpo_config).result().metrics
-            metrics |= {"eval/pair_accuracy": ev["pair_accuracy:mean"], "eval/margin": ev["margin:mean"]}
-        metrics["step_s"] = time.perf_counter() - t0
-        checkpoint = end_step(logger, training, cfg, step, metrics, sampler_at_end=False) or checkpoint
-    logger.close()
+    eval_data = with_ref[2 * len(train_pairs):]
+    custom = client_dpo(cfg.beta, cfg.label_smoothing) if cfg.loss == "client" else None
+    metrics, checkpoint = pair_steps(
+        training, cfg, start_step, train_data, eval_data, loss_fn="dpo",
+        loss_config={"beta": cfg.beta, "label_smoothing": cfg.label_smoothing},
+        batch_size=cfg.batch_size, eval_every=cfg.eval_every, desc="dpo", custom=custom)
     return summary(cfg, start_step, metrics, checkpoint)
 
 

@@ -74,9 +74,9 @@ from tinsmith.cookbook.recipe import (
 from tinsmith.cookbook.renderers import Renderer, get_renderer
 from tinsmith.cookbook.rl import (
     centred_advantages,
-    forward_logprobs,
     policy_step,
     reference_client,
+    with_kl_penalty,
 )
 from tinsmith.cookbook.transcripts import Episode, write_html_transcripts
 from tinsmith.recipes.rl_loop import rl_datum
@@ -143,24 +143,6 @@ def loss_config(cfg: Config) -> dict[str, float] | None:
         return None
     return {"clip_low_threshold": cfg.clip_low_threshold,
             "clip_high_threshold": cfg.clip_high_threshold}
-
-
-def with_kl_penalty(reference: tinker.TrainingClient, data_D: list[types.Datum],
-                    n_sampled_D: list[int], kl_coeff: float) -> tuple[list[types.Datum], float]:
-    """Advantages minus kl_coeff * (sampler logprob - reference logprob) on each datum's last
-    `n_sampled` positions, the sampled tokens (prompt positions stay 0). Returns the new
-    datums and the mean logprob difference over sampled tokens."""
-    penalised, diffs = [], []
-    for d, n_sampled, lref in zip(data_D, n_sampled_D, forward_logprobs(reference, data_D)):
-        lq = d.loss_fn_inputs["logprobs"].to_numpy().astype(np.float32)
-        sampled = np.arange(len(lq)) >= len(lq) - n_sampled
-        diff = np.where(sampled, lq - lref, 0.0).astype(np.float32)
-        diffs.append(diff[sampled])
-        advantages = d.loss_fn_inputs["advantages"].to_numpy().astype(np.float32)
-        penalised.append(types.Datum(model_input=d.model_input, loss_fn_inputs={
-            **d.loss_fn_inputs, "advantages": advantages - kl_coeff * diff}))
-    all_diffs = np.concatenate(diffs) if diffs else np.zeros(0)
-    return penalised, float(all_diffs.mean()) if all_diffs.size else 0.0
 
 
 def score(renderer: Renderer, tokens: list[int], answer: int) -> tuple[str, float, dict[str, float]]:

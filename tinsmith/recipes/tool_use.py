@@ -1,21 +1,33 @@
 """Tool use with RL: the model may call a calculator before answering a word problem, and is
-rewarded for the right final answer. GRPO groups of multi-turn episodes.
+rewarded for the right final answer; or (`tool=search`) it may search a small made-up
+knowledge base before answering a question about it. GRPO groups of multi-turn episodes.
 
     python -m tinsmith.recipes.tool_use                       # embedded Tinsmith, bundled model
     python -m tinsmith.recipes.tool_use group_size=8 batch_size=8 max_turns=4 max_steps=50
+    python -m tinsmith.recipes.tool_use tool=search max_steps=20
 
-The environment (`CalculatorEnv`, a `tinsmith.cookbook.datasets.MultiStepEnv`): the system
-prompt explains the protocol. An assistant turn containing `<calc>EXPR</calc>` (numbers and
-+ - * / ( ) only, evaluated by `calculate` with Python's `ast`, never `eval`) gets a `tool`
-message with the result (or `error: ...`) and the episode goes on. A turn with a `\\boxed{}`
-answer, or with no call, is the final answer; so is the `max_turns`-th turn whatever it holds.
+The environments live in `tinsmith.cookbook.tools` (`tool=` picks one; the system prompt
+explains its protocol). An assistant turn holding a call gets a `tool` message in reply and
+the episode goes on; a turn with a `\\boxed{}` answer, or with no call, is the final answer;
+so is the `max_turns`-th turn whatever it holds.
+
+- `tool=calculator` (`CalculatorEnv`): arithmetic word problems of `difficulty`; a call is
+  `<calc>EXPR</calc>` (numbers and + - * / ( ) only, evaluated with `ast`, never `eval`),
+  the reply its value or `error: ...`.
+- `tool=search` (`SearchEnv`): questions about a made-up world
+  (`tinsmith.cookbook.search_index.knowledge_base`, a fresh one each step, so answers cannot
+  be memorised, only looked up); a call is `<search>QUERY</search>`, the reply the
+  `search_k` best documents by BM25 as `[id] text` lines (or `no results`, or `error: ...`).
 
 Reward, all of it given at the final turn (earlier turns get 0):
 
-    reward = arithmetic.grade(final text)          # 1.0 correct + 0.1 for a \\boxed{}
-             + TOOL_BONUS (0.1) if the episode made at least one well-formed call
+    reward = 1.0 if the boxed answer is right      # calculator: arithmetic.grade;
+             + 0.1 for a \\boxed{} at all          # search: search_index.grade_lookup
+             + TOOL_BONUS (0.1) if the episode made at least one good call
 
-(a well-formed call is one whose expression evaluates; the bonus is paid once per episode.)
+(a good call is one whose expression evaluates, or whose search returned documents; the
+bonus is paid once per episode. Search answers are single words, matched ignoring case and
+spacing, or whole numbers, matched exactly.)
 
 Each step (see `math_rl` for the single-turn version and its helpers): sample `group_size`
 episodes per problem, all episodes advancing a turn at a time in parallel; centre the
@@ -25,17 +37,21 @@ advantage, prompt and tool-reply tokens 0 and 0. `importance_sampling` loss, one
 A turn's input is exactly the previous turn's input + its sampled tokens + the tool reply's
 tokens, so the datum is the very sequence that was sampled from (no re-rendering).
 Logged: reward, correct, format, tool_calls and turns per episode, mixed_groups, num_datums.
+
+Warm start (`sft_steps` > 0): a small model rarely calls a tool it has only read about, so
+RL gets little signal. Before RL the policy can be trained for `sft_steps` supervised steps
+on `sft_examples` scripted correct episodes (`ToolEnv.demonstration`: the question, a good
+call, the tool's real reply, the boxed answer) in <log_path>/sft, through chat_sl's loop;
+RL then starts from those weights and learns when the calls pay off.
 Save / resume through `tinsmith.cookbook.recipe` with the same `log_path`.
 
-What it leaves out: other tools (a search index), several calls in one turn (the first
-counts), an evaluation set, transcripts pages, a KL penalty and ppo/cispo (see `math_rl`).
+What it leaves out: several calls in one turn (the first counts), several tools in one
+episode, an evaluation set, transcripts pages, a KL penalty and ppo/cispo (see `math_rl`).
 """
 
 from __future__ import annotations
 
-import ast
-import operator
-import re
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,7 +60,7 @@ import numpy as np
 import tinker
 from tinker import types
 
-from tinsmith.cookbook.arithmetic import Problem, extract_boxed, grade, make_problems
+from tinsmith.cookbook.arithmetic import make_problems
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
     end_step,
@@ -55,93 +71,15 @@ from tinsmith.cookbook.recipe import (
 )
 from tinsmith.cookbook.renderers import Renderer, get_renderer
 from tinsmith.cookbook.rl import centred_advantages, policy_step, transcript_datum
+from tinsmith.cookbook.search_index import SearchIndex, knowledge_base, make_lookup_problems
+from tinsmith.cookbook.tools import CalculatorEnv, SearchEnv, ToolEnv
+from tinsmith.recipes import chat_sl
 from tinsmith.recipes.math_rl import TRAIN_SEED_STRIDE, learning_rate
-
-TOOL_BONUS = 0.1
-SYSTEM_PROMPT = (
-    "Solve the math word problem. You may use a calculator: write <calc>EXPRESSION</calc> "
-    "(numbers and + - * / ( ) only) and stop; the result comes back in a tool message. "
-    "When you know the answer, give it as a single whole number inside \\boxed{}, "
-    "for example \\boxed{42}.")
-MAX_EXPR_CHARS = 200
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-        ast.Div: operator.truediv, ast.USub: operator.neg, ast.UAdd: operator.pos}
-_CALL = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
-
-
-def calculate(expr: str) -> float:
-    """The value of an arithmetic expression: numbers, + - * / and parentheses only.
-    Anything else (names, calls, attributes, **, ...) raises ValueError."""
-    if len(expr) > MAX_EXPR_CHARS:
-        raise ValueError("expression too long")
-    try:
-        tree = ast.parse(expr.strip(), mode="eval")
-    except SyntaxError as e:
-        raise ValueError(f"syntax error: {e.msg}") from None
-
-    def ev(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Div) and right == 0:
-                raise ValueError("division by zero")
-            return _OPS[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](ev(node.operand))
-        raise ValueError(f"not allowed: {type(node).__name__}")
-
-    value = ev(tree.body)
-    if not abs(value) < 1e18:
-        raise ValueError("result too large")
-    return value
-
-
-def format_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
-
-
-def find_call(text: str) -> str | None:
-    """The expression of the first `<calc>...</calc>` in `text`, or None."""
-    m = _CALL.search(text)
-    return m.group(1) if m else None
-
-
-@dataclass
-class CalculatorEnv:
-    """One problem as a multi-turn episode with a calculator tool (module docstring)."""
-
-    problem: Problem
-    max_turns: int = 3
-    turns: int = 0
-    tool_calls: int = 0
-
-    def initial_observation(self) -> list[dict[str, str]]:
-        return [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": self.problem.question}]
-
-    def step(self, action_text: str) -> tuple[list[dict[str, str]] | None, float, bool,
-                                              dict[str, float]]:
-        self.turns += 1
-        expr = find_call(action_text) if extract_boxed(action_text) is None else None
-        reply = None
-        if expr is not None:
-            try:
-                reply = format_number(calculate(expr))
-                self.tool_calls += 1
-            except ValueError as e:
-                reply = f"error: {e}"
-        if reply is not None and self.turns < self.max_turns:
-            return [{"role": "tool", "content": reply}], 0.0, False, {}
-        reward, info = grade(action_text, self.problem.answer)
-        reward += TOOL_BONUS * (self.tool_calls > 0)
-        return None, reward, True, {**info, "tool_calls": float(self.tool_calls),
-                                    "turns": float(self.turns)}
 
 
 @dataclass
 class Episode:
-    env: CalculatorEnv
+    env: ToolEnv
     messages: list[dict[str, Any]]
     tokens: list[int]
     logprobs: list[float] = field(default_factory=list)  # one per token; 0 where not sampled
@@ -174,12 +112,40 @@ class Config(RecipeConfig):
     """Longest assistant turn sampled, in tokens."""
     temperature: float = 1.0
     """Sampling temperature."""
+    tool: Literal["calculator", "search"] = "calculator"
+    """The environment: word problems with a calculator, or questions with a search index."""
     difficulty: Literal["easy", "medium", "hard"] = "medium"
-    """Problem difficulty (see tinsmith.cookbook.arithmetic)."""
+    """Problem difficulty, tool=calculator (see tinsmith.cookbook.arithmetic)."""
+    search_k: int = 3
+    """Documents in a search reply, tool=search."""
+    fewshot: bool = True
+    """Show one worked episode (a call, its reply, a boxed answer) before each question."""
+    sft_steps: int = 0
+    """Warm start: supervised steps on scripted correct episodes before RL (0: none)."""
+    sft_examples: int = 64
+    """Scripted episodes for the warm start (problems apart from the RL ones)."""
+    sft_learning_rate: float | None = None
+    """Warm-start peak learning rate (None: the recommended LoRA rate, as in chat_sl)."""
+
+
+DEMO_SEED = 555_555_555_555
+"""Seed of the warm start's problems: beyond seed * TRAIN_SEED_STRIDE + step of any run."""
+
+
+def make_envs(cfg: Config, seed: int) -> list[ToolEnv]:
+    """`batch_size` problems drawn from `seed`, each as `group_size` fresh environments."""
+    if cfg.tool == "search":
+        index = SearchIndex(knowledge_base(seed))
+        return [SearchEnv(p, index, cfg.search_k, max_turns=cfg.max_turns, fewshot=cfg.fewshot)
+                for p in make_lookup_problems(cfg.batch_size, seed)
+                for _ in range(cfg.group_size)]
+    return [CalculatorEnv(p, max_turns=cfg.max_turns, fewshot=cfg.fewshot)
+            for p in make_problems(cfg.batch_size, seed=seed, difficulty=cfg.difficulty)
+            for _ in range(cfg.group_size)]
 
 
 def run_episodes(cfg: Config, sampler: tinker.SamplingClient, renderer: Renderer,
-                 envs: list[CalculatorEnv], seed: int) -> list[Episode]:
+                 envs: list[ToolEnv], seed: int) -> list[Episode]:
     """Play every env to its end, all advancing one turn at a time (requests sent together)."""
     episodes = []
     for env in envs:
@@ -208,8 +174,20 @@ def run_episodes(cfg: Config, sampler: tinker.SamplingClient, renderer: Renderer
     return episodes
 
 
+def warm_start(cfg: Config, service: tinker.ServiceClient) -> str | None:
+    """With `sft_steps`: supervised training on `sft_examples` scripted correct episodes
+    (`ToolEnv.demonstration`, every assistant turn trained) in <log_path>/sft; returns the
+    training state RL starts from."""
+    if cfg.sft_steps <= 0:
+        return None
+    demo_cfg = dataclasses.replace(cfg, batch_size=cfg.sft_examples, group_size=1)
+    demos = [env.demonstration() for env in make_envs(demo_cfg, DEMO_SEED + cfg.seed)]
+    return chat_sl.sft_stage(cfg, service, demos, steps=cfg.sft_steps, batch_size=8,
+                             learning_rate=cfg.sft_learning_rate, train_on="all_assistant")
+
+
 def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
-    training, start_step = training_client(service, cfg)
+    training, start_step = training_client(service, cfg, init_state=warm_start(cfg, service))
     renderer = get_renderer(training.get_tokenizer())
     lr = learning_rate(cfg)  # type: ignore[arg-type]
     adam = types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8)
@@ -220,11 +198,9 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         t0 = time.perf_counter()
         sampler = training.save_weights_and_get_sampling_client().result()
         seed = cfg.seed * TRAIN_SEED_STRIDE + step
-        problems_P = make_problems(cfg.batch_size, seed=seed, difficulty=cfg.difficulty)
-        envs = [CalculatorEnv(p, cfg.max_turns) for p in problems_P for _ in range(cfg.group_size)]
-        episodes = run_episodes(cfg, sampler, renderer, envs, seed * 100_000)
+        episodes = run_episodes(cfg, sampler, renderer, make_envs(cfg, seed), seed * 100_000)
         data_D, mixed = [], 0
-        for p in range(len(problems_P)):
+        for p in range(cfg.batch_size):
             group = episodes[p * cfg.group_size:(p + 1) * cfg.group_size]
             advantages_G = centred_advantages([e.reward for e in group])
             if advantages_G is None:
@@ -235,7 +211,7 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         metrics = {"reward": float(np.mean([e.reward for e in episodes])),
                    **{k: float(np.mean([e.info[k] for e in episodes]))
                       for k in ("correct", "format", "tool_calls", "turns")},
-                   "mixed_groups": mixed / len(problems_P), "num_datums": len(data_D),
+                   "mixed_groups": mixed / cfg.batch_size, "num_datums": len(data_D),
                    "sample_s": time.perf_counter() - t0}
         if data_D:
             metrics |= policy_step(training, data_D, adam)
