@@ -32,7 +32,9 @@ def test_generates_once_trains_saves_and_resumes(tmp_path: Path) -> None:
     assert out["num_train"] + out["num_eval"] == len(data)
     rows = read_jsonl(log / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1]
-    assert all({"nll", "eval/nll", "tokens", "step_s"} <= set(r) for r in rows)
+    assert all({"nll", "eval/nll", "eval/first_word", "tokens", "step_s"} <= set(r)
+               for r in rows)
+    assert all(r["eval/first_word"] * len(held_out) in range(len(held_out) + 1) for r in rows)
     assert_finite(rows)
     ckpts = read_jsonl(log / "checkpoints.jsonl")
     assert [c["step"] for c in ckpts] == [2]
@@ -51,3 +53,9 @@ def test_eval_nll_falls(tmp_path: Path) -> None:
     pd.main(args(log, 5, "save_every=0", "temperature=0.0"))
     nll = [r["eval/nll"] for r in read_jsonl(log / "metrics.jsonl")]
     assert nll[-1] < nll[0]
+
+
+def test_first_word() -> None:
+    assert pd.first_word("  Imagine a kitchen...") == "imagine"
+    assert pd.first_word("\n\n'Tis the season") == "'tis"
+    assert pd.first_word("42 is the answer") == "is" and pd.first_word("...") == ""

@@ -16,8 +16,12 @@ student learns, by supervised fine-tuning, to answer the same way without it.
    and learns the teacher's answer with `cross_entropy` on the last assistant message.
    Weights are normalised over the batch, so `nll` is the mean NLL per trained token.
 3. Every `eval_every` steps (and after the last) `eval/nll`: the held-out answers' NLL per
-   token under the student, again without the system prompt (`forward`, no gradient). It
-   falls as the student takes on the instructed behaviour it is no longer shown.
+   token under the student, again without the system prompt (`forward`, no gradient).
+   Teacher answers are sampled at `temperature`, so much of that NLL is sampling noise no
+   student can predict; the behaviour itself shows in `eval/first_word`: on the held-out
+   questions, the share of the student's greedy answers (no system prompt) that open with
+   the same word as the teacher's greedy answer (with it). Measured at step 0 (the base
+   model) and then every `eval_every` steps, before that step's update.
 
 Every step logs to <log_path>/metrics.jsonl; save every `save_every` steps and after the
 last; the same `log_path` resumes (optimizer state and teacher data included).
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +122,22 @@ def teacher_data(cfg: Config, service: tinker.ServiceClient,
     return rows, True
 
 
+def first_word(text: str) -> str:
+    """The first word of `text`, lower-cased ("" if none): how an answer opens."""
+    words = re.findall(r"[A-Za-z']+", text)
+    return words[0].lower() if words else ""
+
+
+def greedy_openings(sampler: tinker.SamplingClient, renderer: Any,
+                    prompts: list[list[Message]]) -> list[str]:
+    """The first word of a greedy answer to each prompt (a few tokens are enough)."""
+    params = types.SamplingParams(max_tokens=8, temperature=0.0, stop=renderer.stop_sequences())
+    futures = [sampler.sample(types.ModelInput.from_ints(renderer.build_generation_prompt(m)),
+                              num_samples=1, sampling_params=params) for m in prompts]
+    return [first_word(renderer.parse_response(list(f.result().sequences[0].tokens))[0]["content"])
+            for f in futures]
+
+
 def student_datum(renderer: Any, row: dict[str, Any]) -> types.Datum:
     """The question without the teacher's system prompt, loss on the teacher's answer."""
     convo = [*row["messages"], {"role": "assistant", "content": row["answer"]}]
@@ -132,6 +153,9 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     eval_data = normalised([student_datum(renderer, r) for r in rows if r["eval"]])
     if len(datums) < cfg.batch_size:
         raise SystemExit(f"error: {len(datums)} training conversations, fewer than batch_size")
+    held_out = list({json.dumps(r["messages"]): r["messages"] for r in rows if r["eval"]}.values())
+    target_words = greedy_openings(teacher_client(cfg, service), renderer,
+                                   [teacher_messages(cfg, m) for m in held_out])
     logger = open_logger(cfg, start_step, "prompt_distillation")
     adam = types.AdamParams(learning_rate=cfg.learning_rate)
     per_epoch = len(datums) // cfg.batch_size
@@ -140,6 +164,11 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     for step in range(start_step, cfg.max_steps):
         metrics = {"generate_s": time.perf_counter() - t0} if step == start_step and generated else {}
         t1 = time.perf_counter()
+        if held_out and (step % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+            words = greedy_openings(training.save_weights_and_get_sampling_client().result(),
+                                    renderer, held_out)
+            metrics["eval/first_word"] = sum(
+                a == b for a, b in zip(words, target_words)) / len(held_out)
         epoch, k = divmod(step, per_epoch)
         batch = normalised(batches(datums, cfg.batch_size, cfg.seed, epoch, drop_last=True)[k])
         fwd_bwd = training.forward_backward(batch, "cross_entropy")
