@@ -21,10 +21,10 @@ RECIPES=(
   "rl_loop|rl_loop|max_steps=10 max_tokens=64 learning_rate=5e-4|reward correct format"
   "distillation_off|distillation|mode=off_policy max_steps=10 batch_size=4 max_tokens=64 learning_rate=1e-3|loss kl teacher_entropy"
   "distillation_on|distillation|mode=on_policy max_steps=10 batch_size=4 group_size=2 max_tokens=64 learning_rate=1e-3|reverse_kl teacher_logprob student_logprob"
-  "prompt_distillation|prompt_distillation|max_steps=20 batch_size=4 max_tokens=64 learning_rate=1e-3|nll eval/nll"
+  "prompt_distillation|prompt_distillation|max_steps=20 batch_size=4 max_tokens=64 learning_rate=1e-3|nll eval/nll eval/first_word"
   "tool_use|tool_use|sft_steps=10 max_steps=8 batch_size=4 group_size=4 max_tokens=48|reward correct format tool_calls"
   "tool_use_search|tool_use|tool=search sft_steps=10 max_steps=8 batch_size=4 group_size=4 max_tokens=48|reward correct format tool_calls"
-  "multi_agent|multi_agent|max_steps=10 batch_size=4 group_size=4|reward solved turns"
+  "multi_agent|multi_agent|max_steps=10 batch_size=4 group_size=4|reward solved turns invalid_guesses mixed_groups"
 )
 
 want=" $* "
