@@ -209,12 +209,12 @@ def test_pick_distribution() -> None:
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     rows = logits.expand(20000, -1)
     spec = SampleSpec(prompt=np.zeros(1, np.int64), temperature=0.7)
-    tokens, lps = Sampler._pick(rows, spec, gen)
+    tokens, lps, _ = Sampler._pick(rows, spec, gen)
     freq = torch.bincount(tokens, minlength=5).double() / len(tokens)
     np.testing.assert_allclose(freq.numpy(), torch.softmax(logits / 0.7, -1).numpy(), atol=0.015)
     raw = torch.log_softmax(logits, -1)[tokens]
     np.testing.assert_allclose(lps.numpy(), raw.numpy(), atol=1e-6)
-    tokens, _ = Sampler._pick(rows, SampleSpec(prompt=spec.prompt, top_k=2), gen)
+    tokens, _, _ = Sampler._pick(rows, SampleSpec(prompt=spec.prompt, top_k=2), gen)
     freq = torch.bincount(tokens, minlength=5).double() / len(tokens)
     np.testing.assert_allclose(freq[:2].numpy(), torch.softmax(logits[:2], -1).numpy(), atol=0.015)
     assert freq[2:].sum() == 0
@@ -222,7 +222,7 @@ def test_pick_distribution() -> None:
     big = -1e-4 * torch.arange(5000.0)
     probs = torch.softmax(big.double(), -1).numpy()
     n_keep = int(np.searchsorted(np.cumsum(probs) - probs, 0.5, side="left"))  # mass before < 0.5
-    tokens, _ = Sampler._pick(big.expand(1500, -1), SampleSpec(prompt=spec.prompt, top_p=0.5), gen)
+    tokens, _, _ = Sampler._pick(big.expand(1500, -1), SampleSpec(prompt=spec.prompt, top_p=0.5), gen)
     assert n_keep > 1024
     # <= rather than <: fp32 rounding may move the boundary by one token.
     assert 0.9 * n_keep < int(tokens.max()) <= n_keep

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tinsmith.engine.draw import draw
 from tinsmith.types import SampleOut, SampleSpec
 
 # The SDK's "no entry" cell of a TopkLogprobs matrix (tinker.types.topk_logprobs).
@@ -89,12 +90,7 @@ def _draw_alternatives(scored: torch.Tensor, k: int, temperature: float, seed: i
     step = max(1, _DRAW_CELLS // scored.shape[1])
     for a in range(0, scored.shape[0], step):
         probs = (scored[a : a + step] / temperature).softmax(dim=-1)
-        # Inverse CDF in fp64 (as Sampler._draw), k uniforms per row; u < total always.
-        cdf = probs.double().cumsum(dim=-1)  # [r, V]
-        total = cdf[:, -1:]
-        u = torch.rand(cdf.shape[0], k, generator=gen, dtype=torch.float64) * total
-        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-        out[a : a + step] = torch.searchsorted(cdf, u, right=True)
+        out[a : a + step] = draw(probs, gen, k)
     return out
 
 

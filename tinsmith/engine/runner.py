@@ -83,7 +83,8 @@ class ModelRunner:
             self.layers[path].adapters.pop(slot, None)
 
     # ----- compute --------------------------------------------------------------------
-    def _groups(self, slot_rows: Sequence[tuple[int | None, torch.Tensor]]) -> list[tuple[int | None, int]]:
+    @staticmethod
+    def _groups(slot_rows: Sequence[tuple[int | None, torch.Tensor]]) -> list[tuple[int | None, int]]:
         return [(slot, len(list(g))) for slot, g in itertools.groupby(s for s, _ in slot_rows)]
 
     @staticmethod
@@ -95,7 +96,8 @@ class ModelRunner:
         return ids
 
     def logits(self, slot_rows: Sequence[tuple[int | None, torch.Tensor]]) -> torch.Tensor:
-        """Logits [B, T, V] for right-padded token rows, each row under its slot.
+        """Logits [B, T, V] for right-padded token rows, each row under its slot: the plain
+        dense path, kept as the reference the tests hold `target_logprobs` to.
 
         `slot_rows` must already be grouped by slot (equal slots adjacent).
         """

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from tinsmith.engine.draw import draw
 from tinsmith.engine.prompt_scoring import first_position, score_prompt
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.engine.validation import check_sample
@@ -83,25 +84,12 @@ class Sampler:
         return torch.as_tensor(np.asarray(spec.prompt), dtype=torch.long).reshape(-1)
 
     # ----- one decoding step ----------------------------------------------------------
-    @staticmethod
-    def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """One index per row of non-negative weights [B, C] (need not sum to 1), by inverse CDF.
-
-        torch.multinomial draws C exponentials per row on CPU (~10 ms for 4 x 49152); this
-        draws one uniform per row. Zero-weight entries can never be chosen: u < total, and
-        searchsorted(right=True) returns the first index whose cdf is > u.
-        """
-        cdf = probs.double().cumsum(dim=-1)  # [B, C], fp64 so tiny probabilities keep their mass
-        total = cdf[:, -1:]
-        u = torch.rand(total.shape, generator=gen, dtype=torch.float64) * total
-        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # keep u < total
-        return torch.searchsorted(cdf, u, right=True)[:, 0]
-
     @classmethod
     def _pick(
         cls, logits: torch.Tensor, spec: SampleSpec, gen: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per row from fp32 logits [B, V]: (tokens [B], raw logprobs [B])."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token per row from fp32 logits [B, V]: (tokens [B], raw logprobs [B], and
+        log_z [B] = logsumexp of each row, for other raw logprobs of the same step)."""
         if spec.temperature == 0:
             tokens = logits.argmax(dim=-1)
         else:
@@ -132,11 +120,11 @@ class Sampler:
                 # likely candidate always survives.
                 before = probs.cumsum(dim=-1) - probs
                 probs = probs.masked_fill(before >= spec.top_p, 0.0)
-            idx = cls._draw(probs, gen)
+            idx = draw(probs, gen)[:, 0]
             tokens = idx if cand is None else cand.gather(-1, idx[:, None])[:, 0]
         # Raw (temperature 1) logprob of the chosen token, without a [B, V] log_softmax.
-        logprobs = logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-        return tokens, logprobs
+        log_z = torch.logsumexp(logits, dim=-1)
+        return tokens, logits.gather(-1, tokens[:, None])[:, 0] - log_z, log_z
 
     # ----- the request ----------------------------------------------------------------
     def sample(self, slot: int | None, spec: SampleSpec) -> SampleOut:
@@ -191,9 +179,10 @@ class Sampler:
             active = list(range(n))
             next_logits = last.expand(n, -1)  # [B, V]; step 0 is the same for all rows
             for step in range(spec.max_tokens):
-                tokens, logprobs = self._pick(next_logits, spec, gen)
+                tokens, logprobs, log_z = self._pick(next_logits, spec, gen)
                 if k_top > 0:
-                    top_lp, top_ids = self._topk(next_logits if step else next_logits[:1], k_top)
+                    rows = slice(None) if step else slice(0, 1)
+                    top_lp, top_ids = self._topk(next_logits[rows], log_z[rows], k_top)
                 keep_rows: list[int] = []
                 for b, (t, lp_) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
                     i = active[b]
@@ -223,11 +212,11 @@ class Sampler:
         return result
 
     @staticmethod
-    def _topk(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k most likely tokens per row of fp32 logits [B, V], most likely first:
-        (raw logprobs float32 [B, k], ids int32 [B, k])."""
+    def _topk(logits: torch.Tensor, log_z: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k most likely tokens per row of fp32 logits [B, V] whose logsumexp is log_z [B],
+        most likely first: (raw logprobs float32 [B, k], ids int32 [B, k])."""
         vals, ids = logits.topk(k, dim=-1)
-        lp = vals - torch.logsumexp(logits, dim=-1, keepdim=True)
+        lp = vals - log_z[:, None]
         return lp.numpy().astype(np.float32), ids.numpy().astype(np.int32)
 
     @staticmethod

@@ -110,15 +110,22 @@ class ServerMetrics:
             ["model"], registry=r)
         r.register(_ScrapeCollector(self))
 
+    def _window(self, model: str) -> _BusyWindow:
+        """The model's busy window, created on first use (call with the lock held)."""
+        w = self._windows.get(model)
+        if w is None:
+            w = self._windows[model] = _BusyWindow(self.busy_window_s)
+        return w
+
     def add_model(self, model: str) -> None:
         """Make a model's series visible (at zero) before its first job."""
         with self._lock:
-            self._windows.setdefault(model, _BusyWindow(self.busy_window_s))
+            self._window(model)
         self.busy_seconds.labels(model=model)
 
     def job_started(self, model: str, started: float) -> None:
         with self._lock:
-            self._windows.setdefault(model, _BusyWindow(self.busy_window_s)).current = started
+            self._window(model).current = started
 
     def job_finished(
         self, model: str, label: str, outcome: Outcome, *, submitted: float, started: float,
@@ -127,7 +134,7 @@ class ServerMetrics:
         """Record one job the worker ran; times are `time.monotonic()` values."""
         kind = request_kind(label)
         with self._lock:
-            self._windows.setdefault(model, _BusyWindow(self.busy_window_s)).add(started, finished)
+            self._window(model).add(started, finished)
         self.busy_seconds.labels(model=model).inc(max(0.0, finished - started))
         self.request_seconds.labels(model=model, kind=kind).observe(max(0.0, finished - submitted))
         self.requests.labels(model=model, kind=kind, outcome=outcome).inc()

@@ -35,11 +35,10 @@ class _Job:
 
 class EngineWorker:
     def __init__(
-        self, name: str, futures: FutureStore, metrics: ServerMetrics | None = None
-    ) -> None:
+        self, name: str, futures: FutureStore) -> None:
         self.name = name
         self._futures = futures
-        self._metrics = metrics
+        self._metrics: ServerMetrics | None = None  # see attach_metrics
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
