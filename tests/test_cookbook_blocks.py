@@ -292,3 +292,12 @@ def test_curves_report_reads_metrics_back(tmp_path: Path) -> None:
         "missing: not logged"]
     with pytest.raises(SystemExit, match="no metrics"):
         curves.read_rows(tmp_path / "nowhere")
+
+
+def test_grouped_advantages_skip_flat_groups() -> None:
+    from tinsmith.cookbook.rl import grouped_advantages
+
+    picked, mixed = grouped_advantages([1.0, 1.0, 0.0, 2.0, 3.0, 3.0], group_size=2)
+    assert mixed == 1
+    assert picked == [(2, -1.0), (3, 1.0)]  # group 0 and 2 are flat, group 1 is centred
+    assert grouped_advantages([], 4) == ([], 0)

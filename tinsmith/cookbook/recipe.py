@@ -248,6 +248,19 @@ def finished_stage(cfg: RecipeConfig, name: str) -> str | None:
     return str(ckpt["state_path"])
 
 
+def recommended_lora_lr(model_name: str) -> float:
+    """`hyperparams.get_lora_lr_for_model` for a model this machine can resolve (a catalog
+    name or a local folder); exits with a message asking for `learning_rate=` otherwise."""
+    from tinsmith.cookbook.hyperparams import get_lora_lr_for_model
+    from tinsmith.models.catalog import resolve_model_dir
+
+    try:
+        return get_lora_lr_for_model(resolve_model_dir(model_name))
+    except (ValueError, OSError, KeyError) as e:
+        raise SystemExit(f"error: no recommended learning rate for {model_name} ({e}); "
+                         "pass learning_rate=...") from e
+
+
 def should_save(cfg: RecipeConfig, steps_done: int) -> bool:
     """Save every `save_every` steps and after the last one."""
     return steps_done == cfg.max_steps or (cfg.save_every > 0 and steps_done % cfg.save_every == 0)

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tinker
 from tinker import types
+
+TRAIN_SEED_STRIDE = 1_000_003
+"""Recipes seed step `step` of a run with seed `seed` from seed * TRAIN_SEED_STRIDE + step
+(times a recipe-specific factor), so runs with different seeds never share a step's draws."""
 
 # Server metrics (docs/losses.md) logged by the recipes, under these names.
 SERVER_METRICS = {"ratio:mean": "ratio", "kl_sampler:mean": "kl_sampler",
@@ -38,6 +43,21 @@ def centred_advantages(rewards: Sequence[float]) -> np.ndarray | None:
     scored the same (no direction to push in, so the group is skipped)."""
     r = np.asarray(rewards, dtype=np.float64)
     return None if r.max() == r.min() else r - r.mean()
+
+
+def grouped_advantages(rewards: Sequence[float],
+                       group_size: int) -> tuple[list[tuple[int, float]], int]:
+    """For rewards laid out group after group (`group_size` each): (index, centred advantage)
+    of every member of a group with a spread, in order, and how many groups had one (groups
+    that all scored the same carry no signal and are left out; see `centred_advantages`)."""
+    picked: list[tuple[int, float]] = []
+    mixed = 0
+    for start in range(0, len(rewards), group_size):
+        advantages = centred_advantages(rewards[start:start + group_size])
+        if advantages is not None:
+            mixed += 1
+            picked += [(start + g, float(a)) for g, a in enumerate(advantages)]
+    return picked, mixed
 
 
 def transcript_datum(tokens: Sequence[int], logprobs: Sequence[float], sampled: Sequence[bool],
@@ -84,3 +104,16 @@ def with_kl_penalty(reference: tinker.TrainingClient, data_D: list[types.Datum],
             **d.loss_fn_inputs, "advantages": advantages - kl_coeff * diff}))
     all_diffs = np.concatenate(diffs) if diffs else np.zeros(0)
     return penalised, float(all_diffs.mean()) if all_diffs.size else 0.0
+
+
+def sample_prompts(sampler: tinker.SamplingClient, prompts: Sequence[Sequence[int]],
+                   num_samples: int, *, max_tokens: int, temperature: float,
+                   stop: list[int] | list[str] | None = None,
+                   seed: int | None = None) -> list[Any]:
+    """One `sample` request per prompt, all sent before any is awaited (so the server sees
+    them together); returns the futures. With `seed`, prompt i is seeded `seed + i`."""
+    return [sampler.sample(types.ModelInput.from_ints(list(prompt)), num_samples=num_samples,
+                           sampling_params=types.SamplingParams(
+                               max_tokens=max_tokens, temperature=temperature, stop=stop,
+                               seed=None if seed is None else seed + i))
+            for i, prompt in enumerate(prompts)]

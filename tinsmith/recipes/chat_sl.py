@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,12 +41,13 @@ from tinsmith.cookbook.datasets import (
     row_to_conversation,
     train_test_split,
 )
-from tinsmith.cookbook.hyperparams import get_lora_lr_for_model, warmup_cosine
+from tinsmith.cookbook.hyperparams import warmup_cosine
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
     end_step,
     finished_stage,
     open_logger,
+    recommended_lora_lr,
     run,
     summary,
     training_client,
@@ -113,15 +115,7 @@ def normalised(data: list[types.Datum]) -> list[types.Datum]:
 
 
 def peak_lr(cfg: Config) -> float:
-    if cfg.learning_rate is not None:
-        return cfg.learning_rate
-    from tinsmith.models.catalog import resolve_model_dir
-
-    try:
-        return get_lora_lr_for_model(resolve_model_dir(cfg.model_name))
-    except (ValueError, OSError, KeyError) as e:
-        raise SystemExit(f"error: no recommended learning rate for {cfg.model_name} ({e}); "
-                         "pass learning_rate=...") from e
+    return cfg.learning_rate if cfg.learning_rate is not None else recommended_lora_lr(cfg.model_name)
 
 
 def train(cfg: Config, service: tinker.ServiceClient,
@@ -160,12 +154,14 @@ def train(cfg: Config, service: tinker.ServiceClient,
     return summary(cfg, start_step, metrics, checkpoint)
 
 
-def sft_stage(cfg: RecipeConfig, service: tinker.ServiceClient, conversations: list[Conversation],
-              *, steps: int, batch_size: int, learning_rate: float | None,
-              train_on: str = "last_assistant", folder: str = "sft") -> str:
-    """Supervised fine-tuning on `conversations` as the first stage of another recipe (its
+def sft_stage(cfg: RecipeConfig, service: tinker.ServiceClient,
+              conversations: Callable[[], list[Conversation]], *, steps: int, batch_size: int,
+              learning_rate: float | None, train_on: str = "last_assistant",
+              folder: str = "sft") -> str:
+    """Supervised fine-tuning on `conversations()` as the first stage of another recipe (its
     own run in <cfg.log_path>/<folder>, no held-out set); returns the final training state's
-    path. A stage that already ran all `steps` is not run again, an interrupted one resumes."""
+    path. A stage that already ran all `steps` is not run again (and its conversations are
+    not built), an interrupted one resumes."""
     sub = Config(model_name=cfg.model_name, log_path=str(Path(cfg.log_path) / folder),
                  max_steps=steps, learning_rate=learning_rate, lora_rank=cfg.lora_rank,
                  seed=cfg.seed, save_every=cfg.save_every, table_every=cfg.table_every,
@@ -173,7 +169,7 @@ def sft_stage(cfg: RecipeConfig, service: tinker.ServiceClient, conversations: l
                  wandb_project=cfg.wandb_project, tensorboard=cfg.tensorboard)
     if (done := finished_stage(sub, folder)) is not None:
         return done
-    return str(train(sub, service, conversations)["checkpoint"]["state_path"])
+    return str(train(sub, service, conversations())["checkpoint"]["state_path"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

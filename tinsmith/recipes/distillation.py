@@ -78,7 +78,7 @@ from tinsmith.cookbook.recipe import (
     training_client,
 )
 from tinsmith.cookbook.renderers import Message, get_renderer
-from tinsmith.cookbook.rl import policy_step
+from tinsmith.cookbook.rl import TRAIN_SEED_STRIDE, policy_step, sample_prompts
 from tinsmith.recipes.rl_loop import rl_datum
 
 TEACHER_SYSTEM = (
@@ -147,7 +147,7 @@ def load_prompts(cfg: Config) -> list[list[Message]]:
 
 def step_prompts(prompts: list[list[Message]], cfg: Config, step: int) -> list[list[Message]]:
     """`batch_size` prompts for this step: a function of (seed, step) only."""
-    rng = random.Random(cfg.seed * 1_000_003 + step)
+    rng = random.Random(cfg.seed * TRAIN_SEED_STRIDE + step)
     return [prompts[rng.randrange(len(prompts))] for _ in range(cfg.batch_size)] \
         if cfg.batch_size > len(prompts) else rng.sample(prompts, cfg.batch_size)
 
@@ -195,11 +195,9 @@ def off_policy_step(cfg: Config, training: tinker.TrainingClient, teacher: tinke
     stop = renderer.stop_sequences()
     tprompts_P = [renderer.build_generation_prompt(teacher_messages(cfg, m)) for m in messages_P]
     sprompts_P = [renderer.build_generation_prompt(m) for m in messages_P]
-    futures_P = [teacher.sample(types.ModelInput.from_ints(tp), num_samples=1,
-                                sampling_params=types.SamplingParams(
-                                    max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                    stop=stop, seed=cfg.seed * 1_000_003 + step * 1_000 + p))
-                 for p, tp in enumerate(tprompts_P)]
+    futures_P = sample_prompts(teacher, tprompts_P, 1, max_tokens=cfg.max_tokens,
+                               temperature=cfg.temperature, stop=stop,
+                               seed=cfg.seed * TRAIN_SEED_STRIDE + step * 1_000)
     responses_P = [list(f.result().sequences[0].tokens) for f in futures_P]
     # The teacher's top-K at every answer position: score prompt + answer as a prompt.
     score_P = [teacher.sample(types.ModelInput.from_ints(tp + r), num_samples=1,
@@ -237,11 +235,9 @@ def on_policy_step(cfg: Config, training: tinker.TrainingClient, teacher: tinker
     stop = renderer.stop_sequences()
     tprompts_P = [renderer.build_generation_prompt(teacher_messages(cfg, m)) for m in messages_P]
     sprompts_P = [renderer.build_generation_prompt(m) for m in messages_P]
-    futures_P = [sampler.sample(types.ModelInput.from_ints(sp), num_samples=cfg.group_size,
-                                sampling_params=types.SamplingParams(
-                                    max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                    stop=stop, seed=cfg.seed * 1_000_003 + step * 1_000 + p))
-                 for p, sp in enumerate(sprompts_P)]
+    futures_P = sample_prompts(sampler, sprompts_P, cfg.group_size, max_tokens=cfg.max_tokens,
+                               temperature=cfg.temperature, stop=stop,
+                               seed=cfg.seed * TRAIN_SEED_STRIDE + step * 1_000)
     samples = [(tp, sp, seq) for tp, sp, f in zip(tprompts_P, sprompts_P, futures_P)
                for seq in f.result().sequences]
     # The teacher's logprob of each student token, in the teacher's own context.

@@ -62,20 +62,23 @@ import tinker
 from tinker import types
 
 from tinsmith.cookbook.arithmetic import Problem, grade, make_problems, problem_messages
-from tinsmith.cookbook.hyperparams import get_lora_lr_for_model, rl_lr_for_batch
+from tinsmith.cookbook.hyperparams import rl_lr_for_batch
 from tinsmith.cookbook.recipe import (
     RecipeConfig,
     end_step,
     open_logger,
+    recommended_lora_lr,
     run,
     summary,
     training_client,
 )
 from tinsmith.cookbook.renderers import Renderer, get_renderer
 from tinsmith.cookbook.rl import (
-    centred_advantages,
+    TRAIN_SEED_STRIDE,
+    grouped_advantages,
     policy_step,
     reference_client,
+    sample_prompts,
     with_kl_penalty,
 )
 from tinsmith.cookbook.transcripts import Episode, write_html_transcripts
@@ -85,7 +88,6 @@ REFERENCE_BATCH = 32
 """Problems per step that the hyperparams LoRA learning rate is taken to be tuned for."""
 EVAL_SEED = 987_654_321_987
 """Seed of the held-out problems: beyond seed * 1_000_003 + step for any seed < 987_000."""
-TRAIN_SEED_STRIDE = 1_000_003
 @dataclass(frozen=True, kw_only=True)
 class Config(RecipeConfig):
     log_path: str = "runs/math_rl"
@@ -123,14 +125,7 @@ def learning_rate(cfg: Config) -> float:
     """`cfg.learning_rate`, or the hyperparams LoRA rate scaled to the batch (module docstring)."""
     if cfg.learning_rate is not None:
         return cfg.learning_rate
-    from tinsmith.models.catalog import resolve_model_dir
-
-    try:
-        lora_lr = get_lora_lr_for_model(resolve_model_dir(cfg.model_name))
-    except (ValueError, OSError, KeyError) as e:
-        raise SystemExit(f"error: no recommended learning rate for {cfg.model_name} ({e}); "
-                         "pass learning_rate=...") from e
-    return rl_lr_for_batch(lora_lr, cfg.batch_size, REFERENCE_BATCH)
+    return rl_lr_for_batch(recommended_lora_lr(cfg.model_name), cfg.batch_size, REFERENCE_BATCH)
 
 
 def eval_problems(cfg: Config) -> list[Problem]:
@@ -175,31 +170,21 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         messages_P = [problem_messages(p, cfg.fewshot) for p in problems_P]
         prompts_P = [renderer.build_generation_prompt(m) for m in messages_P]
         stop = renderer.stop_sequences()
-        futures_P = [
-            sampler.sample(types.ModelInput.from_ints(prompt), num_samples=cfg.group_size,
-                           sampling_params=types.SamplingParams(
-                               max_tokens=cfg.max_tokens, temperature=cfg.temperature, stop=stop,
-                               seed=cfg.seed * TRAIN_SEED_STRIDE + step * 1_000 + p))
-            for p, prompt in enumerate(prompts_P)
-        ]
-        futures_E = [
-            sampler.sample(types.ModelInput.from_ints(prompt), num_samples=1,
-                           sampling_params=types.SamplingParams(
-                               max_tokens=cfg.max_tokens, temperature=0.0, stop=stop, seed=e))
-            for e, prompt in enumerate(prompts_E)
-        ] if evaluate else []
+        futures_P = sample_prompts(sampler, prompts_P, cfg.group_size, max_tokens=cfg.max_tokens,
+                                   temperature=cfg.temperature, stop=stop,
+                                   seed=cfg.seed * TRAIN_SEED_STRIDE + step * 1_000)
+        futures_E = sample_prompts(sampler, prompts_E, 1, max_tokens=cfg.max_tokens,
+                                   temperature=0.0, stop=stop, seed=0) if evaluate else []
 
         # Grade, centre the rewards in each group, one datum per answer of a mixed group.
-        data_D: list[types.Datum] = []
-        n_sampled_D: list[int] = []
         episodes: list[Episode] = []
-        rewards, correct, formatted, lengths, mixed_groups = [], [], [], [], 0
+        samples: list[tuple[list[int], Any]] = []  # (prompt, sequence), group after group
+        rewards, correct, formatted, lengths = [], [], [], []
         for p, (problem, prompt, future) in enumerate(zip(problems_P, prompts_P, futures_P)):
-            sequences_G = future.result().sequences
-            rewards_G = []
-            for g, seq in enumerate(sequences_G):
+            for g, seq in enumerate(future.result().sequences):
                 text, reward, info = score(renderer, seq.tokens, problem.answer)
-                rewards_G.append(reward)
+                samples.append((prompt, seq))
+                rewards.append(reward)
                 correct.append(info["correct"])
                 formatted.append(info["format"])
                 lengths.append(len(seq.tokens))
@@ -208,15 +193,10 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
                         messages=[*messages_P[p], {"role": "assistant", "content": text}],
                         reward=reward, title=f"step {step}, problem {p}, sample {g}",
                         metrics={**info, "answer": problem.answer}))
-            rewards += rewards_G
-            advantages_G = centred_advantages(rewards_G)
-            if advantages_G is None:
-                continue  # every answer scored the same: no direction to push in
-            mixed_groups += 1
-            for seq, advantage in zip(sequences_G, advantages_G):
-                data_D.append(rl_datum(list(prompt), list(seq.tokens), list(seq.logprobs),
-                                       float(advantage)))
-                n_sampled_D.append(len(seq.tokens))
+        picked, mixed_groups = grouped_advantages(rewards, cfg.group_size)
+        data_D = [rl_datum(list(samples[i][0]), list(samples[i][1].tokens),
+                           list(samples[i][1].logprobs), a) for i, a in picked]
+        n_sampled_D = [len(samples[i][1].tokens) for i, _ in picked]
 
         metrics = {"reward": float(np.mean(rewards)), "correct": float(np.mean(correct)),
                    "format": float(np.mean(formatted)),

@@ -58,7 +58,12 @@ from tinsmith.cookbook.recipe import (
     training_client,
 )
 from tinsmith.cookbook.renderers import Renderer, get_renderer
-from tinsmith.cookbook.rl import centred_advantages, policy_step, transcript_datum
+from tinsmith.cookbook.rl import (
+    TRAIN_SEED_STRIDE,
+    grouped_advantages,
+    policy_step,
+    transcript_datum,
+)
 from tinsmith.recipes.math_rl import learning_rate
 
 ANSWERS = ("higher", "lower", "correct")
@@ -213,26 +218,22 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         sampler = training.save_weights_and_get_sampling_client().result()
-        data_D: list[types.Datum] = []
-        rewards, info, lengths, mixed_groups = [], [], [], 0
+        games: list[Game] = []  # group after group
         errors0, calls0 = (responder.errors, responder.calls) if responder else (0, 0)
         for p in range(cfg.batch_size):
             secret = random.Random(f"{cfg.seed}:{step}:{p}").randint(1, cfg.max_number)
             games_G = play([GuessNumberEnv(secret, cfg.max_number, cfg.max_turns,
                                            responder or truthful)
                             for _ in range(cfg.group_size)], sampler, renderer, cfg,
-                           [(cfg.seed * 1_000_003 + step) * 100_000 + p * 1_000 + g * 50
+                           [(cfg.seed * TRAIN_SEED_STRIDE + step) * 100_000 + p * 1_000 + g * 50
                             for g in range(cfg.group_size)])
-            rewards_G = [game.reward for game in games_G]
-            rewards += rewards_G
-            info += [game.metrics for game in games_G]
-            lengths += [len(game.tokens) for game in games_G]
-            advantages_G = centred_advantages(rewards_G)
-            if advantages_G is None:
-                continue
-            mixed_groups += 1
-            for game, adv in zip(games_G, advantages_G):
-                data_D.append(transcript_datum(game.tokens, game.logprobs, game.mask, float(adv)))
+            games += games_G
+        rewards = [game.reward for game in games]
+        info = [game.metrics for game in games]
+        lengths = [len(game.tokens) for game in games]
+        picked, mixed_groups = grouped_advantages(rewards, cfg.group_size)
+        data_D = [transcript_datum(games[i].tokens, games[i].logprobs, games[i].mask, a)
+                  for i, a in picked]
         metrics = {"reward": float(np.mean(rewards)), "mixed_groups": mixed_groups / cfg.batch_size,
                    **{k: float(np.mean([i[k] for i in info]))
                       for k in ("solved", "turns", "invalid_guesses")},

@@ -54,6 +54,7 @@ from tinsmith.cookbook.recipe import (
     training_client,
 )
 from tinsmith.cookbook.renderers import Message, TrainOn, get_renderer, to_datum
+from tinsmith.cookbook.rl import TRAIN_SEED_STRIDE, sample_prompts
 from tinsmith.recipes.chat_sl import normalised
 from tinsmith.recipes.distillation import (
     TEACHER_SYSTEM,
@@ -94,27 +95,23 @@ def generate(cfg: Config, teacher: tinker.SamplingClient, renderer: Any,
              prompts: list[list[Message]]) -> list[dict[str, Any]]:
     """The teacher's answers: rows {"messages", "answer", "eval"} (messages without the system)."""
     _, held_out = train_test_split(list(range(len(prompts))), cfg.eval_fraction, cfg.seed)
-    futures = [teacher.sample(
-        types.ModelInput.from_ints(renderer.build_generation_prompt(teacher_messages(cfg, m))),
-        num_samples=cfg.samples_per_prompt,
-        sampling_params=types.SamplingParams(max_tokens=cfg.max_tokens,
-                                             temperature=cfg.temperature,
-                                             stop=renderer.stop_sequences(),
-                                             seed=cfg.seed * 1_000_003 + p))
-        for p, m in enumerate(prompts)]
+    futures = sample_prompts(
+        teacher, [renderer.build_generation_prompt(teacher_messages(cfg, m)) for m in prompts],
+        cfg.samples_per_prompt, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+        stop=renderer.stop_sequences(), seed=cfg.seed * TRAIN_SEED_STRIDE)
     return [{"messages": m, "answer": renderer.parse_response(list(seq.tokens))[0]["content"],
              "eval": p in held_out}
             for p, (m, f) in enumerate(zip(prompts, futures)) for seq in f.result().sequences]
 
 
-def teacher_data(cfg: Config, service: tinker.ServiceClient,
+def teacher_data(cfg: Config, teacher: tinker.SamplingClient,
                  renderer: Any) -> tuple[list[dict[str, Any]], bool]:
     """The cached teacher data of `log_path`, or freshly generated (and cached) rows;
     and whether they were generated now."""
     path = Path(cfg.log_path) / TEACHER_DATA
     if path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], False
-    rows = generate(cfg, teacher_client(cfg, service), renderer, load_prompts(cfg))
+    rows = generate(cfg, teacher, renderer, load_prompts(cfg))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -131,9 +128,8 @@ def first_word(text: str) -> str:
 def greedy_openings(sampler: tinker.SamplingClient, renderer: Any,
                     prompts: list[list[Message]]) -> list[str]:
     """The first word of a greedy answer to each prompt (a few tokens are enough)."""
-    params = types.SamplingParams(max_tokens=8, temperature=0.0, stop=renderer.stop_sequences())
-    futures = [sampler.sample(types.ModelInput.from_ints(renderer.build_generation_prompt(m)),
-                              num_samples=1, sampling_params=params) for m in prompts]
+    futures = sample_prompts(sampler, [renderer.build_generation_prompt(m) for m in prompts], 1,
+                             max_tokens=8, temperature=0.0, stop=renderer.stop_sequences())
     return [first_word(renderer.parse_response(list(f.result().sequences[0].tokens))[0]["content"])
             for f in futures]
 
@@ -148,13 +144,14 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     training, start_step = training_client(service, cfg)  # fresh, or resumed from log_path
     renderer = get_renderer(training.get_tokenizer())
     t0 = time.perf_counter()
-    rows, generated = teacher_data(cfg, service, renderer)
+    teacher = teacher_client(cfg, service)
+    rows, generated = teacher_data(cfg, teacher, renderer)
     datums = [student_datum(renderer, r) for r in rows if not r["eval"]]
     eval_data = normalised([student_datum(renderer, r) for r in rows if r["eval"]])
     if len(datums) < cfg.batch_size:
         raise SystemExit(f"error: {len(datums)} training conversations, fewer than batch_size")
     held_out = list({json.dumps(r["messages"]): r["messages"] for r in rows if r["eval"]}.values())
-    target_words = greedy_openings(teacher_client(cfg, service), renderer,
+    target_words = greedy_openings(teacher, renderer,
                                    [teacher_messages(cfg, m) for m in held_out])
     logger = open_logger(cfg, start_step, "prompt_distillation")
     adam = types.AdamParams(learning_rate=cfg.learning_rate)

@@ -69,15 +69,16 @@ from tinsmith.cookbook.recipe import (
 )
 from tinsmith.cookbook.renderers import Renderer, get_renderer, to_datum
 from tinsmith.cookbook.rl import (
-    centred_advantages,
+    TRAIN_SEED_STRIDE,
     forward_logprobs,
+    grouped_advantages,
     policy_step,
+    sample_prompts,
     with_kl_penalty,
 )
 from tinsmith.cookbook.transcripts import Episode, write_html_transcripts
 from tinsmith.recipes import chat_sl
 from tinsmith.recipes.dpo import builtin_pairs, pair_steps
-from tinsmith.recipes.math_rl import TRAIN_SEED_STRIDE
 from tinsmith.recipes.rl_loop import rl_datum
 
 JUDGE_TEMPLATE = ("Here is a conversation and a reply to it.\n\n{conversation}\n\n"
@@ -144,9 +145,11 @@ def scores(reward_model: tinker.TrainingClient, data: list[types.Datum]) -> list
 
 def sft_stage(cfg: Config, service: tinker.ServiceClient, pairs: list[PreferencePair]) -> str:
     """Stage 1 through chat_sl's loop; returns the SFT training state's path."""
-    conversations = [c for p in pairs for c in (
-        [p.chosen_conversation(), p.rejected_conversation()] if cfg.sft_data == "both"
-        else [p.chosen_conversation()])]
+    def conversations() -> list[Conversation]:
+        return [c for p in pairs for c in (
+            [p.chosen_conversation(), p.rejected_conversation()] if cfg.sft_data == "both"
+            else [p.chosen_conversation()])]
+
     return chat_sl.sft_stage(cfg, service, conversations, steps=cfg.sft_steps,
                              batch_size=cfg.sft_batch_size, learning_rate=cfg.sft_learning_rate)
 
@@ -200,16 +203,11 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         epoch, k = divmod(step, per_epoch)
         prompts_P = batches(prompts, cfg.batch_size, cfg.seed, epoch, drop_last=True)[k]
         tokens_P = [renderer.build_generation_prompt(p) for p in prompts_P]
-        futures_P = [sampler.sample(
-            types.ModelInput.from_ints(t), num_samples=cfg.group_size,
-            sampling_params=types.SamplingParams(
-                max_tokens=cfg.max_tokens, temperature=cfg.temperature, stop=stop,
-                seed=cfg.seed * TRAIN_SEED_STRIDE + step * 1_000 + p))
-            for p, t in enumerate(tokens_P)]
-        futures_E = [sampler.sample(
-            types.ModelInput.from_ints(t), num_samples=1, sampling_params=types.SamplingParams(
-                max_tokens=cfg.max_tokens, temperature=0.0, stop=stop, seed=e))
-            for e, t in enumerate(tokens_E)] if evaluate else []
+        futures_P = sample_prompts(sampler, tokens_P, cfg.group_size, max_tokens=cfg.max_tokens,
+                                   temperature=cfg.temperature, stop=stop,
+                                   seed=cfg.seed * TRAIN_SEED_STRIDE + step * 1_000)
+        futures_E = sample_prompts(sampler, tokens_E, 1, max_tokens=cfg.max_tokens,
+                                   temperature=0.0, stop=stop, seed=0) if evaluate else []
 
         # Score every reply (training groups, then greedy eval replies) in one forward.
         seqs_PG = [f.result().sequences for f in futures_P]
@@ -225,19 +223,11 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         rewards, rewards_E = all_scores[:n_train], all_scores[n_train:]
 
         # One datum per reply of each group, with the group-centred score as advantage.
-        data_D: list[types.Datum] = []
-        n_sampled_D: list[int] = []
-        offset, mixed_groups = 0, 0
-        for tokens, seqs in zip(tokens_P, seqs_PG):
-            advantages_G = centred_advantages(rewards[offset: offset + len(seqs)])
-            offset += len(seqs)
-            if advantages_G is None:
-                continue
-            mixed_groups += 1
-            for seq, advantage in zip(seqs, advantages_G):
-                data_D.append(rl_datum(list(tokens), list(seq.tokens), list(seq.logprobs),
-                                       float(advantage)))
-                n_sampled_D.append(len(seq.tokens))
+        samples = [(tokens, seq) for tokens, seqs in zip(tokens_P, seqs_PG) for seq in seqs]
+        picked, mixed_groups = grouped_advantages(rewards, cfg.group_size)
+        data_D = [rl_datum(list(samples[i][0]), list(samples[i][1].tokens),
+                           list(samples[i][1].logprobs), a) for i, a in picked]
+        n_sampled_D = [len(samples[i][1].tokens) for i, _ in picked]
         metrics = {"reward": float(np.mean(rewards)),
                    "response_len": float(np.mean([len(s.tokens) for g in seqs_PG for s in g])),
                    "mixed_groups": mixed_groups / len(prompts_P), "num_datums": len(data_D)}

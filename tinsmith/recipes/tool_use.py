@@ -70,11 +70,16 @@ from tinsmith.cookbook.recipe import (
     training_client,
 )
 from tinsmith.cookbook.renderers import Renderer, get_renderer
-from tinsmith.cookbook.rl import centred_advantages, policy_step, transcript_datum
+from tinsmith.cookbook.rl import (
+    TRAIN_SEED_STRIDE,
+    grouped_advantages,
+    policy_step,
+    transcript_datum,
+)
 from tinsmith.cookbook.search_index import SearchIndex, knowledge_base, make_lookup_problems
 from tinsmith.cookbook.tools import CalculatorEnv, SearchEnv, ToolEnv
 from tinsmith.recipes import chat_sl
-from tinsmith.recipes.math_rl import TRAIN_SEED_STRIDE, learning_rate
+from tinsmith.recipes.math_rl import learning_rate
 
 
 @dataclass
@@ -181,7 +186,10 @@ def warm_start(cfg: Config, service: tinker.ServiceClient) -> str | None:
     if cfg.sft_steps <= 0:
         return None
     demo_cfg = dataclasses.replace(cfg, batch_size=cfg.sft_examples, group_size=1)
-    demos = [env.demonstration() for env in make_envs(demo_cfg, DEMO_SEED + cfg.seed)]
+
+    def demos() -> list[list[dict[str, str]]]:
+        return [env.demonstration() for env in make_envs(demo_cfg, DEMO_SEED + cfg.seed)]
+
     return chat_sl.sft_stage(cfg, service, demos, steps=cfg.sft_steps, batch_size=8,
                              learning_rate=cfg.sft_learning_rate, train_on="all_assistant")
 
@@ -199,15 +207,9 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         sampler = training.save_weights_and_get_sampling_client().result()
         seed = cfg.seed * TRAIN_SEED_STRIDE + step
         episodes = run_episodes(cfg, sampler, renderer, make_envs(cfg, seed), seed * 100_000)
-        data_D, mixed = [], 0
-        for p in range(cfg.batch_size):
-            group = episodes[p * cfg.group_size:(p + 1) * cfg.group_size]
-            advantages_G = centred_advantages([e.reward for e in group])
-            if advantages_G is None:
-                continue  # no signal
-            mixed += 1
-            data_D += [transcript_datum(e.tokens, e.logprobs, e.sampled, float(a))
-                       for e, a in zip(group, advantages_G)]
+        picked, mixed = grouped_advantages([e.reward for e in episodes], cfg.group_size)
+        data_D = [transcript_datum(episodes[i].tokens, episodes[i].logprobs, episodes[i].sampled,
+                                   a) for i, a in picked]
         metrics = {"reward": float(np.mean([e.reward for e in episodes])),
                    **{k: float(np.mean([e.info[k] for e in episodes]))
                       for k in ("correct", "format", "tool_calls", "turns")},
