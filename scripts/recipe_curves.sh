@@ -21,15 +21,16 @@ RECIPES=(
   "rl_loop|rl_loop|max_steps=10 max_tokens=64 learning_rate=5e-4|reward correct format"
   "distillation_off|distillation|mode=off_policy max_steps=10 batch_size=4 max_tokens=64 learning_rate=1e-3|loss kl teacher_entropy"
   "distillation_on|distillation|mode=on_policy max_steps=10 batch_size=4 group_size=2 max_tokens=64 learning_rate=1e-3|reverse_kl teacher_logprob student_logprob"
-  "prompt_distillation|prompt_distillation|max_steps=20 batch_size=4 max_tokens=64 learning_rate=1e-3|nll eval/nll eval/first_word"
+  "prompt_distillation|prompt_distillation||nll eval/nll eval/follows teacher_follows data_follows"
   "tool_use|tool_use|sft_steps=10 max_steps=8 batch_size=4 group_size=4 max_tokens=48|reward correct format tool_calls"
   "tool_use_search|tool_use|tool=search sft_steps=10 max_steps=8 batch_size=4 group_size=4 max_tokens=48|reward correct format tool_calls"
   # Baselines the pages compare with: the old learning rate, and tool use without a warm start.
   "rl_loop_lr1e-4|rl_loop|max_steps=10 max_tokens=64 learning_rate=1e-4|reward correct format"
   "distillation_on_lr1e-4|distillation|mode=on_policy max_steps=10 batch_size=4 group_size=2 max_tokens=64 learning_rate=1e-4|reverse_kl"
-  "prompt_distillation_lr1e-4|prompt_distillation|max_steps=10 batch_size=4 max_tokens=64 learning_rate=1e-4|nll eval/nll"
+  "prompt_distillation_lr1e-4|prompt_distillation|learning_rate=1e-4|nll eval/nll eval/follows"
   "tool_use_nowarm|tool_use|max_steps=8 batch_size=4 group_size=4 max_tokens=48|reward correct format tool_calls"
-  "multi_agent|multi_agent|max_steps=10 batch_size=4 group_size=4|reward solved turns invalid_guesses mixed_groups"
+  "multi_agent_nowarm|multi_agent|sft_steps=0 max_steps=6 batch_size=4 group_size=4|reward solved turns invalid_guesses mixed_groups"
+  "multi_agent|multi_agent|sft_steps=10 max_steps=20 batch_size=4 group_size=4|reward solved turns invalid_guesses mixed_groups"
 )
 
 want=" $* "

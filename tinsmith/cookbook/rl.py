@@ -1,21 +1,27 @@
 """Pieces the RL-style recipes share: group advantages, episode datums, the policy-gradient
-step, reference logprobs and a KL penalty to a reference model.
+step, reference logprobs, a KL penalty to a reference model, and the multi-turn rollout.
 
 `policy_step` sends forward_backward and optim_step before waiting for either (the server
 runs them in order, with no round trip between) and returns the server's policy metrics
 under short names. `forward_logprobs` reads the logprobs a client gives each datum's
-targets, for reference-model terms (DPO's reference, a KL penalty to the base model).
+targets, for reference-model terms (DPO's reference, a KL penalty to the base model). `run_episodes`
+plays `MultiStepEnv`s turn by turn into `Episode`s, one token transcript each, which
+`transcript_datum` turns into a datum.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import tinker
 from tinker import types
+
+from tinsmith.cookbook.datasets import Conversation, MultiStepEnv
+from tinsmith.cookbook.renderers import Renderer
 
 TRAIN_SEED_STRIDE = 1_000_003
 """Recipes seed step `step` of a run with seed `seed` from seed * TRAIN_SEED_STRIDE + step
@@ -117,3 +123,62 @@ def sample_prompts(sampler: tinker.SamplingClient, prompts: Sequence[Sequence[in
                                max_tokens=max_tokens, temperature=temperature, stop=stop,
                                seed=None if seed is None else seed + i))
             for i, prompt in enumerate(prompts)]
+
+
+@dataclass
+class Episode:
+    """One multi-turn episode as a single token transcript (see `run_episodes`)."""
+
+    env: MultiStepEnv
+    messages: Conversation  # the conversation the next turn is sampled for
+    tokens: list[int]
+    logprobs: list[float] = field(default_factory=list)  # one per token; 0 where not sampled
+    sampled: list[bool] = field(default_factory=list)  # True on the policy's own tokens
+    reward: float = 0.0  # the episode's return: the sum of its steps' rewards
+    done: bool = False
+    info: dict[str, float] = field(default_factory=dict)  # the last step's metrics
+
+    def __post_init__(self) -> None:
+        self.logprobs, self.sampled = [0.0] * len(self.tokens), [False] * len(self.tokens)
+
+    def extend(self, tokens: list[int], logprobs: list[float] | None = None) -> None:
+        """Append sampled tokens (with their logprobs) or, without logprobs, context tokens."""
+        self.tokens += tokens
+        self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(tokens)
+        self.sampled += [logprobs is not None] * len(tokens)
+
+
+def run_episodes(sampler: tinker.SamplingClient, renderer: Renderer, envs: Sequence[MultiStepEnv],
+                 *, seed: int, max_tokens: int, temperature: float) -> list[Episode]:
+    """Play every env to its end (its observations are messages), all advancing one turn at
+    a time: a turn's requests, one per unfinished episode, are all sent before any is awaited
+    (`sample_prompts`), so the server can run them together. At turn t the i-th unfinished
+    episode is sampled with seed `seed + 1_000 * t + i` (distinct for up to 1,000 episodes).
+    A turn's input is exactly the previous turn's input + its sampled tokens + the
+    observation's tokens (`Renderer.observation_tokens`), so an episode's `tokens` are the
+    very sequence that was sampled from: no re-rendering."""
+    episodes = []
+    for env in envs:
+        messages = env.initial_observation()
+        assert not isinstance(messages, str), "run_episodes needs observations as messages"
+        episodes.append(Episode(env, messages, renderer.build_generation_prompt(messages)))
+    turn = 0
+    while active := [e for e in episodes if not e.done]:
+        futures = sample_prompts(sampler, [e.tokens for e in active], 1, max_tokens=max_tokens,
+                                 temperature=temperature, stop=renderer.stop_sequences(),
+                                 seed=seed + 1_000 * turn)
+        for e, future in zip(active, futures):
+            seq = future.result().sequences[0]
+            message, ended = renderer.parse_response(list(seq.tokens))
+            e.extend(list(seq.tokens), list(seq.logprobs))
+            obs, reward, e.done, info = e.env.step(message["content"])
+            e.reward += reward
+            if e.done:
+                e.info = info
+            else:
+                assert not isinstance(obs, str) and obs is not None
+                after = [*e.messages, message, *obs]
+                e.extend(renderer.observation_tokens(e.messages, after, ended))
+                e.messages = after
+        turn += 1
+    return episodes

@@ -3,8 +3,9 @@
     python -m tinsmith.recipes.multi_agent                       # embedded Tinsmith, bundled model
     python -m tinsmith.recipes.multi_agent max_number=100 max_turns=8 group_size=16
     python -m tinsmith.recipes.multi_agent responder=model       # the base model answers
+    python -m tinsmith.recipes.multi_agent sft_steps=0           # RL alone, no warm start
 
-The game: a hidden number in [1, `max_number`] (seeded by (seed, step, game)). Each turn the
+The game: a hidden number in [1, `max_number`] (seeded by (seed, step, group)). Each turn the
 guesser, the LoRA being trained, writes a reply; the first integer in it is its guess (no
 integer: an invalid guess, which uses up the turn). The responder answers "higher", "lower"
 or "correct", and that answer is the guesser's next observation (a new user turn). The
@@ -23,16 +24,30 @@ a hit on the last allowed turn exactly 1. Invalid guesses are not penalised beyo
 they waste (they are logged as `invalid_guesses`, per episode).
 
 GRPO, as in `math_rl` (read that one first): `group_size` games per hidden number,
-advantages centred in each group (groups that all scored the same are skipped), one datum
-per episode over the whole transcript: the sampling context of turn t+1 is turn t's context,
-the exact sampled tokens, then the rendered observation turn; the sampler's logprobs and the
-episode's advantage sit on the guesser's tokens, 0 on prompt and observation tokens. Loss:
-`importance_sampling`. Logs reward, solved, turns, invalid_guesses, mixed_groups; saves and
-resumes through `tinsmith.cookbook.recipe`. The learning rate rule is `math_rl`'s.
+`batch_size` hidden numbers per step, advantages centred in each group (groups that all
+scored the same are skipped). All the step's games are played together, a turn at a time
+(`tinsmith.cookbook.rl.run_episodes`, shared with `tool_use`): every unfinished game's
+request for a turn is sent before any is awaited, so the server can run them side by side.
+One datum per episode over the whole transcript: the sampling context of turn t+1 is turn
+t's context, the exact sampled tokens, then the rendered observation turn; the sampler's
+logprobs and the episode's advantage sit on the guesser's tokens, 0 on prompt and
+observation tokens. Loss: `importance_sampling`. Logs reward, solved, turns,
+invalid_guesses, mixed_groups; saves and resumes through `tinsmith.cookbook.recipe`. The
+learning rate rule is `math_rl`'s.
+
+Warm start (`sft_steps`, default 10; 0 turns it off), as in `tool_use`: a small model
+rarely replies with a bare number, let alone a sensible one, so RL alone gets almost no
+signal (see docs/recipes/multi_agent.md). Before RL the guesser is trained for `sft_steps`
+supervised steps (batches of 8, `sft_learning_rate`) on `sft_examples` scripted games
+(`GuessNumberEnv.demonstration`: binary search, each reply a bare number, each answer the
+rule responder's own, rendered as the game renders them) in <log_path>/sft, through
+chat_sl's loop; every guess is trained. RL then starts from those weights. The scripted
+games' hidden numbers have draws of their own (keyed "demo:i", the RL ones "step:group").
 
 What it leaves out: per-turn rewards (shaping), training the responder (it stays the base
 model), other games (twenty questions, tic-tac-toe), a held-out evaluation, transcripts
-pages, KL penalties and the ppo/cispo losses (see `math_rl`).
+pages, KL penalties and the ppo/cispo losses (see `math_rl`). The model responder answers
+each game's guess one request at a time (only the guesser's turns are batched).
 """
 
 from __future__ import annotations
@@ -62,8 +77,10 @@ from tinsmith.cookbook.rl import (
     TRAIN_SEED_STRIDE,
     grouped_advantages,
     policy_step,
+    run_episodes,
     transcript_datum,
 )
+from tinsmith.recipes import chat_sl
 from tinsmith.recipes.math_rl import learning_rate
 
 ANSWERS = ("higher", "lower", "correct")
@@ -89,6 +106,12 @@ class Config(RecipeConfig):
     """Guesses allowed per game."""
     responder: Literal["rules", "model"] = "rules"
     """Who answers higher/lower/correct: the rule-based player or the (corrected) base model."""
+    sft_steps: int = 10
+    """Warm start: supervised steps on scripted binary-search games before RL (0: none)."""
+    sft_examples: int = 64
+    """Scripted games for the warm start (their hidden numbers have draws of their own)."""
+    sft_learning_rate: float | None = None
+    """Warm-start peak learning rate (None: the recommended LoRA rate, as in chat_sl)."""
 
 
 def parse_guess(text: str) -> int | None:
@@ -104,6 +127,11 @@ def truthful(secret: int, guess: int) -> str:
 
 def reward(solved: bool, turns: int, max_turns: int) -> float:
     return 1.0 + 0.1 * (max_turns - turns) / max_turns if solved else 0.0
+
+
+def hidden_number(cfg: Config, key: str) -> int:
+    """The hidden number of game `key` (RL: "step:group", warm start: "demo:i")."""
+    return random.Random(f"{cfg.seed}:{key}").randint(1, cfg.max_number)
 
 
 class GuessNumberEnv:
@@ -137,6 +165,25 @@ class GuessNumberEnv:
             return StepResult(None, reward(solved, self.turns, self.max_turns), True, metrics)
         return StepResult([{"role": "user", "content": answer}], 0.0, False, metrics)
 
+    def demonstration(self) -> Conversation:
+        """A scripted game: binary search over [1, max_number], each reply just the guess,
+        each observation this env's own answer to it (so call it on an env not used for an
+        episode). It is solved when max_turns >= ceil(log2(max_number + 1)). Supervised
+        training on these before RL (the warm start) teaches the reply format and the
+        search that RL then refines."""
+        messages = self.initial_observation()
+        lo, hi = 1, self.max_number
+        while True:
+            guess = (lo + hi) // 2
+            reply = {"role": "assistant", "content": str(guess)}
+            obs, _, done, _ = self.step(reply["content"])
+            messages.append(reply)
+            if done:
+                return messages
+            assert obs is not None and not isinstance(obs, str)
+            messages += obs
+            lo, hi = (guess + 1, hi) if obs[0]["content"] == "higher" else (lo, guess - 1)
+
 
 class ModelResponder:
     """The base model as the responder; its answers are checked and corrected by the rules."""
@@ -161,52 +208,23 @@ class ModelResponder:
         return truth
 
 
-@dataclass
-class Game:
-    """One episode in progress: the guesser's transcript so far and, once done, its result."""
+def warm_start(cfg: Config, service: tinker.ServiceClient) -> str | None:
+    """With `sft_steps`: supervised training on `sft_examples` scripted games
+    (`GuessNumberEnv.demonstration`, every guess trained) in <log_path>/sft, as in
+    `tool_use`; returns the training state RL starts from."""
+    if cfg.sft_steps <= 0:
+        return None
 
-    env: GuessNumberEnv
-    seed: int
-    messages: Conversation
-    tokens: list[int]
-    logprobs: list[float]
-    mask: list[bool]
-    reward: float = 0.0
-    metrics: dict[str, float] | None = None  # set when done
+    def demos() -> list[Conversation]:
+        return [GuessNumberEnv(hidden_number(cfg, f"demo:{i}"), cfg.max_number,
+                               cfg.max_turns).demonstration() for i in range(cfg.sft_examples)]
 
-
-def play(envs: list[GuessNumberEnv], sampler: tinker.SamplingClient, renderer: Renderer,
-         cfg: Config, seeds: list[int]) -> list[Game]:
-    """Play the games in lockstep: each turn samples every unfinished game's reply at once."""
-    games = []
-    for env, seed in zip(envs, seeds):
-        messages = env.initial_observation()
-        tokens = renderer.build_generation_prompt(messages)
-        games.append(Game(env, seed, messages, tokens, [0.0] * len(tokens), [False] * len(tokens)))
-    while active := [g for g in games if g.metrics is None]:
-        futures = [sampler.sample(types.ModelInput.from_ints(g.tokens), num_samples=1,
-                                  sampling_params=types.SamplingParams(
-                                      max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                      stop=renderer.stop_sequences(), seed=g.seed + g.env.turns))
-                   for g in active]
-        for g, future in zip(active, futures):
-            seq = future.result().sequences[0]
-            reply, ended = renderer.parse_response(list(seq.tokens))
-            g.tokens, g.logprobs = g.tokens + list(seq.tokens), g.logprobs + list(seq.logprobs)
-            g.mask = g.mask + [True] * len(seq.tokens)
-            obs, g.reward, done, metrics = g.env.step(reply["content"])
-            if done:
-                g.metrics = metrics
-                continue
-            after = [*g.messages, reply, *obs]
-            extra = renderer.observation_tokens(g.messages, after, ended)
-            g.messages, g.tokens = after, g.tokens + extra
-            g.logprobs, g.mask = g.logprobs + [0.0] * len(extra), g.mask + [False] * len(extra)
-    return games
+    return chat_sl.sft_stage(cfg, service, demos, steps=cfg.sft_steps, batch_size=8,
+                             learning_rate=cfg.sft_learning_rate, train_on="all_assistant")
 
 
 def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
-    training, start_step = training_client(service, cfg)  # fresh, or resumed from log_path
+    training, start_step = training_client(service, cfg, init_state=warm_start(cfg, service))
     renderer = get_renderer(training.get_tokenizer())
     lr = learning_rate(cfg)
     adam = types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8)
@@ -218,26 +236,23 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         sampler = training.save_weights_and_get_sampling_client().result()
-        games: list[Game] = []  # group after group
         errors0, calls0 = (responder.errors, responder.calls) if responder else (0, 0)
-        for p in range(cfg.batch_size):
-            secret = random.Random(f"{cfg.seed}:{step}:{p}").randint(1, cfg.max_number)
-            games_G = play([GuessNumberEnv(secret, cfg.max_number, cfg.max_turns,
-                                           responder or truthful)
-                            for _ in range(cfg.group_size)], sampler, renderer, cfg,
-                           [(cfg.seed * TRAIN_SEED_STRIDE + step) * 100_000 + p * 1_000 + g * 50
-                            for g in range(cfg.group_size)])
-            games += games_G
+        envs = [GuessNumberEnv(hidden_number(cfg, f"{step}:{p}"), cfg.max_number,
+                               cfg.max_turns, responder or truthful)
+                for p in range(cfg.batch_size) for _ in range(cfg.group_size)]
+        # Every game of the step at once, group after group: each turn's requests go together.
+        games = run_episodes(sampler, renderer, envs,
+                             seed=(cfg.seed * TRAIN_SEED_STRIDE + step) * 100_000,
+                             max_tokens=cfg.max_tokens, temperature=cfg.temperature)
         rewards = [game.reward for game in games]
-        info = [game.metrics for game in games]
-        lengths = [len(game.tokens) for game in games]
         picked, mixed_groups = grouped_advantages(rewards, cfg.group_size)
-        data_D = [transcript_datum(games[i].tokens, games[i].logprobs, games[i].mask, a)
+        data_D = [transcript_datum(games[i].tokens, games[i].logprobs, games[i].sampled, a)
                   for i, a in picked]
         metrics = {"reward": float(np.mean(rewards)), "mixed_groups": mixed_groups / cfg.batch_size,
-                   **{k: float(np.mean([i[k] for i in info]))
+                   **{k: float(np.mean([game.info[k] for game in games]))
                       for k in ("solved", "turns", "invalid_guesses")},
-                   "transcript_len": float(np.mean(lengths)), "num_datums": len(data_D)}
+                   "transcript_len": float(np.mean([len(game.tokens) for game in games])),
+                   "num_datums": len(data_D)}
         if responder and responder.calls > calls0:
             metrics["responder_errors"] = ((responder.errors - errors0)
                                            / (responder.calls - calls0))

@@ -30,9 +30,9 @@ bonus is paid once per episode. Search answers are single words, matched ignorin
 spacing, or whole numbers, matched exactly.)
 
 Each step (see `math_rl` for the single-turn version and its helpers): sample `group_size`
-episodes per problem, all episodes advancing a turn at a time in parallel; centre the
-returns within each group (skip groups that all scored the same); one datum per episode over
-its whole token transcript: assistant tokens carry the sampler's logprobs and the episode's
+episodes per problem, all episodes advancing a turn at a time in parallel
+(`tinsmith.cookbook.rl.run_episodes`); centre the returns within each group (skip groups
+that all scored the same); one datum per episode over its whole token transcript: assistant tokens carry the sampler's logprobs and the episode's
 advantage, prompt and tool-reply tokens 0 and 0. `importance_sampling` loss, one Adam step.
 A turn's input is exactly the previous turn's input + its sampled tokens + the tool reply's
 tokens, so the datum is the very sequence that was sampled from (no re-rendering).
@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -69,37 +69,18 @@ from tinsmith.cookbook.recipe import (
     summary,
     training_client,
 )
-from tinsmith.cookbook.renderers import Renderer, get_renderer
+from tinsmith.cookbook.renderers import get_renderer
 from tinsmith.cookbook.rl import (
     TRAIN_SEED_STRIDE,
     grouped_advantages,
     policy_step,
+    run_episodes,
     transcript_datum,
 )
 from tinsmith.cookbook.search_index import SearchIndex, knowledge_base, make_lookup_problems
 from tinsmith.cookbook.tools import CalculatorEnv, SearchEnv, ToolEnv
 from tinsmith.recipes import chat_sl
 from tinsmith.recipes.math_rl import learning_rate
-
-
-@dataclass
-class Episode:
-    env: ToolEnv
-    messages: list[dict[str, Any]]
-    tokens: list[int]
-    logprobs: list[float] = field(default_factory=list)  # one per token; 0 where not sampled
-    sampled: list[bool] = field(default_factory=list)
-    reward: float = 0.0
-    done: bool = False
-    info: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.logprobs, self.sampled = [0.0] * len(self.tokens), [False] * len(self.tokens)
-
-    def extend(self, tokens: list[int], logprobs: list[float] | None = None) -> None:
-        self.tokens += tokens
-        self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(tokens)
-        self.sampled += [logprobs is not None] * len(tokens)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,36 +130,6 @@ def make_envs(cfg: Config, seed: int) -> list[ToolEnv]:
             for _ in range(cfg.group_size)]
 
 
-def run_episodes(cfg: Config, sampler: tinker.SamplingClient, renderer: Renderer,
-                 envs: list[ToolEnv], seed: int) -> list[Episode]:
-    """Play every env to its end, all advancing one turn at a time (requests sent together)."""
-    episodes = []
-    for env in envs:
-        messages = env.initial_observation()
-        episodes.append(Episode(env, messages, renderer.build_generation_prompt(messages)))
-    stop = renderer.stop_sequences()
-    for turn in range(cfg.max_turns):
-        active = [e for e in episodes if not e.done]
-        futures = [sampler.sample(types.ModelInput.from_ints(e.tokens), num_samples=1,
-                                  sampling_params=types.SamplingParams(
-                                      max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                      stop=stop, seed=seed + 1_000 * turn + i))
-                   for i, e in enumerate(active)]
-        for e, future in zip(active, futures):
-            seq = future.result().sequences[0]
-            message, ended = renderer.parse_response(list(seq.tokens))
-            e.extend(list(seq.tokens), list(seq.logprobs))
-            obs, reward, e.done, info = e.env.step(message["content"])
-            e.reward += reward
-            if e.done:
-                e.info = info
-            else:
-                after = [*e.messages, message, *obs]
-                e.extend(renderer.observation_tokens(e.messages, after, ended))
-                e.messages = after
-    return episodes
-
-
 def warm_start(cfg: Config, service: tinker.ServiceClient) -> str | None:
     """With `sft_steps`: supervised training on `sft_examples` scripted correct episodes
     (`ToolEnv.demonstration`, every assistant turn trained) in <log_path>/sft; returns the
@@ -206,7 +157,8 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         t0 = time.perf_counter()
         sampler = training.save_weights_and_get_sampling_client().result()
         seed = cfg.seed * TRAIN_SEED_STRIDE + step
-        episodes = run_episodes(cfg, sampler, renderer, make_envs(cfg, seed), seed * 100_000)
+        episodes = run_episodes(sampler, renderer, make_envs(cfg, seed), seed=seed * 100_000,
+                                max_tokens=cfg.max_tokens, temperature=cfg.temperature)
         picked, mixed = grouped_advantages([e.reward for e in episodes], cfg.group_size)
         data_D = [transcript_datum(episodes[i].tokens, episodes[i].logprobs, episodes[i].sampled,
                                    a) for i, a in picked]
