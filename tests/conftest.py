@@ -12,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -20,6 +22,9 @@ import tinker
 from tinker import types
 
 import tinsmith
+
+if TYPE_CHECKING:
+    from tinsmith.scheduler.access import NewKey
 
 TINY = "tinsmith/tiny-test"
 API_KEY = "tml-test"
@@ -71,3 +76,145 @@ SENTENCES = [
     "A LoRA adapter adds a low-rank update to each weight matrix.",
     "Lighthouses guide ships past dangerous rocks at night.",
 ]
+
+
+@dataclass(frozen=True)
+class KeyedServer:
+    """A server with API keys: `keys` by role ("a", "b", "admin", "revoked" - revoked before
+    the server started), made through tinsmith.embedded.create_api_key."""
+
+    url: str
+    data_dir: Path
+    keys: dict[str, NewKey]
+
+    def key(self, who: str) -> str:
+        return self.keys[who].key
+
+    def headers(self, who: str) -> dict[str, str]:
+        return {"X-API-Key": self.key(who)}
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedServer]:
+    """A second shared server that requires API keys (its own SQLite file and data dir)."""
+    from tinsmith.config import ServerSettings
+    from tinsmith.embedded import create_api_key
+    from tinsmith.scheduler.access import ApiKeys
+    from tinsmith.storage.db import MetadataStore
+
+    d = tmp_path_factory.mktemp("tinsmith-keyed")
+    keys = {"a": create_api_key(d, name="alice"), "b": create_api_key(d, name="bob"),
+            "admin": create_api_key(d, name="ops", admin=True),
+            "revoked": create_api_key(d, name="gone")}
+    db = MetadataStore(ServerSettings(data_dir=d).resolved_database_url())
+    ApiKeys(db).revoke(keys["revoked"].key_id)
+    db.close()
+    with tinsmith.local(models=[TINY], data_dir=d) as url:
+        yield KeyedServer(url, d, keys)
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+
+REQUIRE_POSTGRES = "TINSMITH_REQUIRE_POSTGRES"
+
+
+def _postgres_bin() -> Path | None:
+    """The folder holding initdb and postgres: on PATH, else Debian's /usr/lib/postgresql/*/bin
+    (the newest version), else None."""
+    import shutil
+
+    found = shutil.which("initdb")
+    candidates = [Path(found).parent] if found else []
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"),
+                         key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+                         reverse=True)
+    for d in candidates:
+        if (d / "initdb").is_file() and (d / "postgres").is_file():
+            return d
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL server: `initdb` into a temporary folder, `postgres` on a free
+    loopback port (its unix socket in that folder too), stopped and removed at the end.
+    Yields the URL of its `postgres` database (user `postgres`, trust auth).
+
+    Skips when no PostgreSQL binaries are installed, unless TINSMITH_REQUIRE_POSTGRES=1 (CI),
+    then fails. PostgreSQL refuses to run as root: as root, it runs as user `nobody`."""
+    import pwd
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    import psycopg
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        msg = "PostgreSQL binaries (initdb, postgres) not found"
+        if os.environ.get(REQUIRE_POSTGRES) == "1":
+            pytest.fail(f"{msg}, and {REQUIRE_POSTGRES}=1")
+        pytest.skip(msg)
+    # Not pytest's tmp_path: its folders are private to the user running the tests (0700),
+    # and as root the server runs as another user that must reach its data dir.
+    root = Path(tempfile.mkdtemp(prefix="tinsmith-pg-"))
+    data, sock, logfile = root / "data", root / "sock", root / "postgres.log"
+    sock.mkdir()
+    as_user: dict[str, object] = {}
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        as_user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+        for p in (root, sock):
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    with socket.socket() as s:  # a free port (a race with another process is unlikely)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                        "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
+                       cwd=root, check=True, capture_output=True, **as_user)  # type: ignore[arg-type]
+        with open(logfile, "wb") as log:
+            proc = subprocess.Popen(
+                [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sock),
+                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+                cwd=root, stdout=log, stderr=subprocess.STDOUT, **as_user)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(host="127.0.0.1", port=port, user="postgres",
+                                dbname="postgres", connect_timeout=2).close()
+                break
+            except psycopg.OperationalError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("PostgreSQL did not start:\n"
+                                       + logfile.read_text(errors="replace")[-3000:]) from None
+                time.sleep(0.1)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)  # "fast" shutdown: ends open sessions too
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A new, empty database on the session's PostgreSQL server, for one test."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_server.replace("postgresql+psycopg", "postgresql"),
+                         autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return postgres_server.rsplit("/", 1)[0] + f"/{name}"

@@ -1,4 +1,4 @@
-"""The `tinsmith` command: serve, demo, and listing or deleting what a server stored."""
+"""The `tinsmith` command: serve, demo, API keys, and listing or deleting what a server stored."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         models=tuple(args.models),
         host=getattr(args, "host", "127.0.0.1"),
         port=getattr(args, "port", 8000),
+        allow_open=getattr(args, "allow_open", False),
         database_url=args.database_url,
         storage_url=args.storage_url,
         loss_modules=tuple(getattr(args, "loss_module", None) or ()),
@@ -66,12 +67,46 @@ def _db(args: argparse.Namespace):
                                         database_url=args.database_url).resolved_database_url())
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from tinsmith.scheduler.access import ApiKeys
+
+    db = _db(args)
+    try:
+        keys = ApiKeys(db)
+        if args.action == "create":
+            new = keys.create(args.name, admin=args.admin)
+            print(f"created {'admin ' if new.admin else ''}API key {new.key_id}"
+                  f"{f' ({new.name})' if new.name else ''}; it is shown only now:")
+            print(new.key)
+            return 0
+        if args.action == "revoke":
+            row = db.get_api_key(args.key_id)
+            if row is None:
+                print(f"no API key {args.key_id}", file=sys.stderr)
+                return 1
+            keys.revoke(args.key_id)
+            print(f"revoked {args.key_id}")
+            return 0
+        rows = keys.list()
+        active = sum(r.revoked_at is None for r in rows)
+        print(f"{len(rows)} API keys ({active} active)" if rows else
+              "no API keys: the server is open (tinsmith keys create makes one)")
+        for r in rows:
+            state = f"revoked {r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "active"
+            print(f"{r.key_id:18s} {r.hint + '...':15s} {'admin' if r.is_admin else 'user':5s}  "
+                  f"created {r.created_at:%Y-%m-%d %H:%M}  {state:24s} {r.name or ''}")
+        return 0
+    finally:
+        db.close()
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     rows, total = _db(args).list_runs(args.limit, 0)
     print(f"{total} training runs")
     for r in rows:
         print(f"{r.training_run_id:36s} {r.base_model:36s} rank {r.lora.get('rank')}  "
-              f"last used {r.last_request_time:%Y-%m-%d %H:%M}")
+              f"last used {r.last_request_time:%Y-%m-%d %H:%M}"
+              + (f"  owner {r.owner}" if r.owner else ""))
     return 0
 
 
@@ -95,8 +130,52 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     print(f"{total} checkpoints")
     for c in rows:
         print(f"{c.tinker_path:70s} {c.checkpoint_type:8s} {c.size_bytes / 1e6:8.1f} MB  "
-              f"{c.created_at:%Y-%m-%d %H:%M}")
+              f"{c.created_at:%Y-%m-%d %H:%M}" + (f"  owner {c.owner}" if c.owner else ""))
     return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """`db current`: where the schema stands (changes nothing); `db upgrade`: bring it to the
+    newest revision now (a server starting on it would do the same)."""
+    from sqlalchemy.engine import make_url
+
+    from tinsmith.storage.db import create_db_engine, schema_state, upgrade_schema
+
+    url = ServerSettings(data_dir=Path(args.data_dir),
+                         database_url=args.database_url).resolved_database_url()
+    u = make_url(url)
+    if (args.action == "current" and u.get_backend_name() == "sqlite" and u.database
+            and u.database != ":memory:" and not Path(u.database).exists()):
+        print(f"no database at {u.database} yet; it is made at the newest revision on first use")
+        return 0
+    engine = create_db_engine(url)
+    try:
+        if args.action == "upgrade":
+            before = upgrade_schema(engine)
+            if before.up_to_date:
+                print(f"{engine.url!r}: already at the newest schema revision {before.head}")
+            elif before.current is None:
+                print(f"{engine.url!r}: created at schema revision {before.head}")
+            elif before.current == before.head:  # made before migrations, already current
+                print(f"{engine.url!r}: recorded as schema revision {before.head}")
+            else:
+                print(f"{engine.url!r}: upgraded from schema revision {before.current} to "
+                      f"{before.head}")
+            return 0
+        state = schema_state(engine)
+        note = ("" if state.recorded or state.current is None
+                else " (made before migrations: recognised from its tables, not yet stamped)")
+        print(f"database  {engine.url!r}\n"
+              f"revision  {state.current or 'none (empty database)'}{note}\n"
+              f"newest    {state.head}")
+        if not state.known:
+            print("this Tinsmith does not know that revision: a newer Tinsmith made it")
+            return 1
+        if not state.up_to_date:
+            print("`tinsmith db upgrade` (or starting the server) upgrades it in place")
+        return 0
+    finally:
+        engine.dispose()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,8 +188,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=[DEFAULT_MODEL], help="base models to serve")
     p.add_argument("--loss-module", action="append", metavar="MODULE",
                    help="module or .py file defining LOSSES: dict[str, LossSpec] (repeatable)")
+    p.add_argument("--allow-open", action="store_true",
+                   help="serve on a non-loopback --host even though no API key exists")
     _store_args(p)
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("keys", help="create, list or revoke API keys (see docs/operating.md)")
+    keys = p.add_subparsers(dest="action", required=True)
+    k = keys.add_parser("create", help="make a key and print it (shown once)")
+    k.add_argument("--name", default=None, help="a label, e.g. who or what uses the key")
+    k.add_argument("--admin", action="store_true", help="an admin key sees every key's work")
+    _store_args(k)
+    k = keys.add_parser("list", help="list keys (ids and first characters, never the keys)")
+    _store_args(k)
+    k = keys.add_parser("revoke", help="revoke a key: requests with it get 401 at once")
+    k.add_argument("key_id", help="the key's id, as `tinsmith keys list` shows it")
+    _store_args(k)
+    p.set_defaults(fn=cmd_keys)
+
+    p = sub.add_parser("db", help="the metadata database's schema revision (see docs/operating.md)")
+    db = p.add_subparsers(dest="action", required=True)
+    _store_args(db.add_parser("current", help="show the schema revision; changes nothing"))
+    _store_args(db.add_parser("upgrade", help="upgrade the schema in place to the newest revision"))
+    p.set_defaults(fn=cmd_db)
 
     p = sub.add_parser("demo", help="fine-tune the bundled model through the SDK, before/after")
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -141,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except UserError as e:  # e.g. an unknown model name: a message, not a traceback
+        print(f"tinsmith: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from tinsmith.storage.db import SchemaError
+
+        if not isinstance(e, SchemaError):
+            raise
         print(f"tinsmith: {e}", file=sys.stderr)
         return 2
 

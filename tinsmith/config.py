@@ -16,6 +16,9 @@ class ServerSettings:
     """Base models to serve (catalog names or local Hugging Face folders)."""
     host: str = "127.0.0.1"
     port: int = 8000
+    allow_open: bool = False
+    """Let `serve` listen on a non-loopback host while no API key exists (an open server:
+    anyone who reaches it can use it). Without it such a server refuses to start."""
     database_url: str | None = None
     """SQLAlchemy URL; default sqlite:///<data_dir>/tinsmith.db."""
     storage_url: str | None = None
@@ -28,6 +31,12 @@ class ServerSettings:
     """Datums per /forward_backward request the SDK may send (it splits bigger calls)."""
     max_sampler_adapters: int = 16
     """Sampler adapters kept in memory per base model (LRU)."""
+    pass_tokens: int = 1024
+    """Model-input tokens one training pass packs from different runs' requests (a single
+    bigger request still runs, alone). Packing saves per-pass overhead, which matters for
+    small requests; peak memory grows with the pass (on the bundled model a pass of
+    4 x 8 x 128 tokens held about 8 GB), and on CPU bigger packs ran slower
+    (bench/multi_tenant.py)."""
     checkpoint_sweep_s: float = 60.0
     """How often expired checkpoints (ttl_seconds) are deleted."""
     loss_modules: tuple[str, ...] = ()

@@ -4,11 +4,16 @@
         client = tinker.ServiceClient(base_url=base_url, api_key="tml-local")
 
 `serve()` is the blocking variant the CLI uses.
+
+A server is open (any key, or none, is accepted) until its metadata database holds an API
+key; `create_api_key(data_dir)` makes one, before or while the server runs (see
+docs/operating.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import threading
@@ -20,7 +25,9 @@ import uvicorn
 
 from tinsmith.api.app import create_app
 from tinsmith.config import DEFAULT_MODEL, ServerSettings
+from tinsmith.scheduler.access import ApiKeys, NewKey
 from tinsmith.scheduler.service import Service
+from tinsmith.storage.db import MetadataStore
 
 log = logging.getLogger("tinsmith")
 
@@ -56,6 +63,8 @@ def local(
         cfg = ServerSettings(data_dir=Path(data_dir), models=tuple(models), port=0, **settings)  # type: ignore[arg-type]
         svc = Service(cfg)
         stack.callback(svc.close)
+        if not svc.keys.enabled():
+            log.info("embedded Tinsmith server is open (no API keys); it listens on loopback only")
         server = uvicorn.Server(_uvicorn_config(svc, "127.0.0.1", 0, log_level))
         thread = threading.Thread(target=server.run, name="tinsmith-http", daemon=True)
         thread.start()
@@ -72,14 +81,63 @@ def local(
             thread.join(10)
 
 
+def create_api_key(
+    data_dir: str | Path | None = None, *, database_url: str | None = None,
+    name: str | None = None, admin: bool = False,
+) -> NewKey:
+    """Create an API key in a server's metadata database (its data dir, or `database_url`).
+    The returned `NewKey.key` is the only copy of the secret. A running server sees it at once."""
+    settings = ServerSettings(data_dir=Path(data_dir or "tinsmith-data"), database_url=database_url)
+    db = MetadataStore(settings.resolved_database_url())
+    try:
+        return ApiKeys(db).create(name, admin=admin)
+    finally:
+        db.close()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(settings: ServerSettings) -> bool:
+    """Whether the server has API keys. Without any, warn loudly that it is open, and
+    refuse (ValueError) to listen beyond loopback unless `settings.allow_open`."""
+    db = MetadataStore(settings.resolved_database_url())
+    try:
+        keyed = ApiKeys(db).enabled()
+    finally:
+        db.close()
+    if keyed:
+        log.info("API keys exist: every request needs a valid X-API-Key")
+        return True
+    if not is_loopback(settings.host) and not settings.allow_open:
+        raise ValueError(
+            f"refusing to listen on {settings.host} with no API keys: anyone who can reach it "
+            f"could use the server. Create a key first (tinsmith keys create --data-dir "
+            f"{settings.data_dir}), or pass --allow-open to serve openly on purpose"
+        )
+    where = "loopback only" if is_loopback(settings.host) else f"{settings.host} (--allow-open)"
+    bar = "!" * 78
+    log.warning("\n%s\n  THIS SERVER IS OPEN: no API keys exist, so every request is accepted and can\n"
+                "  read, train, sample and delete everything. Listening on %s.\n"
+                "  Require keys: tinsmith keys create --data-dir %s\n%s",
+                bar, where, settings.data_dir, bar)
+    return False
+
+
 def serve(settings: ServerSettings, log_level: str = "info") -> None:
     """Run the server in the foreground until interrupted."""
-    if settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("Tinsmith has no API keys yet: anyone who can reach %s can use it", settings.host)
+    keyed = check_exposure(settings)
     svc = Service(settings)
     url = f"http://{settings.host}:{settings.port}"
+    key = "<your tml- key>" if keyed else "tml-local"
     print(f"Tinsmith serving {', '.join(settings.models)} on {url}\n"
-          f"  TINKER_BASE_URL={url} TINKER_API_KEY=tml-local python your_loop.py", flush=True)
+          f"  TINKER_BASE_URL={url} TINKER_API_KEY={key} python your_loop.py", flush=True)
     try:
         uvicorn.Server(_uvicorn_config(svc, settings.host, settings.port, log_level)).run()
     finally:

@@ -13,8 +13,14 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
-def future_response(request_id: str, model_id: str | None = None, **extra: object) -> dict[str, object]:
-    """The UntypedAPIFuture every asynchronous endpoint answers with."""
+def future_response(
+    request_id: str, model_id: str | None = None, *, svc: Service | None = None,
+    owner: str | None = None, **extra: object,
+) -> dict[str, object]:
+    """The UntypedAPIFuture every asynchronous endpoint answers with. With `svc`, the
+    request is first recorded as `owner`'s: only its owner (or an admin) may retrieve it."""
+    if svc is not None:
+        svc.futures.claim(request_id, owner)
     out: dict[str, object] = {"request_id": request_id}
     if model_id is not None:
         out["model_id"] = model_id
@@ -25,4 +31,5 @@ def future_response(request_id: str, model_id: str | None = None, **extra: objec
 def user_error_response(_: Request, exc: Exception) -> JSONResponse:
     # Always a non-empty body: the SDK treats a bodiless 400 as a connection error and retries.
     assert isinstance(exc, UserError)
-    return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+    headers = {"WWW-Authenticate": 'APIKey header="X-API-Key"'} if exc.status_code == 401 else None
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)

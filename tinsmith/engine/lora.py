@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,24 +34,42 @@ class LoraWeights:
     scale: float
 
 
+class RowGroup(NamedTuple):
+    """`rows` consecutive batch rows under adapter `slot` (None = base model only); in a
+    separate pass, `width` is the group's own padded length (its longest row)."""
+
+    slot: int | None
+    rows: int
+    width: int | None = None
+
+
 class LoraContext:
     """Row -> slot assignment for the current forward pass, shared by all layers of a model.
 
-    `groups` lists (slot, num_rows) in batch-row order; slot None means base model only.
-    An empty list also means base model only.
+    `groups` lists RowGroups in batch-row order; an empty list means base model only.
+    `separate` marks a pass that packs several requests: every projection (and attention,
+    see attention.py) is then computed per group on the block [rows, width] the request has
+    alone, so each request's results and gradients are bitwise what its own pass gives. A
+    shared matmul would be cheaper, but BLAS rounding depends on where a row falls in the
+    matrix, and Adam's tiny default eps turns such rounding on near-zero gradients into
+    visible weight differences.
     """
 
     def __init__(self) -> None:
-        self.groups: list[tuple[int | None, int]] = []
+        self.groups: list[RowGroup] = []
+        self.separate = False
 
     @contextmanager
-    def rows(self, groups: Sequence[tuple[int | None, int]]) -> Iterator[None]:
-        previous = self.groups
-        self.groups = [(slot, n) for slot, n in groups if n > 0]
+    def rows(
+        self, groups: Sequence[tuple[int | None, int] | RowGroup], separate: bool = False
+    ) -> Iterator[None]:
+        previous = self.groups, self.separate
+        self.groups = [RowGroup(*g) for g in groups if g[1] > 0]
+        self.separate = separate and len(self.groups) > 1
         try:
             yield
         finally:
-            self.groups = previous
+            self.groups, self.separate = previous
 
 
 class MultiLoraLinear(nn.Module):
@@ -92,22 +111,53 @@ class MultiLoraLinear(nn.Module):
         return torch.addmm(y.reshape(-1, y.shape[-1]), h, w.B.t()).reshape(y.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         groups = self.ctx.groups
+        if self.ctx.separate:
+            return self._separate(x, groups)
+        # The view gathers this layer's two gradients (base and delta) before they join the
+        # other layers reading the same input (q, k and v; gate and up), the order in which a
+        # separate pass adds them, so both passes give bitwise the same input gradient.
+        x = x.view_as(x)
+        y = self.base(x)
         if not groups:
             return y
         if len(groups) == 1:  # fast path: the whole batch uses one slot, no slicing
-            w = self.adapters.get(groups[0][0]) if groups[0][0] is not None else None
+            w = self.adapters.get(groups[0].slot) if groups[0].slot is not None else None
             return y if w is None else self._add_delta(y, x, w)
-        assert sum(n for _, n in groups) == x.shape[0], "LoraContext rows do not match batch"
+        assert sum(g.rows for g in groups) == x.shape[0], "LoraContext rows do not match batch"
         parts = []
         start = 0
-        for slot, n in groups:
-            ys = y[start : start + n]
-            w = self.adapters.get(slot) if slot is not None else None
-            parts.append(ys if w is None else self._add_delta(ys, x[start : start + n], w))
-            start += n
+        for g in groups:
+            ys = y[start : start + g.rows]
+            w = self.adapters.get(g.slot) if g.slot is not None else None
+            parts.append(ys if w is None else self._add_delta(ys, x[start : start + g.rows], w))
+            start += g.rows
         return torch.cat(parts, dim=0)
+
+    def _separate(self, x: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
+        """Each group on its own contiguous block ([rows, width, in] for 3-D x, [rows, in] for
+        2-D), exactly as its own pass computes it; positions past a group's width (padding of
+        longer groups) are zero. Assembled by cat, whose backward only slices (assigning into
+        a preallocated output would copy the whole gradient once per group)."""
+        assert sum(g.rows for g in groups) == x.shape[0], "LoraContext rows do not match batch"
+        parts = []
+        start = 0
+        for g in groups:
+            rows = slice(start, start + g.rows)
+            cols = slice(0, g.width) if x.dim() == 3 and g.width is not None else slice(None)
+            xs = x[rows, cols].contiguous()
+            ys = self.base(xs)
+            w = self.adapters.get(g.slot) if g.slot is not None else None
+            ys = ys if w is None else self._add_delta(ys, xs, w)
+            parts.append(pad_positions(ys, x.shape[1]) if x.dim() == 3 else ys)
+            start += g.rows
+        return torch.cat(parts, dim=0)
+
+
+def pad_positions(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad [rows, width, ...] on the right of dim 1 to [rows, length, ...]."""
+    missing = length - t.shape[1]
+    return t if missing == 0 else F.pad(t, [0, 0] * (t.dim() - 2) + [0, missing])
 
 
 def inject_lora(model: nn.Module, ctx: LoraContext) -> dict[str, MultiLoraLinear]:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tinsmith.engine import attention
 from tinsmith.engine.adapter import Adapter
-from tinsmith.engine.lora import LoraContext, MultiLoraLinear, inject_lora
+from tinsmith.engine.lora import LoraContext, MultiLoraLinear, RowGroup, inject_lora
 from tinsmith.types import DatumIn
 
 
@@ -38,6 +39,7 @@ class ModelRunner:
             p.requires_grad_(False)
         self.ctx = LoraContext()
         self.layers: dict[str, MultiLoraLinear] = inject_lora(self.model, self.ctx)
+        attention.install(self.model, self.ctx)
         self._slots: dict[int, Adapter] = {}
         self._slot_ids = itertools.count(1)
         self._check_plain_unembedding()
@@ -75,6 +77,9 @@ class ModelRunner:
         self._slots[slot] = adapter
         return slot
 
+    def attached(self, slot: int) -> bool:
+        return slot in self._slots
+
     def detach(self, slot: int) -> None:
         adapter = self._slots.pop(slot, None)
         if adapter is None:
@@ -84,8 +89,19 @@ class ModelRunner:
 
     # ----- compute --------------------------------------------------------------------
     @staticmethod
-    def _groups(slot_rows: Sequence[tuple[int | None, torch.Tensor]]) -> list[tuple[int | None, int]]:
-        return [(slot, len(list(g))) for slot, g in itertools.groupby(s for s, _ in slot_rows)]
+    def _groups(
+        slot_rows: Sequence[tuple[int | None, torch.Tensor]], parts: Sequence[int] | None = None
+    ) -> list[RowGroup]:
+        """Adjacent rows of one slot (and one part, when given) as RowGroups; with parts,
+        each group's width is its own longest row."""
+        keys = [(slot, parts[i] if parts is not None else 0) for i, (slot, _) in enumerate(slot_rows)]
+        out, start = [], 0
+        for (slot, _), group in itertools.groupby(keys):
+            n = len(list(group))
+            width = max(int(t.shape[0]) for _, t in slot_rows[start : start + n]) if parts is not None else None
+            out.append(RowGroup(slot, n, width))
+            start += n
+        return out
 
     @staticmethod
     def _pad(slot_rows: Sequence[tuple[int | None, torch.Tensor]]) -> torch.Tensor:
@@ -105,9 +121,18 @@ class ModelRunner:
             return self.model(input_ids=self._pad(slot_rows), use_cache=False).logits
 
     def _head_logprobs(
-        self, hidden: torch.Tensor, index: torch.Tensor, groups: list[tuple[int | None, int]]
+        self, hidden: torch.Tensor, index: torch.Tensor, groups: list[RowGroup], separate: bool
     ) -> torch.Tensor:
-        """log p(index) [k, K] from final hidden states [k, H] of k positions."""
+        """log p(index) [k, K] from final hidden states [k, H] of k positions. `separate`:
+        each group on its own (a packed pass), so no [k, V] logits of the whole pass are ever
+        built and every request's logits are exactly those of its own pass."""
+        if separate:
+            parts, start = [], 0
+            for g in groups:
+                end = start + g.rows
+                parts.append(self._head_logprobs(hidden[start:end], index[start:end], [g], False))
+                start = end
+            return torch.cat(parts)
         with self.ctx.rows(groups):
             logits = self.model.lm_head(hidden)  # [k, V]
         # log_softmax + gather: ~1.8x faster fwd+bwd on CPU than gather - logsumexp.
@@ -119,17 +144,21 @@ class ModelRunner:
         *,
         grad: bool,
         active: Sequence[np.ndarray | None] | None = None,
+        parts: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
         """log p(target) per datum: [N] for 1-D targets, [N, K] for 2-D ones.
 
-        Returned in the order of `rows`; internally rows are grouped by slot. `active`
+        Returned in the order of `rows`; internally rows are grouped by slot, and by `parts`
+        (one id per row: the request it belongs to) when several requests share the pass, so
+        that each request's adapter computation has the shapes it has alone. `active`
         (one bool [N] per row, None = every position) marks the positions whose logprob the
         loss can have a non-zero gradient for. With `grad`, only those go through the
         unembedding and log-softmax under autograd; the others are computed without it,
         which is exact (their gradient is zero) and skips their share of the [B, T, V]
         backward, e.g. every prompt position of an RL or preference batch.
         """
-        order = sorted(range(len(rows)), key=lambda i: (rows[i][0] is None, rows[i][0] or 0))
+        part = (lambda i: parts[i]) if parts is not None else (lambda i: 0)
+        order = sorted(range(len(rows)), key=lambda i: (rows[i][0] is None, rows[i][0] or 0, part(i)))
         slot_rows = [(rows[i][0], torch.as_tensor(rows[i][1].tokens, dtype=torch.long)) for i in order]
         targets = [torch.as_tensor(rows[i][1].inputs["target_tokens"], dtype=torch.long) for i in order]
         lengths = torch.tensor([t.shape[0] for t in targets])
@@ -145,18 +174,18 @@ class ModelRunner:
                 if active[i] is not None:
                     hot[b, : lengths[b]] = torch.as_tensor(active[i], dtype=torch.bool)
         cold = valid & ~hot
-        groups = self._groups(slot_rows)
+        groups = self._groups(slot_rows, [part(i) for i in order] if parts is not None else None)
         with torch.set_grad_enabled(grad):
-            with self.ctx.rows(groups):
+            with self.ctx.rows(groups, separate=parts is not None):
                 hidden = self.model.model(input_ids=self._pad(slot_rows), use_cache=False).last_hidden_state
             lp_all = torch.zeros(batch, width, k_max, dtype=hidden.dtype)  # [B, T, K]
             with torch.no_grad():
                 if cold.any():
-                    lp_all[cold] = self._head_logprobs(hidden[cold], index[cold], _counts(groups, cold))
+                    lp_all[cold] = self._head_logprobs(hidden[cold], index[cold], _counts(groups, cold), parts is not None)
             if hot.any():
                 # One gather over the whole batch: slicing [B, T, V] logits per datum would
                 # make autograd materialise a full-size gradient buffer for every slice.
-                lp_hot = self._head_logprobs(hidden[hot], index[hot], _counts(groups, hot))
+                lp_hot = self._head_logprobs(hidden[hot], index[hot], _counts(groups, hot), parts is not None)
                 lp_all = lp_all.index_put(hot.nonzero(as_tuple=True), lp_hot)
             out: list[torch.Tensor | None] = [None] * len(rows)
             for b, i in enumerate(order):
@@ -166,11 +195,11 @@ class ModelRunner:
         return out  # type: ignore[return-value]
 
 
-def _counts(groups: list[tuple[int | None, int]], mask: torch.Tensor) -> list[tuple[int | None, int]]:
+def _counts(groups: list[RowGroup], mask: torch.Tensor) -> list[RowGroup]:
     """Row groups -> groups of the selected positions: mask [B, T] flattened row-major keeps
-    each slot's positions contiguous, so a group's count is its rows' selected positions."""
+    each group's positions contiguous, so a group's count is its rows' selected positions."""
     out, start = [], 0
-    for slot, n in groups:
-        out.append((slot, int(mask[start : start + n].sum())))
-        start += n
+    for g in groups:
+        out.append(RowGroup(g.slot, int(mask[start : start + g.rows].sum())))
+        start += g.rows
     return out

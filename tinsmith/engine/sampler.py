@@ -1,13 +1,19 @@
-"""Token sampling with a KV cache: one prompt, `num_samples` continuations, one adapter slot.
+"""Token sampling with continuous batching: many requests, adapters and prompts decode
+together, one token per row per step.
 
-The prompt is prefilled once with batch 1; the cache is then repeated to one row per
-sample and all rows decode in lock step (one token per forward pass). Every row has the
-same length at every step, so no padding or attention mask is needed. Rows that stop are
-dropped from the batch and from the cache, so finished samples cost nothing more.
+A request is admitted with its own prefill (batch 1, which also yields every prompt-wide
+output; see prompt_scoring) and its first token, drawn for all `num_samples` rows from the
+prefill's last logits. Its surviving rows then join the shared `DecodeBatch` (engine/decode.py)
+and advance one token per `step()` together with every other live row, under their own
+adapter slots. Rows that stop leave the batch at once, and a request whose rows have all
+stopped completes through its `on_done` callback, so nobody waits for the longest sequence.
+`sample()` is the synchronous form: admit one request and step until it is done.
 
 Semantics follow the hosted Tinker service:
 - tokens are drawn from softmax(logits / temperature) restricted by top-k and top-p
-  (temperature 0 = greedy), from a generator seeded by `seed` when one is given;
+  (temperature 0 = greedy), from the request's own generator, seeded by `seed` when one is
+  given; each request draws from its rows' logits only, in sample order, so its draws do
+  not depend on what else is decoding;
 - the logprob reported for a token is always log p(token) under the model's raw
   distribution (temperature 1, no top-k/top-p), i.e. what a training forward pass gives;
 - a stop token, or a stop string appearing in the decoded generated text, ends a row and
@@ -15,16 +21,26 @@ Semantics follow the hosted Tinker service:
 - `topk_sample_logprobs=k` adds, for every sampled token, the k most likely tokens of that
   step's raw distribution. Prompt-wide outputs (prompt logprobs, top-k, target ids and
   alternative tokens) come from the prefill; see prompt_scoring.
+Alone, a request is bitwise what it was before batching existed. Batched with others, its
+logits differ by float rounding only (decode.py), and a seeded draw can then land on the
+other side of a CDF boundary; after such a flip the rest of that sequence differs. Inverse-CDF
+sampling is sensitive to this where the distribution is flat (every boundary of the
+vocabulary moves a little): in bench/multi_tenant.py, 8 of 32 temperature-1 sequences of 32
+tokens from random-token prompts diverged somewhere. Greedy decoding flips only on near-ties.
 
-Shapes: P = prompt length, B = rows still decoding (<= num_samples), V = vocab size.
+Shapes: P = prompt length, B = rows of a request still decoding (<= num_samples), V = vocab.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
+from tinsmith.engine.decode import DecodeBatch, mergeable
 from tinsmith.engine.draw import draw
 from tinsmith.engine.prompt_scoring import first_position, score_prompt
 from tinsmith.engine.runner import ModelRunner
@@ -33,6 +49,9 @@ from tinsmith.types import SampledSeq, SampleOut, SampleSpec, StopReason
 
 # Candidate counts tried before a full sort when only top-p is on (see Sampler._pick).
 _NUCLEUS_GUESSES = (1024, 8192)
+
+# Called once with the finished output, or with the exception that ended the request.
+OnDone = Callable[[SampleOut | BaseException], None]
 
 
 class _StopStringWatcher:
@@ -70,12 +89,92 @@ class _StopStringWatcher:
         return any(s in window for s in self.stops)
 
 
+class _Request:
+    """One sampling request in flight: its generator, what its samples drew so far, and which
+    of them are still decoding (`live`, sample indices in batch-row order)."""
+
+    def __init__(
+        self, slot: int | None, spec: SampleSpec, gen: torch.Generator, result: SampleOut,
+        on_done: OnDone, tokenizer,
+    ) -> None:
+        n = spec.num_samples
+        self.slot, self.spec, self.gen, self.result, self.on_done = slot, spec, gen, result, on_done
+        self.toks: list[list[int]] = [[] for _ in range(n)]
+        self.lps: list[list[float]] = [[] for _ in range(n)]
+        # topk_sample_logprobs: per sample, one ([k] ids, [k] logprobs) pair per step
+        self.tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
+        self.reasons: list[StopReason] = ["length"] * n
+        self.stop_tokens = set(spec.stop_tokens)
+        self.watchers = (
+            [_StopStringWatcher(tokenizer, spec.stop_strings) for _ in range(n)]
+            if spec.stop_strings
+            else None
+        )
+        self.live = list(range(n)) if spec.max_tokens > 0 else []
+        self.steps = 0
+
+    @property
+    def done(self) -> bool:
+        return not self.live
+
+    def take(
+        self, tokens: list[int], logprobs: list[float],
+        tops: tuple[np.ndarray, np.ndarray] | None, shared: bool,
+    ) -> list[int]:
+        """Record one drawn token per live sample; return the positions (in the old `live`)
+        of the samples that go on. `tops` holds ([b, k] logprobs, [b, k] ids), or one row for
+        all samples when `shared` (the first token, drawn from the prefill's logits)."""
+        keep: list[int] = []
+        for b, (t, lp) in enumerate(zip(tokens, logprobs)):
+            i = self.live[b]
+            self.toks[i].append(t)
+            self.lps[i].append(lp)
+            if tops is not None:
+                r = 0 if shared else b
+                self.tops[i].append((tops[1][r], tops[0][r]))
+            if t in self.stop_tokens or (self.watchers is not None and self.watchers[i].push(t)):
+                self.reasons[i] = "stop"
+            else:
+                keep.append(b)
+        self.steps += 1
+        if self.steps >= self.spec.max_tokens:
+            keep = []
+        self.live = [self.live[b] for b in keep]
+        return keep
+
+    def output(self) -> SampleOut:
+        k = self.spec.topk_sample_logprobs
+        self.result.sequences = [
+            Sampler._seq(self.toks[i], self.lps[i], self.reasons[i], self.tops[i], k)
+            for i in range(self.spec.num_samples)
+        ]
+        return self.result
+
+
 class Sampler:
-    """Samples continuations from a runner's base model under one adapter slot."""
+    """Continuous-batching sampler over a runner's base model and its adapter slots.
+
+    Single-threaded: admit(), step() and sample() are called from the model's worker thread.
+    """
 
     def __init__(self, runner: ModelRunner, tokenizer) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
+        self.batch = DecodeBatch(runner)
+        self._live: list[_Request] = []  # in batch-row order: rows of one slot adjacent
+        # Models whose cache rows cannot be merged (sliding-window layers) decode one request
+        # at a time; the others wait here, not yet prefilled.
+        self._shared = mergeable(DynamicCache(config=runner.config))
+        self._waiting: deque[tuple[int | None, SampleSpec, OnDone]] = deque()
+
+    @property
+    def pending(self) -> bool:
+        """True while some admitted request is still decoding (step() has work)."""
+        return bool(self._live or self._waiting)
+
+    @property
+    def live_rows(self) -> int:
+        return self.batch.rows
 
     # ----- validation -----------------------------------------------------------------
     def _check(self, spec: SampleSpec) -> torch.Tensor:
@@ -126,90 +225,111 @@ class Sampler:
         log_z = torch.logsumexp(logits, dim=-1)
         return tokens, logits.gather(-1, tokens[:, None])[:, 0] - log_z, log_z
 
-    # ----- the request ----------------------------------------------------------------
-    def sample(self, slot: int | None, spec: SampleSpec) -> SampleOut:
+    # ----- requests -------------------------------------------------------------------
+    def admit(self, slot: int | None, spec: SampleSpec, on_done: OnDone) -> None:
+        """Prefill a request and draw its first token. It completes here (on_done called) when
+        every sample stopped at once; otherwise its live rows join the batch. A bad request
+        raises here and leaves the batch as it was."""
+        if not self._shared and self._live:
+            self._waiting.append((slot, spec, on_done))
+            return
         prompt = self._check(spec)
         n_prompt = int(prompt.shape[0])
-        n = spec.num_samples
-        model, ctx = self.runner.model, self.runner.ctx
-
         gen = torch.Generator()
         if spec.seed is not None:
             gen.manual_seed(int(spec.seed))
         else:
             gen.seed()  # fresh non-deterministic seed
-
         # Prefill needs logits only at the last position, unless a prompt-wide output is
         # asked for: then from the first position it needs (position i-1 scores prompt[i]).
         start = first_position(spec, n_prompt)
-        k_top = spec.topk_sample_logprobs
-
         with torch.inference_mode():
             cache = DynamicCache(config=self.runner.config)
-            with ctx.rows([(slot, 1)]):
-                out = model(
-                    input_ids=prompt[None],
-                    past_key_values=cache,
-                    use_cache=True,
+            with self.runner.ctx.rows([(slot, 1)]):
+                out = self.runner.model(
+                    input_ids=prompt[None], past_key_values=cache, use_cache=True,
                     logits_to_keep=n_prompt - start,
                 )
             logits = out.logits[0].float()  # [P - start, V]
             result = score_prompt(logits, prompt, start, spec)  # no sequences yet
             last = logits[-1:].clone()  # [1, V]; lets the prompt-wide logits go
             del out, logits
+            req = _Request(slot, spec, gen, result, on_done, self.tokenizer)
+            if req.live:  # the first token of every sample comes from the same logits
+                kept, tokens = self._advance(req, last.expand(spec.num_samples, -1), shared=True)
+            if req.done:
+                on_done(req.output())
+                return
+            if len(kept) > 1:  # one copy of the prompt's KV per live row
+                cache.batch_repeat_interleave(len(kept))
+        # Requests stay sorted by slot (base model last), so each slot's rows are adjacent.
+        order = _slot_order(slot)
+        at = next((i for i, r in enumerate(self._live) if _slot_order(r.slot) > order), len(self._live))
+        row = sum(len(r.live) for r in self._live[:at])
+        self.batch.join(cache, n_prompt, tokens, slot, row)
+        self._live.insert(at, req)
 
-            if spec.max_tokens <= 0:
-                result.sequences = [self._seq([], [], "length", [], k_top) for _ in range(n)]
-                return result
+    def step(self) -> None:
+        """One token for every live row; completes the requests whose rows all stopped. If
+        the forward pass fails, every live request fails with it and the error is raised."""
+        if not self._live:
+            self._admit_waiting()
+            return
+        with torch.inference_mode():
+            try:
+                logits = self.batch.forward()  # [rows, V]
+            except Exception as e:
+                failed, self._live = self._live, []
+                self.batch.clear()
+                for req in failed:
+                    req.on_done(e)
+                raise
+            rows: list[int] = []
+            nexts: list[torch.Tensor] = []
+            start = 0
+            for req in self._live:  # each request draws from its own rows, with its own generator
+                n = len(req.live)
+                kept, tokens = self._advance(req, logits[start : start + n], shared=False)
+                rows.extend(start + b for b in kept)
+                nexts.append(tokens)
+                start += n
+            self.batch.keep(rows, torch.cat(nexts))
+        finished = [r for r in self._live if r.done]
+        self._live = [r for r in self._live if not r.done]
+        for req in finished:
+            req.on_done(req.output())
+        self._admit_waiting()
 
-            toks: list[list[int]] = [[] for _ in range(n)]
-            lps: list[list[float]] = [[] for _ in range(n)]
-            # topk_sample_logprobs: per sample, one ([k] ids, [k] logprobs) pair per step
-            tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
-            reasons: list[StopReason] = ["length"] * n
-            stop_tokens = set(spec.stop_tokens)
-            watchers = (
-                [_StopStringWatcher(self.tokenizer, spec.stop_strings) for _ in range(n)]
-                if spec.stop_strings
-                else None
-            )
+    def _admit_waiting(self) -> None:
+        while self._waiting and not self._live:
+            slot, spec, on_done = self._waiting.popleft()
+            try:
+                self.admit(slot, spec, on_done)
+            except Exception as e:
+                on_done(e)
 
-            # Invariant: batch row b of `next_logits` is sample active[b], and so is cache row
-            # b from step 1 on; at step 0 the cache still holds the single prefill row.
-            active = list(range(n))
-            next_logits = last.expand(n, -1)  # [B, V]; step 0 is the same for all rows
-            for step in range(spec.max_tokens):
-                tokens, logprobs, log_z = self._pick(next_logits, spec, gen)
-                if k_top > 0:
-                    rows = slice(None) if step else slice(0, 1)
-                    top_lp, top_ids = self._topk(next_logits[rows], log_z[rows], k_top)
-                keep_rows: list[int] = []
-                for b, (t, lp_) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
-                    i = active[b]
-                    toks[i].append(t)
-                    lps[i].append(lp_)
-                    if k_top > 0:  # step 0: every row shares the prefill's last logits
-                        tops[i].append((top_ids[b if step else 0], top_lp[b if step else 0]))
-                    if t in stop_tokens or (watchers is not None and watchers[i].push(t)):
-                        reasons[i] = "stop"
-                    else:
-                        keep_rows.append(b)
-                if not keep_rows or step == spec.max_tokens - 1:
-                    break
-                if step == 0 or len(keep_rows) < len(active):  # drop finished rows
-                    index = torch.tensor(keep_rows, dtype=torch.long)
-                    tokens = tokens[index]
-                    active = [active[b] for b in keep_rows]
-                    if step > 0:
-                        cache.batch_select_indices(index)
-                    elif len(active) > 1:  # one copy of the prompt's KV per live row
-                        cache.batch_repeat_interleave(len(active))
-                with ctx.rows([(slot, len(active))]):
-                    out = model(input_ids=tokens[:, None], past_key_values=cache, use_cache=True)
-                next_logits = out.logits[:, -1].float()  # [B, V]
+    def sample(self, slot: int | None, spec: SampleSpec) -> SampleOut:
+        """Synchronous sampling (tests, tools): admit one request and step until it is done;
+        other live requests advance meanwhile."""
+        box: list[SampleOut | BaseException] = []
+        self.admit(slot, spec, box.append)
+        while not box:
+            self.step()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
 
-        result.sequences = [self._seq(toks[i], lps[i], reasons[i], tops[i], k_top) for i in range(n)]
-        return result
+    def _advance(self, req: _Request, logits: torch.Tensor, *, shared: bool) -> tuple[list[int], torch.Tensor]:
+        """Draw the next token of each of the request's live rows from fp32 logits [b, V];
+        returns (positions of the rows that go on, their tokens)."""
+        tokens, logprobs, log_z = self._pick(logits, req.spec, req.gen)
+        k = req.spec.topk_sample_logprobs
+        tops = None
+        if k > 0:  # when shared, every row has the same logits: one row is enough
+            rows = slice(0, 1) if shared else slice(None)
+            tops = self._topk(logits[rows], log_z[rows], k)
+        kept = req.take(tokens.tolist(), logprobs.tolist(), tops, shared)
+        return kept, tokens[kept]
 
     @staticmethod
     def _topk(logits: torch.Tensor, log_z: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -231,3 +351,8 @@ class Sampler:
                 np.stack([lp for _, lp in tops]) if tops else np.zeros((0, k), np.float32)
             )
         return seq
+
+
+def _slot_order(slot: int | None) -> tuple[bool, int]:
+    """Sort key of a row's slot: adapters by slot number, the base model (None) last."""
+    return (slot is None, slot or 0)

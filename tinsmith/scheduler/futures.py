@@ -16,9 +16,18 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 ErrorCategory = Literal["user", "server"]
+
+
+class Viewer(Protocol):
+    """Who polls (tinsmith.scheduler.access.Caller)."""
+
+    @property
+    def admin(self) -> bool: ...
+
+    def sees(self, owner: str | None) -> bool: ...
 
 
 @dataclass
@@ -36,6 +45,8 @@ class _Entry:
     error: FutureError | None = None
     delivered_at: float | None = None
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    owner: str | None = None
+    claimed: bool = False  # owner set; until then only an admin (or an open server) sees it
 
 
 class FutureStore:
@@ -54,6 +65,13 @@ class FutureStore:
             self._entries[rid] = _Entry(kind=kind, created=time.monotonic())
             return rid
 
+    def claim(self, rid: str, owner: str | None) -> None:
+        """Record who made request `rid` (the first claim wins: a retry gets the same id)."""
+        with self._lock:
+            e = self._entries.get(rid)
+            if e is not None and not e.claimed:
+                e.owner, e.claimed = owner, True
+
     def set_result(self, rid: str, value: object) -> None:
         self._complete(rid, value, None)
 
@@ -70,12 +88,16 @@ class FutureStore:
         for w in waiters:
             w.get_loop().call_soon_threadsafe(_wake, w)
 
-    async def wait(self, rid: str, timeout: float) -> tuple[bool, object, FutureError | None]:
-        """Wait up to `timeout` s. Returns (done, value, error); raises KeyError if unknown."""
+    async def wait(
+        self, rid: str, timeout: float, viewer: Viewer | None = None
+    ) -> tuple[bool, object, FutureError | None]:
+        """Wait up to `timeout` s. Returns (done, value, error); raises KeyError if unknown,
+        or if `viewer` may not see it (someone else's request reads as an unknown one)."""
         loop = asyncio.get_running_loop()
         with self._lock:
             e = self._entries.get(rid)
-            if e is None:
+            if e is None or (viewer is not None and not viewer.admin
+                             and not (e.claimed and viewer.sees(e.owner))):
                 raise KeyError(rid)
             if not e.done:
                 waiter: asyncio.Future[None] = loop.create_future()

@@ -56,7 +56,7 @@ def load_model(
         name=name,
         model_dir=model_dir,
         engine=engine,
-        worker=EngineWorker(name, futures),
+        worker=EngineWorker(name, futures, engine, pass_tokens=settings.pass_tokens),
         vocab_size=runner.vocab_size,
         max_context=runner.max_context,
         arch=runner.arch,

@@ -17,21 +17,26 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 
 from tinsmith.config import ServerSettings
+from tinsmith.engine.engine import TrainWork
 from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.validation import check_data, check_sample
+from tinsmith.scheduler.access import OPEN, ApiKeys, Caller
 from tinsmith.scheduler.futures import FutureStore
 from tinsmith.scheduler.models import ModelHandle, load_model
 from tinsmith.scheduler.ordering import SeqGate
 from tinsmith.scheduler.paths import CheckpointRef, check_name, parse_path, ref_from_checkpoint_id
-from tinsmith.scheduler.stability import StabilityRecords
+from tinsmith.scheduler.stability import StabilityRecords, only_visible
 from tinsmith.scheduler.telemetry import ModelSnapshot, ServerMetrics
+from tinsmith.scheduler.worker import Pack
 from tinsmith.storage.checkpoints import remove_checkpoint
-from tinsmith.storage.db import CheckpointRow, MetadataStore
+from tinsmith.storage.db import CheckpointRow, MetadataStore, RunRow, SessionRow
 from tinsmith.storage.files import CheckpointStore
 from tinsmith.types import AdamSpec, DatumIn, LoraSpec, NotFound, SampleOut, SampleSpec, UserError
 
@@ -46,6 +51,7 @@ class RunState:
     lora: LoraSpec
     create_request_id: str  # the create_model / create-via-load request (retries get it back)
     gate: SeqGate = field(default_factory=SeqGate)
+    owner: str | None = None  # API key id that made it (tinsmith.scheduler.access)
 
     @property
     def base_model(self) -> str:
@@ -60,6 +66,7 @@ class SamplerState:
     adapter_key: str | None  # the engine's sampler-adapter key; None = base model
     storage_key: str | None  # where to reload its files from; None = not reloadable
     issued: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
+    owner: str | None = None  # None for ephemeral ones: their session's owner is theirs
 
 
 def _now() -> datetime:
@@ -112,10 +119,14 @@ class Service:
             raise UserError(f"unknown base model {name!r}: this server serves {served}")
         return h
 
-    def run(self, run_id: str) -> RunState:
+    def run(self, run_id: str, caller: Caller | None = None) -> RunState:
+        """A loaded training run. With `caller`, one it may not see is an unknown run."""
         r = self.runs.get(run_id)
+        if r is not None and caller is not None and not caller.sees(r.owner):
+            r = None
         if r is None:
-            if self.db.get_run(run_id) is not None:
+            row = self.db.get_run(run_id)
+            if row is not None and (caller is None or caller.sees(row.owner)):
                 raise NotFound(
                     f"training run {run_id!r} is not loaded (the server restarted since it was "
                     "created); resume it with create_training_client_from_state(<its checkpoint path>)"
@@ -130,30 +141,108 @@ class Service:
                 "start a new ServiceClient (a new session) to create runs"
             )
 
-    def checkpoint(self, ref: CheckpointRef) -> CheckpointRow:
+    def checkpoint(self, ref: CheckpointRef, caller: Caller | None = None) -> CheckpointRow:
         row = self.db.get_checkpoint(ref.run_id, ref.checkpoint_id)
-        if row is None:
+        if row is None or (caller is not None and not caller.sees(row.owner)):
             raise NotFound(f"checkpoint {ref.tinker_path} does not exist")
         return row
+
+    # ----- access: API keys and what each caller sees (tinsmith.scheduler.access) ----------
+    @cached_property
+    def keys(self) -> ApiKeys:
+        return ApiKeys(self.db)
+
+    def authenticate(self, api_key: str | None) -> Caller:
+        return self.keys.authenticate(api_key)
+
+    def session(self, session_id: str, caller: Caller | None = None) -> SessionRow:
+        row = self.db.get_session(session_id)
+        if row is None or (caller is not None and not caller.sees(row.owner)):
+            raise NotFound(f"unknown session {session_id!r}")
+        return row
+
+    def _check_session(self, session_id: str, caller: Caller) -> None:
+        """Runs and samplers go into the caller's own sessions. An open server takes any
+        session id, as it always has."""
+        if not caller.open:
+            self.session(session_id, caller)
+
+    def heartbeat(self, session_id: str, caller: Caller = OPEN) -> None:
+        row = self.db.get_session(session_id)
+        if row is not None and caller.sees(row.owner):  # else as for an unknown session: nothing
+            self.db.heartbeat(session_id)
+
+    def finish_session(self, session_id: str, reason: str, caller: Caller = OPEN) -> None:
+        row = self.db.get_session(session_id)
+        if row is not None and caller.sees(row.owner):
+            self.db.finish_session(session_id, reason)
+
+    def list_sessions(self, caller: Caller, limit: int, offset: int) -> list[SessionRow]:
+        return self.db.list_sessions(limit, offset, owner=caller.listing_owner)
+
+    def list_runs(self, caller: Caller, limit: int, offset: int) -> tuple[list[RunRow], int]:
+        return self.db.list_runs(limit, offset, owner=caller.listing_owner)
+
+    def run_row(self, run_id: str, caller: Caller) -> RunRow:
+        """A training run's stored record (loaded or not)."""
+        row = self.db.get_run(run_id)
+        if row is None or not caller.sees(row.owner):
+            raise NotFound(f"unknown training run {run_id!r}")
+        return row
+
+    def list_checkpoints(self, caller: Caller, run_id: str | None = None, *, limit: int = 100,
+                         offset: int = 0) -> tuple[list[CheckpointRow], int]:
+        """One run's checkpoints (oldest first), or every visible one (newest first)."""
+        if run_id is not None:
+            self.run_row(run_id, caller)
+            rows = self.db.list_checkpoints(run_id)
+            return rows, len(rows)
+        return self.db.list_all_checkpoints(limit, offset, owner=caller.listing_owner)
+
+    def stability_scope(self, caller: Caller) -> AbstractContextManager[None]:
+        """Around forward_backward: sampling records of other keys' sessions read as missing."""
+        if caller.admin:
+            return nullcontext()
+        seen: dict[str, bool] = {}
+
+        def visible(sequence_id: str) -> bool:  # `<session>:sample:<n>:<seq_id>:<i>`
+            session = sequence_id.split(":sample:")[0]
+            if session not in seen:
+                row = self.db.get_session(session)
+                seen[session] = row is not None and caller.sees(row.owner)
+            return seen[session]
+
+        return only_visible(visible)
+
+    def _sampler_owner(self, s: SamplerState) -> str | None:
+        if s.owner is not None:
+            return s.owner
+        session = self.db.get_session(s.sampler_id.split(":sample:")[0])
+        if session is not None and session.owner is not None:
+            s.owner = session.owner  # found once, for ephemeral samplers
+        return s.owner
 
     # ----- sessions -----------------------------------------------------------------------
     def create_session(
         self, *, tags: Sequence[str], user_metadata: Mapping[str, object] | None,
         display_name: str | None, project_id: str | None, sdk_version: str | None,
+        caller: Caller = OPEN,
     ) -> str:
         session_id = uuid.uuid4().hex[:16]
         self.db.add_session(
             session_id, tags=list(tags), user_metadata=dict(user_metadata or {}),
             display_name=display_name, project_id=project_id, sdk_version=sdk_version,
+            owner=caller.owner,
         )
         return session_id
 
     # ----- training runs ------------------------------------------------------------------
     def create_model(
         self, *, session_id: str, model_seq_id: int, base_model: str, lora: LoraSpec,
-        user_metadata: Mapping[str, object] | None,
+        user_metadata: Mapping[str, object] | None, caller: Caller = OPEN,
     ) -> tuple[str, str]:
         """Create a LoRA training run. Returns (request_id, model_id)."""
+        self._check_session(session_id, caller)
         handle = self.model(base_model)
         if not 1 <= lora.rank <= 512:
             raise UserError(f"LoRA rank must be between 1 and 512, got {lora.rank}")
@@ -165,12 +254,12 @@ class Service:
             return {"model_id": run_id, "type": "create_model"}
 
         return self._new_run(session_id, model_seq_id, handle, lora, user_metadata,
-                             "create_model", work)
+                             "create_model", work, caller.owner)
 
     def _new_run(
         self, session_id: str, model_seq_id: int, handle: ModelHandle, lora: LoraSpec,
         user_metadata: Mapping[str, object] | None, kind: str,
-        work: Callable[[str], object],
+        work: Callable[[str], object], owner: str | None = None,
     ) -> tuple[str, str]:
         """Register run `<session>:train:<model_seq_id>` and queue `work(run_id)`, which
         creates its adapter. A retried creation gets the first request id back."""
@@ -181,14 +270,14 @@ class Service:
                 return existing.create_request_id, run_id
             self._check_unused(run_id)
             rid = self.futures.create(kind)
-            self.runs[run_id] = RunState(run_id, handle, lora, rid)
+            self.runs[run_id] = RunState(run_id, handle, lora, rid, owner=owner)
         self.db.add_run(run_id, session_id=session_id, base_model=handle.name, lora=lora.to_json(),
-                        user_metadata=dict(user_metadata) if user_metadata else None)
+                        user_metadata=dict(user_metadata) if user_metadata else None, owner=owner)
         handle.worker.submit(rid, lambda: work(run_id), kind)
         return rid, run_id
 
-    def get_info(self, run_id: str) -> dict[str, object]:
-        r = self.run(run_id)
+    def get_info(self, run_id: str, caller: Caller | None = None) -> dict[str, object]:
+        r = self.run(run_id, caller)
         return {
             "type": "get_info",
             "model_id": run_id,
@@ -200,10 +289,11 @@ class Service:
         }
 
     def _ordered(
-        self, run_id: str, seq_id: int, kind: str, work: Callable[[], object],
-        validate: Callable[[], None] | None = None, tokens: int = 0,
+        self, run_id: str, seq_id: int, kind: str, work: Callable[[], object] | None,
+        validate: Callable[[], None] | None = None, tokens: int = 0, pack: Pack | None = None,
     ) -> str:
-        """Queue `work` behind the run's earlier seq_ids. Returns the request id."""
+        """Queue `work` (or the packable work `pack`) behind the run's earlier seq_ids.
+        Returns the request id."""
         r = self.run(run_id)
         with self._lock:
             previous = r.gate.issued(seq_id)
@@ -219,7 +309,7 @@ class Service:
                 self.futures.set_error(rid, str(e), "user")
                 r.gate.submit(seq_id, rid, None, _call)
                 raise
-            job = lambda: r.handle.worker.submit(rid, work, kind, tokens)
+            job = lambda: r.handle.worker.submit(rid, work, kind, tokens, owner=run_id, pack=pack)
             r.gate.submit(seq_id, rid, job, _call)
         return rid
 
@@ -236,11 +326,12 @@ class Service:
             check_data(data, loss_fn, spec, config, h.vocab_size, h.max_context)
             prepared.extend(self.stability.attach(data) if spec.server_inputs else data)
 
-        def work() -> object:
-            return h.engine.forward_backward(run_id, prepared, loss_fn, config, forward_only=forward_only)  # type: ignore[arg-type]
-
-        return self._ordered(run_id, seq_id, "forward" if forward_only else "forward_backward",
-                             work, validate, tokens=sum(len(d.tokens) for d in data))
+        # Filled by validate() before the job is released; several runs' works share a pass.
+        kind = "forward" if forward_only else "forward_backward"
+        n_tokens = sum(len(d.tokens) for d in data)
+        pack = Pack(kind, n_tokens, TrainWork(run_id, prepared, loss_fn, config),  # type: ignore[arg-type]
+                    lambda works: h.engine.forward_backward_many(works, forward_only=forward_only))  # type: ignore[arg-type]
+        return self._ordered(run_id, seq_id, kind, None, validate, tokens=n_tokens, pack=pack)
 
     def optim_step(self, run_id: str, seq_id: int, adam: AdamSpec) -> str:
         r = self.run(run_id)
@@ -284,7 +375,7 @@ class Service:
                 storage_key=ref.storage_key, size_bytes=size,
                 expires_at=_now() + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
                 user_metadata=dict(user_metadata) if user_metadata else None, base_model=r.base_model,
-                lora=r.lora.to_json(),
+                lora=r.lora.to_json(), owner=r.owner,
             )
             self.db.touch_run(run_id)
             return {"path": ref.tinker_path, "type": "save_weights" if kind == "weights"
@@ -310,12 +401,13 @@ class Service:
         self, *, path: str, optimizer: bool, session_id: str | None = None,
         model_seq_id: int | None = None, model_id: str | None = None, seq_id: int | None = None,
         base_model: str | None = None, user_metadata: Mapping[str, object] | None = None,
+        caller: Caller = OPEN,
     ) -> tuple[str, str]:
         """Create a run from a checkpoint (session_id + model_seq_id), or load one into an
         existing run in order (model_id + seq_id, the deprecated load_state). Returns
         (request_id, model_id)."""
         ref = parse_path(path)
-        ckpt = self.checkpoint(ref)
+        ckpt = self.checkpoint(ref, caller)
         if optimizer and ckpt.checkpoint_type != "training":
             raise UserError(f"{path} is a sampler checkpoint and holds no optimizer state; "
                             "load a tinker://.../weights/... checkpoint")
@@ -330,7 +422,7 @@ class Service:
             return {"model_id": run_id, "path": path, "type": "load_weights"}
 
         if model_id is not None:  # legacy: into an existing run, ordered by seq_id
-            r = self.run(model_id)
+            r = self.run(model_id, caller)
             if r.base_model != ckpt.base_model:
                 raise UserError(f"{path} was trained on {ckpt.base_model!r}, this run uses {r.base_model!r}")
             if seq_id is None:
@@ -338,53 +430,63 @@ class Service:
             return self._ordered(model_id, seq_id, "load_weights", lambda: load(model_id)), model_id
         if session_id is None or model_seq_id is None:
             raise UserError("load_weights needs session_id and model_seq_id (or model_id and seq_id)")
+        self._check_session(session_id, caller)
         return self._new_run(session_id, model_seq_id, handle, lora, user_metadata,
-                             "load_weights", load)
+                             "load_weights", load, caller.owner)
 
     # ----- sampling -----------------------------------------------------------------------
     def create_sampling_session(
         self, *, session_id: str, sampling_session_seq_id: int, base_model: str | None,
-        model_path: str | None,
+        model_path: str | None, caller: Caller = OPEN,
     ) -> str:
+        self._check_session(session_id, caller)
         sampler_id = f"{session_id}:sample:{sampling_session_seq_id}"
         with self._lock:
             if sampler_id in self.samplers:
                 return sampler_id
-        state = self._new_sampler(sampler_id, base_model, model_path)
+        state = self._new_sampler(sampler_id, base_model, model_path, caller)
         with self._lock:
             self.samplers[sampler_id] = state
         self.db.add_sampler(sampler_id, session_id=session_id, base_model=state.handle.name,
-                            model_path=model_path)
+                            model_path=model_path, owner=caller.owner)
         return sampler_id
 
-    def _new_sampler(self, sampler_id: str, base_model: str | None, model_path: str | None) -> SamplerState:
+    def _new_sampler(self, sampler_id: str, base_model: str | None, model_path: str | None,
+                     caller: Caller | None = None, owner: str | None = None) -> SamplerState:
+        """`caller` (when given) must see the checkpoint; the sampler is `caller`'s, else `owner`'s."""
+        if caller is not None:
+            owner = caller.owner
         if model_path is None:
             if base_model is None:
                 raise UserError("a sampling session needs base_model or model_path")
-            return SamplerState(sampler_id, self.model(base_model), None, None, None)
+            return SamplerState(sampler_id, self.model(base_model), None, None, None, owner=owner)
         ref = parse_path(model_path)
-        ckpt = self.checkpoint(ref)
+        ckpt = self.checkpoint(ref, caller)
         if base_model is not None and base_model != ckpt.base_model:
             raise UserError(f"{model_path} was trained on {ckpt.base_model!r}, not {base_model!r}")
         return SamplerState(sampler_id, self.model(ckpt.base_model), model_path, ref.tinker_path,
-                            ckpt.storage_key)
+                            ckpt.storage_key, owner=owner)
 
-    def sampler(self, sampler_id: str) -> SamplerState:
+    def sampler(self, sampler_id: str, caller: Caller | None = None) -> SamplerState:
         """A sampling session; ones made before a restart are rebuilt from the database
-        (ephemeral ones are never stored, so they are gone)."""
+        (ephemeral ones are never stored, so they are gone). With `caller`, one it may not
+        see is an unknown one."""
+        missing = NotFound(f"unknown sampling session {sampler_id!r}")
         s = self.samplers.get(sampler_id)
         if s is not None:
+            if caller is not None and not caller.admin and not caller.sees(self._sampler_owner(s)):
+                raise missing
             return s
         row = self.db.get_sampler(sampler_id)
-        if row is None:
-            raise NotFound(f"unknown sampling session {sampler_id!r}")
-        state = self._new_sampler(sampler_id, row.base_model, row.model_path)
+        if row is None or (caller is not None and not caller.sees(row.owner)):
+            raise missing
+        state = self._new_sampler(sampler_id, row.base_model, row.model_path, owner=row.owner)
         with self._lock:
             self.samplers[sampler_id] = state
         return state
 
-    def get_sampler_info(self, sampler_id: str) -> dict[str, object]:
-        s = self.sampler(sampler_id)
+    def get_sampler_info(self, sampler_id: str, caller: Caller | None = None) -> dict[str, object]:
+        s = self.sampler(sampler_id, caller)
         out: dict[str, object] = {"sampler_id": sampler_id, "base_model": s.handle.name}
         if s.model_path:
             out["model_path"] = s.model_path
@@ -411,23 +513,28 @@ class Service:
             if len(s.issued) > 4096:  # retries come soon after the first try: keep the newest
                 for old in list(s.issued)[:2048]:
                     del s.issued[old]
-        def work() -> object:
-            out = h.engine.sample(s.adapter_key, spec, loader)
-            if record_stability_info:
-                self.stability.record(seq_ids, spec.prompt, out)
-            return out
+        def start(done: Callable[[object], None]) -> None:  # on the worker thread
+            def finish(out: SampleOut | BaseException) -> None:
+                if record_stability_info and isinstance(out, SampleOut):
+                    try:
+                        self.stability.record(seq_ids, spec.prompt, out)
+                    except Exception as e:
+                        out = e
+                done(out)
+
+            h.engine.start_sample(s.adapter_key, spec, loader, finish)
 
         def tokens(out: object) -> int:  # prompt once per sample, plus what was generated
             assert isinstance(out, SampleOut)
             return len(spec.prompt) * spec.num_samples + sum(len(q.tokens) for q in out.sequences)
 
-        h.worker.submit(rid, work, "sample", tokens)
+        h.worker.submit_sample(rid, start, tokens)
         return rid, seq_ids
 
     # ----- checkpoints ----------------------------------------------------------------------
-    def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
+    def delete_checkpoint(self, run_id: str, checkpoint_id: str, caller: Caller | None = None) -> None:
         ref = ref_from_checkpoint_id(run_id, checkpoint_id)
-        remove_checkpoint(self.db, self.store, self.checkpoint(ref))
+        remove_checkpoint(self.db, self.store, self.checkpoint(ref, caller))
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(self.settings.checkpoint_sweep_s):

@@ -13,6 +13,10 @@ spans into two server-side loss inputs, aligned with target_tokens [N]:
 Records live in memory: they expire after `ttl_s` without use (a day, as on the hosted
 service), the oldest go first beyond `max_tokens`, and a restart forgets them all; a
 datum naming a missing record gets a user error saying so.
+
+Records are keyed by sequence id, which names the sampler that made it. Inside
+`only_visible(pred)` (the api layer wraps a keyed caller's forward_backward in it), a record
+whose id `pred` rejects (another API key's sampling) reads exactly as a missing one.
 """
 
 from __future__ import annotations
@@ -20,12 +24,28 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from tinsmith.types import DatumIn, SampleOut, UserError
+
+_visible: ContextVar[Callable[[str], bool] | None] = ContextVar("tinsmith_stability_visible",
+                                                                default=None)
+
+
+@contextmanager
+def only_visible(pred: Callable[[str], bool] | None) -> Iterator[None]:
+    """Within this block (this thread / task), records whose sequence id `pred` rejects
+    are treated as missing. `None`: all are visible."""
+    token = _visible.set(pred)
+    try:
+        yield
+    finally:
+        _visible.reset(token)
 
 
 @dataclass
@@ -72,6 +92,9 @@ class StabilityRecords:
         if rec is not None and now - rec.used_at > self._ttl_s:
             self._drop(sid)
             rec = None
+        visible = _visible.get()
+        if rec is not None and visible is not None and not visible(sid):
+            rec = None  # someone else's: as if missing (and left as it is)
         if rec is None:
             raise UserError(
                 f"{where}: provenance span names sequence {sid!r}, which has no sampling record "

@@ -2,8 +2,10 @@
 
 `ServerMetrics` owns a per-server `CollectorRegistry` (several servers may share one
 process, so never the global default registry) and the metric objects. The engine workers
-report every job they run (`job_started` / `job_finished`); the service reports requests it
-rejects before they reach a worker (`rejected`). Values that are cheap to read at scrape time
+report every job they run (`job_started` / `job_finished`; a sampling request, which decodes
+over many steps shared with others, reports its compute per step with `busy` and its end
+with `request_done`); the service reports requests it rejects before they reach a worker
+(`rejected`). Values that are cheap to read at scrape time
 (queue depths, run and sampler counts, the sliding-window busy fraction) come from a
 snapshot callback and a custom collector, so nothing has to keep them up to date.
 
@@ -32,6 +34,7 @@ Outcome = Literal["ok", "user_error", "server_error"]
 # Worker job labels as the service passes them, folded into a few request kinds.
 _KINDS = {"create_model", "forward_backward", "forward", "optim_step", "sample"}
 # Queue wait + compute of one job: from milliseconds (tiny models) to minutes (big saves).
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
             120.0, 300.0, 600.0)
 
@@ -105,6 +108,13 @@ class ServerMetrics:
             "tinsmith_tokens", "Tokens processed: model-input tokens of the datums for "
             "forward/forward_backward, prompt x num_samples + generated tokens for sample",
             ["model", "kind"], registry=r)
+        # Batching: how many requests share each training pass, how many rows each decode step.
+        self.pass_requests = Histogram(
+            "tinsmith_pass_requests", "Requests computed together in one training pass",
+            ["model", "kind"], buckets=_SIZES, registry=r)
+        self.decode_rows = Histogram(
+            "tinsmith_decode_rows", "Sequences advanced together by one decoding step",
+            ["model"], buckets=_SIZES, registry=r)
         self.busy_seconds = Counter(
             "tinsmith_engine_busy_seconds", "Seconds the engine worker spent running jobs",
             ["model"], registry=r)
@@ -131,15 +141,34 @@ class ServerMetrics:
         self, model: str, label: str, outcome: Outcome, *, submitted: float, started: float,
         finished: float, tokens: int = 0,
     ) -> None:
-        """Record one job the worker ran; times are `time.monotonic()` values."""
-        kind = request_kind(label)
+        """Record one job the worker ran start to end; times are `time.monotonic()` values."""
+        self.busy(model, started, finished)
+        self.request_done(model, label, outcome, submitted=submitted, finished=finished, tokens=tokens)
+
+    def busy(self, model: str, started: float, finished: float) -> None:
+        """The worker computed from `started` to `finished` (a job, or a decoding step)."""
         with self._lock:
             self._window(model).add(started, finished)
         self.busy_seconds.labels(model=model).inc(max(0.0, finished - started))
+
+    def request_done(
+        self, model: str, label: str, outcome: Outcome, *, submitted: float, finished: float,
+        tokens: int = 0,
+    ) -> None:
+        """A request's latency, outcome and tokens (its compute is recorded by `busy`)."""
+        kind = request_kind(label)
         self.request_seconds.labels(model=model, kind=kind).observe(max(0.0, finished - submitted))
         self.requests.labels(model=model, kind=kind, outcome=outcome).inc()
         if tokens > 0:
             self.tokens.labels(model=model, kind=kind).inc(tokens)
+
+    def packed(self, model: str, label: str, requests: int) -> None:
+        """A training pass computed `requests` requests of kind `label` together."""
+        self.pass_requests.labels(model=model, kind=request_kind(label)).observe(requests)
+
+    def decoded(self, model: str, rows: int) -> None:
+        """A decoding step advanced `rows` sequences."""
+        self.decode_rows.labels(model=model).observe(rows)
 
     def rejected(self, model: str, label: str) -> None:
         """A request refused with a user error before it reached the engine worker."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from tinker.types import FutureRetrieveRequest
 
+from tinsmith.api.auth import CallerDep
 from tinsmith.api.codecs import encode_forward_backward, encode_sample
 from tinsmith.api.deps import service
 from tinsmith.types import FwdBwdOut, NotFound, SampleOut
@@ -19,10 +20,12 @@ PROTO = "application/x-protobuf"
 
 
 @router.post("/retrieve_future", response_model=None)
-async def retrieve_future(req: FutureRetrieveRequest, request: Request) -> Response | dict[str, object]:
+async def retrieve_future(
+    req: FutureRetrieveRequest, request: Request, caller: CallerDep
+) -> Response | dict[str, object]:
     svc = service(request)
-    try:
-        done, value, error = await svc.futures.wait(req.request_id, svc.settings.long_poll_s)
+    try:  # someone else's request reads as an unknown one
+        done, value, error = await svc.futures.wait(req.request_id, svc.settings.long_poll_s, caller)
     except KeyError:
         raise NotFound(f"unknown or expired request_id {req.request_id!r}") from None
     if not done:

@@ -16,6 +16,7 @@ router = APIRouter()
 
 
 @router.get("/healthz")
+@router.get("/api/v1/healthz")
 async def healthz() -> dict[str, str]:
     """Liveness: the process serves HTTP."""
     return {"status": "ok"}

@@ -1,14 +1,17 @@
-"""REST resources the RestClient reads: capabilities, runs, checkpoints, sessions."""
+"""REST resources the RestClient reads: capabilities, runs, checkpoints, sessions.
+
+Each caller sees only what its API key made (an admin key sees everything); the rest
+answers as if it did not exist."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
+from tinsmith.api.auth import CallerDep
 from tinsmith.api.deps import service
 from tinsmith.scheduler.paths import parse_path
 from tinsmith.storage.db import CheckpointRow, RunRow
-from tinsmith.types import NotFound
 
 router = APIRouter(prefix="/api/v1")
 OWNER = "local"
@@ -43,7 +46,7 @@ def run_json(request: Request, row: RunRow) -> dict[str, object]:
     return {
         "training_run_id": row.training_run_id,
         "base_model": row.base_model,
-        "model_owner": OWNER,
+        "model_owner": row.owner or OWNER,
         "is_lora": True,
         "corrupted": False,
         "lora_rank": row.lora.get("rank"),
@@ -63,45 +66,42 @@ async def capabilities(request: Request) -> dict[str, object]:
 
 
 @router.get("/training_runs")
-async def list_runs(request: Request, limit: int = 20, offset: int = 0) -> dict[str, object]:
-    rows, total = service(request).db.list_runs(limit, offset)
+async def list_runs(request: Request, caller: CallerDep, limit: int = 20, offset: int = 0) -> dict[str, object]:
+    rows, total = service(request).list_runs(caller, limit, offset)
     return {"training_runs": [run_json(request, r) for r in rows],
             "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
 
 @router.get("/training_runs/{run_id}")
-async def get_run(run_id: str, request: Request) -> dict[str, object]:
-    row = service(request).db.get_run(run_id)
-    if row is None:
-        raise NotFound(f"unknown training run {run_id!r}")
-    return run_json(request, row)
+async def get_run(run_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
+    return run_json(request, service(request).run_row(run_id, caller))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
-async def list_run_checkpoints(run_id: str, request: Request) -> dict[str, object]:
-    db = service(request).db
-    if db.get_run(run_id) is None:
-        raise NotFound(f"unknown training run {run_id!r}")
-    return {"checkpoints": [checkpoint_json(c) for c in db.list_checkpoints(run_id)], "cursor": None}
+async def list_run_checkpoints(run_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
+    rows, _ = service(request).list_checkpoints(caller, run_id)
+    return {"checkpoints": [checkpoint_json(c) for c in rows], "cursor": None}
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
-async def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request) -> dict[str, object]:
-    service(request).delete_checkpoint(run_id, checkpoint_id)
+async def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request,
+                            caller: CallerDep) -> dict[str, object]:
+    service(request).delete_checkpoint(run_id, checkpoint_id, caller)
     return {}
 
 
 @router.get("/checkpoints")
-async def list_all_checkpoints(request: Request, limit: int = 100, offset: int = 0) -> dict[str, object]:
-    rows, total = service(request).db.list_all_checkpoints(limit, offset)
+async def list_all_checkpoints(request: Request, caller: CallerDep, limit: int = 100,
+                               offset: int = 0) -> dict[str, object]:
+    rows, total = service(request).list_checkpoints(caller, limit=limit, offset=offset)
     return {"checkpoints": [checkpoint_json(c) for c in rows],
             "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
 
 @router.post("/weights_info")
-async def weights_info(req: WeightsInfoRequest, request: Request) -> dict[str, object]:
+async def weights_info(req: WeightsInfoRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     svc = service(request)
-    row = svc.checkpoint(parse_path(req.tinker_path))
+    row = svc.checkpoint(parse_path(req.tinker_path), caller)
     lora = row.lora
     return {"base_model": row.base_model, "is_lora": True, "lora_rank": lora.get("rank"),
             "train_unembed": lora.get("train_unembed"), "train_mlp": lora.get("train_mlp"),
@@ -109,16 +109,15 @@ async def weights_info(req: WeightsInfoRequest, request: Request) -> dict[str, o
 
 
 @router.get("/sessions")
-async def list_sessions(request: Request, limit: int = 20, offset: int = 0) -> dict[str, object]:
-    return {"sessions": [s.session_id for s in service(request).db.list_sessions(limit, offset)]}
+async def list_sessions(request: Request, caller: CallerDep, limit: int = 20, offset: int = 0) -> dict[str, object]:
+    return {"sessions": [s.session_id for s in service(request).list_sessions(caller, limit, offset)]}
 
 
 @router.get("/sessions/{session_id}")
-async def get_session(session_id: str, request: Request) -> dict[str, object]:
-    db = service(request).db
-    s = db.get_session(session_id)
-    if s is None:
-        raise NotFound(f"unknown session {session_id!r}")
+async def get_session(session_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
+    svc = service(request)
+    db = svc.db
+    s = svc.session(session_id, caller)
     return {"training_run_ids": db.runs_of_session(session_id),
             "sampler_ids": db.samplers_of_session(session_id),
             "user_metadata": s.user_metadata, "display_name": s.display_name}

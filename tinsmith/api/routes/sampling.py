@@ -7,6 +7,7 @@ import uuid
 from fastapi import APIRouter, Request
 from tinker.types import CreateSamplingSessionRequest, SampleRequest
 
+from tinsmith.api.auth import CallerDep
 from tinsmith.api.codecs import sample_spec
 from tinsmith.api.deps import future_response, service
 
@@ -14,29 +15,35 @@ router = APIRouter(prefix="/api/v1")
 
 
 @router.post("/create_sampling_session")
-async def create_sampling_session(req: CreateSamplingSessionRequest, request: Request) -> dict[str, object]:
+async def create_sampling_session(
+    req: CreateSamplingSessionRequest, request: Request, caller: CallerDep
+) -> dict[str, object]:
     sid = service(request).create_sampling_session(
         session_id=req.session_id, sampling_session_seq_id=req.sampling_session_seq_id,
-        base_model=req.base_model, model_path=req.model_path,
+        base_model=req.base_model, model_path=req.model_path, caller=caller,
     )
     return {"sampling_session_id": sid, "type": "create_sampling_session"}
 
 
 @router.get("/samplers/{sampler_id}")
-async def get_sampler(sampler_id: str, request: Request) -> dict[str, object]:
-    return service(request).get_sampler_info(sampler_id)
+async def get_sampler(sampler_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
+    return service(request).get_sampler_info(sampler_id, caller)
 
 
 @router.post("/asample")
-async def asample(req: SampleRequest, request: Request) -> dict[str, object]:
+async def asample(req: SampleRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     svc = service(request)
     sampler_id = req.sampling_session_id
     if sampler_id is None:  # older clients name the model per request
+        session_id = f"adhoc-{uuid.uuid4().hex[:12]}"
+        if not caller.open:  # keyed callers sample in sessions of their own
+            session_id = svc.create_session(tags=["adhoc"], user_metadata=None, display_name=None,
+                                            project_id=None, sdk_version=None, caller=caller)
         sampler_id = svc.create_sampling_session(
-            session_id=f"adhoc-{uuid.uuid4().hex[:12]}", sampling_session_seq_id=0,
-            base_model=req.base_model, model_path=req.model_path,
+            session_id=session_id, sampling_session_seq_id=0,
+            base_model=req.base_model, model_path=req.model_path, caller=caller,
         )
-    handle = svc.sampler(sampler_id).handle
+    handle = svc.sampler(sampler_id, caller).handle
     spec = sample_spec(
         req.prompt, req.num_samples, req.sampling_params, eos_token_ids=handle.eos_token_ids,
         prompt_logprobs=bool(req.prompt_logprobs), prompt_logprobs_last_n=req.prompt_logprobs_last_n,
@@ -46,4 +53,4 @@ async def asample(req: SampleRequest, request: Request) -> dict[str, object]:
     seq_id = req.seq_id if req.seq_id is not None else -uuid.uuid4().int % (1 << 62)
     rid, seq_ids = svc.sample(sampler_id, seq_id, spec,
                               record_stability_info=bool(req.record_stability_info))
-    return future_response(rid, None, sample_sequence_ids=seq_ids)
+    return future_response(rid, None, svc=svc, owner=caller.owner, sample_sequence_ids=seq_ids)

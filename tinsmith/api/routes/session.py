@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from tinker.types import CreateSessionRequest, SessionHeartbeatRequest
 
 from tinsmith import __version__
+from tinsmith.api.auth import CallerDep
 from tinsmith.api.deps import service
 
 router = APIRouter(prefix="/api/v1")
@@ -25,26 +26,26 @@ async def dynamic_config() -> dict[str, object]:
 
 
 @router.post("/create_session")
-async def create_session(req: CreateSessionRequest, request: Request) -> dict[str, object]:
+async def create_session(req: CreateSessionRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     sid = service(request).create_session(
         tags=req.tags, user_metadata=req.user_metadata, display_name=req.display_name,
-        project_id=req.project_id, sdk_version=req.sdk_version,
+        project_id=req.project_id, sdk_version=req.sdk_version, caller=caller,
     )
     return {"session_id": sid, "type": "create_session",
             "info_message": f"Tinsmith {__version__}: session {sid}"}
 
 
 @router.post("/session_heartbeat")
-async def heartbeat(req: SessionHeartbeatRequest, request: Request) -> dict[str, object]:
-    service(request).db.heartbeat(req.session_id)
+async def heartbeat(req: SessionHeartbeatRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+    service(request).heartbeat(req.session_id, caller)
     return {"type": "session_heartbeat"}
 
 
 @router.post("/sessions/{session_id}/finish")
-async def finish(session_id: str, request: Request) -> dict[str, object]:
+async def finish(session_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
     body = await request.json() if await request.body() else {}
     reason = (body.get("reason") or {}).get("type", "success") if isinstance(body, dict) else "success"
-    service(request).db.finish_session(session_id, str(reason))
+    service(request).finish_session(session_id, str(reason), caller)
     return {}
 
 
@@ -52,7 +53,3 @@ async def finish(session_id: str, request: Request) -> dict[str, object]:
 async def telemetry() -> dict[str, object]:
     return {"status": "accepted"}
 
-
-@router.get("/healthz")
-async def healthz() -> dict[str, object]:
-    return {"status": "ok"}

@@ -13,6 +13,7 @@ from tinker.types import (
     SaveWeightsRequest,
 )
 
+from tinsmith.api.auth import CallerDep
 from tinsmith.api.codecs import decode_forward_backward
 from tinsmith.api.deps import future_response, service
 from tinsmith.types import AdamSpec, LoraSpec, UserError
@@ -21,7 +22,7 @@ router = APIRouter(prefix="/api/v1")
 
 
 @router.post("/create_model")
-async def create_model(req: CreateModelRequest, request: Request) -> dict[str, object]:
+async def create_model(req: CreateModelRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     if req.optimizer_config.type != "adamw":
         raise UserError(f"optimizer {req.optimizer_config.type!r} is not supported; use adamw")
     lc = req.lora_config
@@ -29,51 +30,62 @@ async def create_model(req: CreateModelRequest, request: Request) -> dict[str, o
         rank=lc.rank, seed=lc.seed, train_mlp=lc.train_mlp, train_attn=lc.train_attn,
         train_unembed=lc.train_unembed,
     )
-    rid, model_id = service(request).create_model(
+    svc = service(request)
+    rid, model_id = svc.create_model(
         session_id=req.session_id, model_seq_id=req.model_seq_id, base_model=req.base_model,
-        lora=lora, user_metadata=req.user_metadata,
+        lora=lora, user_metadata=req.user_metadata, caller=caller,
     )
-    return future_response(rid, model_id)
+    return future_response(rid, model_id, svc=svc, owner=caller.owner)
 
 
 @router.post("/get_info")
-async def get_info(req: GetInfoRequest, request: Request) -> dict[str, object]:
-    return service(request).get_info(req.model_id)
+async def get_info(req: GetInfoRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+    return service(request).get_info(req.model_id, caller)
 
 
 @router.post("/forward_backward")
-async def forward_backward(request: Request) -> dict[str, object]:
+async def forward_backward(request: Request, caller: CallerDep) -> dict[str, object]:
     if request.headers.get("content-encoding", "").lower() not in ("", "identity"):
         raise UserError("compressed /forward_backward bodies are not supported by this server", 415)
     fb = decode_forward_backward(await request.body())
-    rid = service(request).forward_backward(
-        fb.model_id, fb.seq_id, fb.data, fb.loss_fn, fb.loss_fn_config, forward_only=fb.forward_only
-    )
-    return future_response(rid, fb.model_id)
+    svc = service(request)
+    svc.run(fb.model_id, caller)  # someone else's run answers as an unknown one
+    with svc.stability_scope(caller):  # so do others' sampling records (stable_reinforce)
+        rid = svc.forward_backward(
+            fb.model_id, fb.seq_id, fb.data, fb.loss_fn, fb.loss_fn_config, forward_only=fb.forward_only
+        )
+    return future_response(rid, fb.model_id, svc=svc, owner=caller.owner)
 
 
 @router.post("/optim_step")
-async def optim_step(req: OptimStepRequest, request: Request) -> dict[str, object]:
+async def optim_step(req: OptimStepRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     p = req.optim_params
     if not isinstance(p, AdamParams):
         raise UserError(f"optimizer params of type {getattr(p, 'type', '?')!r} are not supported; use AdamParams")
     adam = AdamSpec(p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm)
-    rid = service(request).optim_step(req.model_id, _seq(req.seq_id), adam)
-    return future_response(rid, req.model_id)
+    svc = service(request)
+    svc.run(req.model_id, caller)
+    rid = svc.optim_step(req.model_id, _seq(req.seq_id), adam)
+    return future_response(rid, req.model_id, svc=svc, owner=caller.owner)
 
 
 @router.post("/save_weights")
-async def save_weights(req: SaveWeightsRequest, request: Request) -> dict[str, object]:
-    rid = service(request).save(
+async def save_weights(req: SaveWeightsRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+    svc = service(request)
+    svc.run(req.model_id, caller)
+    rid = svc.save(
         req.model_id, _seq(req.seq_id), kind="weights", name=req.path or "", ttl_seconds=req.ttl_seconds,
         overwrite=req.overwrite, user_metadata=req.user_metadata,
     )
-    return future_response(rid, req.model_id)
+    return future_response(rid, req.model_id, svc=svc, owner=caller.owner)
 
 
 @router.post("/save_weights_for_sampler")
-async def save_weights_for_sampler(req: SaveWeightsForSamplerRequest, request: Request) -> dict[str, object]:
+async def save_weights_for_sampler(
+    req: SaveWeightsForSamplerRequest, request: Request, caller: CallerDep
+) -> dict[str, object]:
     svc = service(request)
+    svc.run(req.model_id, caller)
     if req.path is None:
         if req.sampling_session_seq_id is None:
             raise UserError("save_weights_for_sampler needs a name (path) or a sampling_session_seq_id")
@@ -83,17 +95,18 @@ async def save_weights_for_sampler(req: SaveWeightsForSamplerRequest, request: R
             req.model_id, _seq(req.seq_id), kind="sampler_weights", name=req.path,
             ttl_seconds=req.ttl_seconds, overwrite=True, user_metadata=req.user_metadata,
         )
-    return future_response(rid, req.model_id)
+    return future_response(rid, req.model_id, svc=svc, owner=caller.owner)
 
 
 @router.post("/load_weights")
-async def load_weights(req: LoadWeightsRequest, request: Request) -> dict[str, object]:
-    rid, model_id = service(request).load_weights(
+async def load_weights(req: LoadWeightsRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+    svc = service(request)
+    rid, model_id = svc.load_weights(
         path=req.path, optimizer=req.optimizer, session_id=req.session_id,
         model_seq_id=req.model_seq_id, model_id=req.model_id, seq_id=req.seq_id,
-        base_model=req.base_model, user_metadata=req.user_metadata,
+        base_model=req.base_model, user_metadata=req.user_metadata, caller=caller,
     )
-    return future_response(rid, model_id)
+    return future_response(rid, model_id, svc=svc, owner=caller.owner)
 
 
 @router.post("/save_weights_external")

@@ -1,0 +1,23 @@
+"""Authentication: the caller of each request, from its `X-API-Key` header.
+
+Every router but the health probes depends on `current_caller` (see app.py), so a request
+without a valid key never reaches a handler once the server has keys; handlers that act on
+something take `caller: CallerDep` and hand it to the service, which decides what the
+caller may see (tinsmith.scheduler.access).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from tinsmith.api.deps import service
+from tinsmith.scheduler.access import HEADER, Caller
+
+
+async def current_caller(request: Request) -> Caller:
+    return service(request).authenticate(request.headers.get(HEADER))
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
