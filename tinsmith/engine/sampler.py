@@ -21,12 +21,11 @@ Semantics follow the hosted Tinker service:
 - `topk_sample_logprobs=k` adds, for every sampled token, the k most likely tokens of that
   step's raw distribution. Prompt-wide outputs (prompt logprobs, top-k, target ids and
   alternative tokens) come from the prefill; see prompt_scoring.
-Alone, a request is bitwise what it was before batching existed. Batched with others, its
-logits differ by float rounding only (decode.py), and a seeded draw can then land on the
-other side of a CDF boundary; after such a flip the rest of that sequence differs. Inverse-CDF
-sampling is sensitive to this where the distribution is flat (every boundary of the
-vocabulary moves a little): in bench/multi_tenant.py, 8 of 32 temperature-1 sequences of 32
-tokens from random-token prompts diverged somewhere. Greedy decoding flips only on near-ties.
+Batched with others, a request's logits differ from decoding alone by float rounding only
+(decode.py). Tokens are drawn by the exponential race (draw.race), which such rounding can
+only flip where the two best candidates are that close, so a seeded request returns the same
+tokens alone or batched except on such near-ties (after one, the rest of that sequence
+differs); bench/multi_tenant.py counts the sequences that differ.
 
 Shapes: P = prompt length, B = rows of a request still decoding (<= num_samples), V = vocab.
 """
@@ -41,7 +40,7 @@ import torch
 from transformers import DynamicCache
 
 from tinsmith.engine.decode import DecodeBatch, mergeable
-from tinsmith.engine.draw import draw
+from tinsmith.engine.draw import race
 from tinsmith.engine.prompt_scoring import first_position, score_prompt
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.engine.validation import check_sample
@@ -219,7 +218,7 @@ class Sampler:
                 # likely candidate always survives.
                 before = probs.cumsum(dim=-1) - probs
                 probs = probs.masked_fill(before >= spec.top_p, 0.0)
-            idx = draw(probs, gen)[:, 0]
+            idx = race(probs, gen)
             tokens = idx if cand is None else cand.gather(-1, idx[:, None])[:, 0]
         # Raw (temperature 1) logprob of the chosen token, without a [B, V] log_softmax.
         log_z = torch.logsumexp(logits, dim=-1)
