@@ -513,6 +513,7 @@ class Service:
             if len(s.issued) > 4096:  # retries come soon after the first try: keep the newest
                 for old in list(s.issued)[:2048]:
                     del s.issued[old]
+
         def start(done: Callable[[object], None]) -> None:  # on the worker thread
             def finish(out: SampleOut | BaseException) -> None:
                 if record_stability_info and isinstance(out, SampleOut):
