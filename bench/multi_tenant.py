@@ -19,6 +19,8 @@ Training (several runs' requests packed into one engine pass):
                          steps run by one run after another. Two sets of N runs with the same
                          seeds, one per arm, so their losses must match.
                          goal with small batches: 4 runs >= 1.5x; with large: >= 0.95x
+  fairness               slowest/fastest run's throughput in a concurrent round; goal >= 0.8
+  memory                 the server's peak resident memory after each row (it only grows)
 
     python bench/multi_tenant.py                               # bundled SmolLM2-135M
     python bench/multi_tenant.py --model tinsmith/tiny-test --requests 32
@@ -93,21 +95,39 @@ def train_arm(clients: list[tinker.TrainingClient], data: list[types.Datum], ste
     """Every client takes `steps` steps; all at once (one thread each) or one after another."""
     adam = types.AdamParams(learning_rate=1e-4)
 
+    durations: list[float] = []  # each client's own time, first submission to last result
+
     def run(tc: tinker.TrainingClient) -> list[float]:
         losses = []
+        started = time.perf_counter()
         for _ in range(steps):
             fb, opt = tc.forward_backward(data, "cross_entropy"), tc.optim_step(adam)
             losses.append(fb.result().metrics["loss:sum"])
             opt.result()
+        durations.append(time.perf_counter() - started)
         return losses
 
     t0 = time.perf_counter()
     if together:
         with ThreadPoolExecutor(len(clients)) as pool:
             out = list(pool.map(run, clients))
+        # Fairness: every client did the same work, so slowest/fastest throughput is
+        # shortest/longest duration.
+        FAIRNESS.setdefault(len(clients), []).append(min(durations) / max(durations))
     else:
         out = [run(tc) for tc in clients]
     return time.perf_counter() - t0, out
+
+
+FAIRNESS: dict[int, list[float]] = {}  # runs -> slowest/fastest throughput per concurrent round
+
+
+def peak_rss_gib(pid: int) -> float:
+    """The server's peak resident memory so far (Linux VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def compare(name: str, base: tuple[str, Callable[[], tuple[float, list]]],
@@ -144,7 +164,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--runs", type=int, nargs="+", default=[2, 4, 8], help="run counts, small batches")
-    ap.add_argument("--large-runs", type=int, nargs="+", default=[4], help="run counts, large batches")
+    ap.add_argument("--large-runs", type=int, nargs="*", default=[4], help="run counts, large batches")
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--small", type=int, nargs=2, default=[2, 64], metavar=("DATUMS", "TOKENS"))
     ap.add_argument("--large", type=int, nargs=2, default=[16, 128], metavar=("DATUMS", "TOKENS"))
@@ -157,7 +177,8 @@ def main() -> int:
     vocab = int(__import__("json").loads((resolve_model_dir(args.model) / "config.json").read_text())["vocab_size"])
     print(f"model {args.model}; {args.requests} requests, prompts {args.prompt_len} +- 50% tokens, "
           f"{args.max_tokens} new tokens each, median of {args.repeats} alternating rounds")
-    rows = []
+    rows: list[str] = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_server(args.model, Path(tmp))
         try:
@@ -175,6 +196,8 @@ def main() -> int:
                             ("concurrent", lambda a=arms[1], d=data: train_arm(a, d, args.train_steps, True)),
                             args.repeats, (1.5 if n == 4 else 0.0) if label == "small" else 0.95,
                             n * args.train_steps * datums * length, True, check_repeats=False))
+                        notes.append(f"after {n} runs, {label} batches: server peak memory "
+                                     f"{peak_rss_gib(proc.pid):.2f} GiB")
             if not args.skip_sampling:
                 adapters = trained_samplers(sc, args.model, vocab, 4)
                 one = make_calls(adapters[:1], vocab, args.requests, args.prompt_len, args.max_tokens)
@@ -196,6 +219,11 @@ def main() -> int:
     print("| figure | baseline arm | new arm | ratio | goal |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
+    for n, values in sorted(FAIRNESS.items()):
+        goal = "goal >= 0.8, " + ("met" if min(values) >= 0.8 else "MISSED")
+        print(f"fairness, {n} concurrent runs: slowest/fastest throughput {min(values):.2f} "
+              f"(worst round; {goal})")
+    print("\n".join(notes))  # peak memory only grows, so run counts go in increasing order
     return 0
 
 
