@@ -11,6 +11,7 @@ id put back). Afterwards A's objects still work, and an admin key sees them all.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -272,4 +273,4 @@ def test_other_keys_sampling_records_read_as_missing(keyed_server: KeyedServer) 
     assert "has no sampling record" in missing
     assert got == missing.replace(fake, real)
     out = tc_a.forward([datum(real)], "stable_reinforce").result()  # A's record is still there
-    assert out.metrics["loss:sum"] == out.metrics["loss:sum"]  # finite, not NaN
+    assert math.isfinite(out.metrics["loss:sum"])

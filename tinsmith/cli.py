@@ -80,11 +80,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(new.key)
             return 0
         if args.action == "revoke":
-            row = db.get_api_key(args.key_id)
-            if row is None:
+            if not keys.revoke(args.key_id):
                 print(f"no API key {args.key_id}", file=sys.stderr)
                 return 1
-            keys.revoke(args.key_id)
             print(f"revoked {args.key_id}")
             return 0
         rows = keys.list()

@@ -34,9 +34,8 @@ class ServerSettings:
     pass_tokens: int = 1024
     """Model-input tokens one training pass packs from different runs' requests (a single
     bigger request still runs, alone). Packing saves per-pass overhead, which matters for
-    small requests; peak memory grows with the pass (on the bundled model a pass of
-    4 x 8 x 128 tokens held about 8 GB), and on CPU bigger packs ran slower
-    (bench/multi_tenant.py)."""
+    small requests; a pass's activation memory grows with its tokens (bench/multi_tenant.py
+    prints the server's peak memory per row)."""
     checkpoint_sweep_s: float = 60.0
     """How often expired checkpoints (ttl_seconds) are deleted."""
     loss_modules: tuple[str, ...] = ()

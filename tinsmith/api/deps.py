@@ -13,14 +13,8 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
-def future_response(
-    request_id: str, model_id: str | None = None, *, svc: Service | None = None,
-    owner: str | None = None, **extra: object,
-) -> dict[str, object]:
-    """The UntypedAPIFuture every asynchronous endpoint answers with. With `svc`, the
-    request is first recorded as `owner`'s: only its owner (or an admin) may retrieve it."""
-    if svc is not None:
-        svc.futures.claim(request_id, owner)
+def future_response(request_id: str, model_id: str | None = None, **extra: object) -> dict[str, object]:
+    """The UntypedAPIFuture every asynchronous endpoint answers with."""
     out: dict[str, object] = {"request_id": request_id}
     if model_id is not None:
         out["model_id"] = model_id

@@ -43,9 +43,10 @@ class DecodeBatch:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self._reset()
+        self.clear()
 
-    def _reset(self) -> None:
+    def clear(self) -> None:
+        """No rows (at start, when the last row leaves, and after a failed step)."""
         self.cache: DynamicCache | None = None
         self.valid = torch.zeros(0, 0, dtype=torch.bool)  # [B, L]
         self.pos = torch.zeros(0, dtype=torch.long)  # [B]
@@ -110,7 +111,7 @@ class DecodeBatch:
         """Keep only `rows` (ascending), which feed `tokens` [len(rows)] next; drop the
         columns no remaining row uses, so L stays the longest live row."""
         if not rows:
-            self._reset()
+            self.clear()
             return
         if len(rows) < self.rows:
             index = torch.tensor(rows, dtype=torch.long)
@@ -125,10 +126,6 @@ class DecodeBatch:
                     layer.values = layer.values[:, :, first:]
                 self.valid = self.valid[:, first:]
         self.next_tok = tokens
-
-    def clear(self) -> None:
-        """Drop every row (after a failed step: their requests have been failed)."""
-        self._reset()
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -7,7 +7,8 @@
   decode.py). Inverse CDF is not like that: a draw flips wherever its uniform falls between
   the old and new place of ANY boundary of the cumulative sum, so the chance per token is the
   sum of all V boundary shifts; with batching's rounding on the bundled model, 8 of 32
-  temperature-1 sequences of 32 tokens diverged (bench/multi_tenant.py).
+  temperature-1 sequences of 32 tokens diverged (bench/multi_tenant.py at commit 74f5a6d,
+  the last with inverse-CDF sampling).
 - `draw`, for k draws with replacement per row (prompt alternative tokens): inverse CDF, one
   uniform per draw instead of one exponential per candidate and draw.
 """

@@ -122,8 +122,10 @@ class Engine:
                if rows else [])
         losses: list[torch.Tensor] = []
         idle: list[torch.Tensor] = []  # gradless parameters of runs with no loss to backpropagate
-        for i in live:
-            mine = [lp for lp, o in zip(lps, owner) if o == i]
+        start = 0
+        for i in live:  # each work's rows are consecutive in `rows`, hence in `lps`
+            mine = lps[start : start + len(works[i].data)]
+            start += len(works[i].data)
             try:
                 loss, out = self._loss(works[i], specs[i], mine, forward_only)
                 results[i] = out

@@ -135,21 +135,20 @@ class MultiLoraLinear(nn.Module):
         return torch.cat(parts, dim=0)
 
     def _separate(self, x: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
-        """Each group on its own contiguous block ([rows, width, in] for 3-D x, [rows, in] for
-        2-D), exactly as its own pass computes it; positions past a group's width (padding of
-        longer groups) are zero. Assembled by cat, whose backward only slices (assigning into
-        a preallocated output would copy the whole gradient once per group)."""
-        assert sum(g.rows for g in groups) == x.shape[0], "LoraContext rows do not match batch"
+        """Each group on its own contiguous block [rows, width, in] of x [B, T, in], exactly
+        as its own pass computes it; positions past a group's width (padding of longer
+        groups) are zero. Assembled by cat, whose backward only slices (assigning into a
+        preallocated output would copy the whole gradient once per group). Only the decoder
+        body runs separate: the runner computes the unembedding group by group itself."""
+        assert x.dim() == 3 and sum(g.rows for g in groups) == x.shape[0], "LoraContext rows do not match batch"
         parts = []
         start = 0
         for g in groups:
             rows = slice(start, start + g.rows)
-            cols = slice(0, g.width) if x.dim() == 3 and g.width is not None else slice(None)
-            xs = x[rows, cols].contiguous()
+            xs = x[rows, : g.width].contiguous()
             ys = self.base(xs)
             w = self.adapters.get(g.slot) if g.slot is not None else None
-            ys = ys if w is None else self._add_delta(ys, xs, w)
-            parts.append(pad_positions(ys, x.shape[1]) if x.dim() == 3 else ys)
+            parts.append(pad_positions(ys if w is None else self._add_delta(ys, xs, w), x.shape[1]))
             start += g.rows
         return torch.cat(parts, dim=0)
 

@@ -172,6 +172,18 @@ def sft_stage(cfg: RecipeConfig, service: tinker.ServiceClient,
     return str(train(sub, service, conversations())["checkpoint"]["state_path"])
 
 
+def warm_start(cfg: Any, service: tinker.ServiceClient,
+               demonstrations: Callable[[], list[Conversation]]) -> str | None:
+    """An RL recipe's warm start. `cfg` is its RecipeConfig with `sft_steps` and
+    `sft_learning_rate` keys: with sft_steps > 0, `sft_stage` on scripted `demonstrations()`
+    (every assistant turn trained); returns the training state RL starts from, or None when
+    there is no warm start."""
+    if cfg.sft_steps <= 0:
+        return None
+    return sft_stage(cfg, service, demonstrations, steps=cfg.sft_steps, batch_size=8,
+                     learning_rate=cfg.sft_learning_rate, train_on="all_assistant")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse `key=value` arguments, connect (or start an embedded server), train."""
     return run(Config, train, argv)

@@ -61,6 +61,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -125,10 +126,11 @@ class Config(RecipeConfig):
     """on_policy: advantage = kl_coeff * (teacher logprob - student logprob)."""
 
 
-def load_prompts(cfg: Config) -> list[list[Message]]:
-    """The student's conversations to answer (no teacher system prompt)."""
+def load_prompts(cfg: Config, questions: Sequence[str] = QUESTIONS) -> list[list[Message]]:
+    """The student's conversations to answer (no teacher system prompt): `prompts_path`, or
+    else the built-in `questions`."""
     if not cfg.prompts_path:
-        return [[{"role": "user", "content": q}] for q in QUESTIONS]
+        return [[{"role": "user", "content": q}] for q in questions]
     out: list[list[Message]] = []
     for n, line in enumerate(Path(cfg.prompts_path).read_text().splitlines(), 1):
         if not line.strip():

@@ -212,15 +212,11 @@ def warm_start(cfg: Config, service: tinker.ServiceClient) -> str | None:
     """With `sft_steps`: supervised training on `sft_examples` scripted games
     (`GuessNumberEnv.demonstration`, every guess trained) in <log_path>/sft, as in
     `tool_use`; returns the training state RL starts from."""
-    if cfg.sft_steps <= 0:
-        return None
-
     def demos() -> list[Conversation]:
         return [GuessNumberEnv(hidden_number(cfg, f"demo:{i}"), cfg.max_number,
                                cfg.max_turns).demonstration() for i in range(cfg.sft_examples)]
 
-    return chat_sl.sft_stage(cfg, service, demos, steps=cfg.sft_steps, batch_size=8,
-                             learning_rate=cfg.sft_learning_rate, train_on="all_assistant")
+    return chat_sl.warm_start(cfg, service, demos)
 
 
 def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:

@@ -8,8 +8,9 @@ student learns, by supervised fine-tuning, to answer the same way without it.
 
 The default system prompt (`TEACHER_SYSTEM`) makes the teacher "Professor Pip", who opens
 every answer with `MARKER` ("Hello, friend!") and keeps it short, and shows three worked
-examples of that. The bundled 135M model follows it: given the prompt, it opens 23 of 24
-greedy answers with the marker, and without it none (distillation.TEACHER_SYSTEM, which
+examples of that. The bundled 135M model follows it: in a one-off screen while the prompt was chosen (no
+project command reruns it), given the prompt it opened 23 of 24 greedy answers with the
+marker, and without it none (distillation.TEACHER_SYSTEM, which
 asks for "Imagine" without examples, got 1 of 40). So whether the student picked the
 behaviour up is a count (docs/recipes/prompt_distillation.md has the measurements).
 
@@ -167,8 +168,7 @@ def teacher_data(cfg: Config, teacher: tinker.SamplingClient,
     path = Path(cfg.log_path) / TEACHER_DATA
     if path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()], False
-    prompts = load_prompts(cfg) if cfg.prompts_path else [
-        [{"role": "user", "content": q}] for q in QUESTIONS]
+    prompts = load_prompts(cfg, QUESTIONS)
     rows = generate(cfg, teacher, renderer, prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

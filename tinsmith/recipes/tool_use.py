@@ -134,15 +134,12 @@ def warm_start(cfg: Config, service: tinker.ServiceClient) -> str | None:
     """With `sft_steps`: supervised training on `sft_examples` scripted correct episodes
     (`ToolEnv.demonstration`, every assistant turn trained) in <log_path>/sft; returns the
     training state RL starts from."""
-    if cfg.sft_steps <= 0:
-        return None
     demo_cfg = dataclasses.replace(cfg, batch_size=cfg.sft_examples, group_size=1)
 
     def demos() -> list[list[dict[str, str]]]:
         return [env.demonstration() for env in make_envs(demo_cfg, DEMO_SEED + cfg.seed)]
 
-    return chat_sl.sft_stage(cfg, service, demos, steps=cfg.sft_steps, batch_size=8,
-                             learning_rate=cfg.sft_learning_rate, train_on="all_assistant")
+    return chat_sl.warm_start(cfg, service, demos)
 
 
 def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:

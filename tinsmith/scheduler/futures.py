@@ -45,8 +45,7 @@ class _Entry:
     error: FutureError | None = None
     delivered_at: float | None = None
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
-    owner: str | None = None
-    claimed: bool = False  # owner set; until then only an admin (or an open server) sees it
+    owner: str | None = None  # the API key whose run or sampler it belongs to
 
 
 class FutureStore:
@@ -58,19 +57,13 @@ class FutureStore:
         self._keep_after_delivery_s = keep_after_delivery_s
         self._keep_undelivered_s = keep_undelivered_s
 
-    def create(self, kind: str) -> str:
+    def create(self, kind: str, owner: str | None = None) -> str:
+        """A new pending request, retrievable by `owner` (an API key id) or an admin."""
         with self._lock:
             self._purge_locked(time.monotonic())
             rid = f"{self._prefix}{next(self._ids)}"
-            self._entries[rid] = _Entry(kind=kind, created=time.monotonic())
+            self._entries[rid] = _Entry(kind=kind, created=time.monotonic(), owner=owner)
             return rid
-
-    def claim(self, rid: str, owner: str | None) -> None:
-        """Record who made request `rid` (the first claim wins: a retry gets the same id)."""
-        with self._lock:
-            e = self._entries.get(rid)
-            if e is not None and not e.claimed:
-                e.owner, e.claimed = owner, True
 
     def set_result(self, rid: str, value: object) -> None:
         self._complete(rid, value, None)
@@ -96,8 +89,7 @@ class FutureStore:
         loop = asyncio.get_running_loop()
         with self._lock:
             e = self._entries.get(rid)
-            if e is None or (viewer is not None and not viewer.admin
-                             and not (e.claimed and viewer.sees(e.owner))):
+            if e is None or (viewer is not None and not viewer.sees(e.owner)):
                 raise KeyError(rid)
             if not e.done:
                 waiter: asyncio.Future[None] = loop.create_future()

@@ -214,14 +214,6 @@ class Service:
 
         return only_visible(visible)
 
-    def _sampler_owner(self, s: SamplerState) -> str | None:
-        if s.owner is not None:
-            return s.owner
-        session = self.db.get_session(s.sampler_id.split(":sample:")[0])
-        if session is not None and session.owner is not None:
-            s.owner = session.owner  # found once, for ephemeral samplers
-        return s.owner
-
     # ----- sessions -----------------------------------------------------------------------
     def create_session(
         self, *, tags: Sequence[str], user_metadata: Mapping[str, object] | None,
@@ -269,7 +261,7 @@ class Service:
             if existing is not None:
                 return existing.create_request_id, run_id
             self._check_unused(run_id)
-            rid = self.futures.create(kind)
+            rid = self.futures.create(kind, owner)
             self.runs[run_id] = RunState(run_id, handle, lora, rid, owner=owner)
         self.db.add_run(run_id, session_id=session_id, base_model=handle.name, lora=lora.to_json(),
                         user_metadata=dict(user_metadata) if user_metadata else None, owner=owner)
@@ -289,18 +281,17 @@ class Service:
         }
 
     def _ordered(
-        self, run_id: str, seq_id: int, kind: str, work: Callable[[], object] | None,
+        self, r: RunState, seq_id: int, kind: str, work: Callable[[], object] | None,
         validate: Callable[[], None] | None = None, tokens: int = 0, pack: Pack | None = None,
     ) -> str:
-        """Queue `work` (or the packable work `pack`) behind the run's earlier seq_ids.
-        Returns the request id."""
-        r = self.run(run_id)
+        """Queue `work` (or the packable work `pack`) behind run `r`'s earlier seq_ids.
+        Returns the request id, a future owned by the run's owner."""
         with self._lock:
             previous = r.gate.issued(seq_id)
             if previous is not None:
                 return previous  # a retried submission: same request, same result
             r.gate.check_new(seq_id)
-            rid = self.futures.create(kind)
+            rid = self.futures.create(kind, r.owner)
             try:
                 if validate is not None:
                     validate()
@@ -309,15 +300,15 @@ class Service:
                 self.futures.set_error(rid, str(e), "user")
                 r.gate.submit(seq_id, rid, None, _call)
                 raise
-            job = lambda: r.handle.worker.submit(rid, work, kind, tokens, owner=run_id, pack=pack)
+            job = lambda: r.handle.worker.submit(rid, work, kind, tokens, owner=r.run_id, pack=pack)
             r.gate.submit(seq_id, rid, job, _call)
         return rid
 
     def forward_backward(
         self, run_id: str, seq_id: int, data: Sequence[DatumIn], loss_fn: str,
-        config: Mapping[str, float | str], *, forward_only: bool,
+        config: Mapping[str, float | str], *, forward_only: bool, caller: Caller = OPEN,
     ) -> str:
-        r = self.run(run_id)
+        r = self.run(run_id, caller)
         h = r.handle
         prepared: list[DatumIn] = []
 
@@ -331,10 +322,10 @@ class Service:
         n_tokens = sum(len(d.tokens) for d in data)
         pack = Pack(kind, n_tokens, TrainWork(run_id, prepared, loss_fn, config),  # type: ignore[arg-type]
                     lambda works: h.engine.forward_backward_many(works, forward_only=forward_only))  # type: ignore[arg-type]
-        return self._ordered(run_id, seq_id, kind, None, validate, tokens=n_tokens, pack=pack)
+        return self._ordered(r, seq_id, kind, None, validate, tokens=n_tokens, pack=pack)
 
-    def optim_step(self, run_id: str, seq_id: int, adam: AdamSpec) -> str:
-        r = self.run(run_id)
+    def optim_step(self, run_id: str, seq_id: int, adam: AdamSpec, caller: Caller = OPEN) -> str:
+        r = self.run(run_id, caller)
 
         def validate() -> None:
             if adam.learning_rate < 0 or not 0 <= adam.beta1 < 1 or not 0 <= adam.beta2 < 1:
@@ -347,14 +338,14 @@ class Service:
             self.db.touch_run(run_id)
             return {"metrics": metrics, "type": "optim_step"}
 
-        return self._ordered(run_id, seq_id, "optim_step", work, validate)
+        return self._ordered(r, seq_id, "optim_step", work, validate)
 
     def save(
         self, run_id: str, seq_id: int, *, kind: str, name: str, ttl_seconds: int | None,
-        overwrite: bool, user_metadata: Mapping[str, object] | None,
+        overwrite: bool, user_metadata: Mapping[str, object] | None, caller: Caller = OPEN,
     ) -> str:
         """save_state (kind "weights") or a named save_weights_for_sampler ("sampler_weights")."""
-        r = self.run(run_id)
+        r = self.run(run_id, caller)
         ref = CheckpointRef(run_id, kind, name)
 
         def validate() -> None:
@@ -381,21 +372,24 @@ class Service:
             return {"path": ref.tinker_path, "type": "save_weights" if kind == "weights"
                     else "save_weights_for_sampler"}
 
-        return self._ordered(run_id, seq_id, "save_" + kind, work, validate)
+        return self._ordered(r, seq_id, "save_" + kind, work, validate)
 
-    def save_ephemeral_sampler(self, run_id: str, seq_id: int, sampling_session_seq_id: int) -> str:
+    def save_ephemeral_sampler(
+        self, run_id: str, seq_id: int, sampling_session_seq_id: int, caller: Caller = OPEN
+    ) -> str:
         """save_weights_and_get_sampling_client: snapshot the weights in memory, no files."""
-        r = self.run(run_id)
+        r = self.run(run_id, caller)
         session_id = run_id.split(":train:")[0]
         sampler_id = f"{session_id}:sample:{sampling_session_seq_id}"
 
         def work() -> object:
             r.handle.engine.snapshot_sampler(sampler_id, run_id)
             with self._lock:  # in memory only: ephemeral samplers do not survive a restart
-                self.samplers[sampler_id] = SamplerState(sampler_id, r.handle, None, sampler_id, None)
+                self.samplers[sampler_id] = SamplerState(sampler_id, r.handle, None, sampler_id, None,
+                                                         owner=r.owner)
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
-        return self._ordered(run_id, seq_id, "save_weights_for_sampler", work)
+        return self._ordered(r, seq_id, "save_weights_for_sampler", work)
 
     def load_weights(
         self, *, path: str, optimizer: bool, session_id: str | None = None,
@@ -427,7 +421,7 @@ class Service:
                 raise UserError(f"{path} was trained on {ckpt.base_model!r}, this run uses {r.base_model!r}")
             if seq_id is None:
                 raise UserError("load_weights into an existing model needs seq_id")
-            return self._ordered(model_id, seq_id, "load_weights", lambda: load(model_id)), model_id
+            return self._ordered(r, seq_id, "load_weights", lambda: load(model_id)), model_id
         if session_id is None or model_seq_id is None:
             raise UserError("load_weights needs session_id and model_seq_id (or model_id and seq_id)")
         self._check_session(session_id, caller)
@@ -474,7 +468,7 @@ class Service:
         missing = NotFound(f"unknown sampling session {sampler_id!r}")
         s = self.samplers.get(sampler_id)
         if s is not None:
-            if caller is not None and not caller.admin and not caller.sees(self._sampler_owner(s)):
+            if caller is not None and not caller.sees(s.owner):
                 raise missing
             return s
         row = self.db.get_sampler(sampler_id)
@@ -507,7 +501,7 @@ class Service:
             raise
         loader = (lambda: self.store.get(s.storage_key)) if s.storage_key else None
         with self._lock:
-            rid = self.futures.create("sample")
+            rid = self.futures.create("sample", s.owner)
             seq_ids = [f"{sampler_id}:{seq_id}:{i}" for i in range(spec.num_samples)]
             s.issued[seq_id] = (rid, seq_ids)
             if len(s.issued) > 4096:  # retries come soon after the first try: keep the newest

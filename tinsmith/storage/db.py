@@ -651,11 +651,6 @@ class MetadataStore:
             obj = s.scalars(select(_ApiKey).where(_ApiKey.key_hash == key_hash)).first()
             return None if obj is None else _row(ApiKeyRow, obj)
 
-    def get_api_key(self, key_id: str) -> ApiKeyRow | None:
-        with self._tx() as s:
-            obj = s.get(_ApiKey, key_id)
-            return None if obj is None else _row(ApiKeyRow, obj)
-
     def list_api_keys(self) -> list[ApiKeyRow]:
         with self._tx() as s:
             return [_row(ApiKeyRow, o)

@@ -53,4 +53,4 @@ async def asample(req: SampleRequest, request: Request, caller: CallerDep) -> di
     seq_id = req.seq_id if req.seq_id is not None else -uuid.uuid4().int % (1 << 62)
     rid, seq_ids = svc.sample(sampler_id, seq_id, spec,
                               record_stability_info=bool(req.record_stability_info))
-    return future_response(rid, None, svc=svc, owner=caller.owner, sample_sequence_ids=seq_ids)
+    return future_response(rid, None, sample_sequence_ids=seq_ids)

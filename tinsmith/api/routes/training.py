@@ -35,7 +35,7 @@ async def create_model(req: CreateModelRequest, request: Request, caller: Caller
         session_id=req.session_id, model_seq_id=req.model_seq_id, base_model=req.base_model,
         lora=lora, user_metadata=req.user_metadata, caller=caller,
     )
-    return future_response(rid, model_id, svc=svc, owner=caller.owner)
+    return future_response(rid, model_id)
 
 
 @router.post("/get_info")
@@ -49,12 +49,12 @@ async def forward_backward(request: Request, caller: CallerDep) -> dict[str, obj
         raise UserError("compressed /forward_backward bodies are not supported by this server", 415)
     fb = decode_forward_backward(await request.body())
     svc = service(request)
-    svc.run(fb.model_id, caller)  # someone else's run answers as an unknown one
-    with svc.stability_scope(caller):  # so do others' sampling records (stable_reinforce)
+    with svc.stability_scope(caller):  # others' sampling records read as missing (stable_reinforce)
         rid = svc.forward_backward(
-            fb.model_id, fb.seq_id, fb.data, fb.loss_fn, fb.loss_fn_config, forward_only=fb.forward_only
+            fb.model_id, fb.seq_id, fb.data, fb.loss_fn, fb.loss_fn_config, forward_only=fb.forward_only,
+            caller=caller,
         )
-    return future_response(rid, fb.model_id, svc=svc, owner=caller.owner)
+    return future_response(rid, fb.model_id)
 
 
 @router.post("/optim_step")
@@ -64,20 +64,18 @@ async def optim_step(req: OptimStepRequest, request: Request, caller: CallerDep)
         raise UserError(f"optimizer params of type {getattr(p, 'type', '?')!r} are not supported; use AdamParams")
     adam = AdamSpec(p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm)
     svc = service(request)
-    svc.run(req.model_id, caller)
-    rid = svc.optim_step(req.model_id, _seq(req.seq_id), adam)
-    return future_response(rid, req.model_id, svc=svc, owner=caller.owner)
+    rid = svc.optim_step(req.model_id, _seq(req.seq_id), adam, caller)
+    return future_response(rid, req.model_id)
 
 
 @router.post("/save_weights")
 async def save_weights(req: SaveWeightsRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     svc = service(request)
-    svc.run(req.model_id, caller)
     rid = svc.save(
         req.model_id, _seq(req.seq_id), kind="weights", name=req.path or "", ttl_seconds=req.ttl_seconds,
-        overwrite=req.overwrite, user_metadata=req.user_metadata,
+        overwrite=req.overwrite, user_metadata=req.user_metadata, caller=caller,
     )
-    return future_response(rid, req.model_id, svc=svc, owner=caller.owner)
+    return future_response(rid, req.model_id)
 
 
 @router.post("/save_weights_for_sampler")
@@ -85,17 +83,17 @@ async def save_weights_for_sampler(
     req: SaveWeightsForSamplerRequest, request: Request, caller: CallerDep
 ) -> dict[str, object]:
     svc = service(request)
-    svc.run(req.model_id, caller)
     if req.path is None:
         if req.sampling_session_seq_id is None:
             raise UserError("save_weights_for_sampler needs a name (path) or a sampling_session_seq_id")
-        rid = svc.save_ephemeral_sampler(req.model_id, _seq(req.seq_id), req.sampling_session_seq_id)
+        rid = svc.save_ephemeral_sampler(req.model_id, _seq(req.seq_id), req.sampling_session_seq_id, caller)
     else:
         rid = svc.save(
             req.model_id, _seq(req.seq_id), kind="sampler_weights", name=req.path,
             ttl_seconds=req.ttl_seconds, overwrite=True, user_metadata=req.user_metadata,
+            caller=caller,
         )
-    return future_response(rid, req.model_id, svc=svc, owner=caller.owner)
+    return future_response(rid, req.model_id)
 
 
 @router.post("/load_weights")
@@ -106,7 +104,7 @@ async def load_weights(req: LoadWeightsRequest, request: Request, caller: Caller
         model_seq_id=req.model_seq_id, model_id=req.model_id, seq_id=req.seq_id,
         base_model=req.base_model, user_metadata=req.user_metadata, caller=caller,
     )
-    return future_response(rid, model_id, svc=svc, owner=caller.owner)
+    return future_response(rid, model_id)
 
 
 @router.post("/save_weights_external")
