@@ -21,6 +21,8 @@ Training (several runs' requests packed into one engine pass):
                          goal with small batches: 4 runs >= 1.5x; with large: >= 0.95x
   fairness               slowest/fastest run's throughput in a concurrent round; goal >= 0.8
   memory                 the server's peak resident memory after each row (it only grows)
+  paused clients         N runs that each pause after every step (as RL reward computation
+                         does): the ideal overlapped time over the measured one. goal >= 0.8
 
     python bench/multi_tenant.py                               # bundled SmolLM2-135M
     python bench/multi_tenant.py --model tinsmith/tiny-test --requests 32
@@ -91,8 +93,9 @@ def concurrent(calls: list[Call]) -> tuple[float, list[list[int]]]:
 
 
 def train_arm(clients: list[tinker.TrainingClient], data: list[types.Datum], steps: int,
-              together: bool) -> tuple[float, list[list[float]]]:
-    """Every client takes `steps` steps; all at once (one thread each) or one after another."""
+              together: bool, pause: float = 0.0) -> tuple[float, list[list[float]]]:
+    """Every client takes `steps` steps; all at once (one thread each) or one after another.
+    With `pause`, a client waits that long after each step (as reward computation would)."""
     adam = types.AdamParams(learning_rate=1e-4)
 
     durations: list[float] = []  # each client's own time, first submission to last result
@@ -104,6 +107,7 @@ def train_arm(clients: list[tinker.TrainingClient], data: list[types.Datum], ste
             fb, opt = tc.forward_backward(data, "cross_entropy"), tc.optim_step(adam)
             losses.append(fb.result().metrics["loss:sum"])
             opt.result()
+            time.sleep(pause)
         durations.append(time.perf_counter() - started)
         return losses
 
@@ -156,6 +160,24 @@ def compare(name: str, base: tuple[str, Callable[[], tuple[float, list]]],
             f"({tokens / n:.0f} tok/s) | **{ratio:.2f}x** | {verdict} |")
 
 
+def overlap_row(n: int, clients: list[list[tinker.TrainingClient]], data: list[types.Datum],
+                steps: int, pause: float, repeats: int) -> str:
+    """Paused clients: the ideal time of n clients that each pause `pause` s after every step
+    is max(engine-bound, client-bound) = max(T, T / n + steps * pause), with T the n runs'
+    steps back to back without pauses (measured in the same round); the figure is that ideal
+    over the measured concurrent time with pauses (1.0 = the engine never idles needlessly)."""
+    ideal, real = [], []
+    for _ in tqdm(range(repeats), desc=f"overlap, {n} runs", leave=False):
+        t_seq, _ = train_arm(clients[0], data, steps, False)
+        t_conc, _ = train_arm(clients[1], data, steps, True, pause)
+        ideal.append(max(t_seq, t_seq / n + steps * pause))
+        real.append(t_conc)
+    i, r = statistics.median(ideal), statistics.median(real)
+    verdict = f">= 0.8x {'met' if i / r >= 0.8 else 'MISSED'}"
+    return (f"| training, {n} runs pausing {pause:g} s after each step | ideal overlap {i:.2f} s "
+            f"| concurrent {r:.2f} s | **{i / r:.2f}x** | {verdict} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -168,6 +190,11 @@ def main() -> int:
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--small", type=int, nargs=2, default=[2, 64], metavar=("DATUMS", "TOKENS"))
     ap.add_argument("--large", type=int, nargs=2, default=[16, 128], metavar=("DATUMS", "TOKENS"))
+    ap.add_argument("--pause", type=float, default=1.0,
+                    help="seconds each client pauses after a step, in the overlap row (0: no row)")
+    ap.add_argument("--pause-runs", type=int, default=4)
+    ap.add_argument("--server-args", default="", help="extra `tinsmith serve` flags, e.g. "
+                    "'--pass-tokens 256 --max-resident-adapters 4'")
     ap.add_argument("--skip-sampling", action="store_true")
     ap.add_argument("--skip-training", action="store_true")
     args = ap.parse_args()
@@ -180,7 +207,7 @@ def main() -> int:
     rows: list[str] = []
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server(args.model, Path(tmp))
+        proc, url = start_server(args.model, Path(tmp), args.server_args.split())
         try:
             sc = tinker.ServiceClient(base_url=url, api_key="tml-bench")
             if not args.skip_training:
@@ -198,6 +225,11 @@ def main() -> int:
                             n * args.train_steps * datums * length, True, check_repeats=False))
                         notes.append(f"after {n} runs, {label} batches: server peak memory "
                                      f"{peak_rss_gib(proc.pid):.2f} GiB")
+                if args.pause > 0:
+                    n, data = args.pause_runs, make_batch(vocab, *args.small)
+                    arms = [[sc.create_lora_training_client(base_model=args.model, rank=8, seed=k).result()
+                             for k in range(n)] for _ in range(2)]
+                    rows.append(overlap_row(n, arms, data, args.train_steps, args.pause, args.repeats))
             if not args.skip_sampling:
                 adapters = trained_samplers(sc, args.model, vocab, 4)
                 one = make_calls(adapters[:1], vocab, args.requests, args.prompt_len, args.max_tokens)

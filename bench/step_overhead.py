@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,13 +40,13 @@ from tinsmith.config import DEFAULT_MODEL
 from tinsmith.models import resolve_model_dir
 
 
-def start_server(model: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, data_dir: Path, extra: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "tinsmith.cli", "serve", "--port", str(port), "--data-dir",
-         str(data_dir), "--models", model],
+         str(data_dir), "--models", model, *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"

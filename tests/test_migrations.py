@@ -47,7 +47,7 @@ from tinsmith.storage.db import (
     target_metadata,
 )
 
-HEAD = "0002"
+HEAD = "0003"
 LORA = {"rank": 2, "seed": 0, "train_mlp": True, "train_attn": True, "train_unembed": False}
 
 # --- the schema before migrations (7861ef9's models), as create_all made it ---------------
@@ -187,13 +187,15 @@ def test_pre_migration_database_is_stamped_and_upgraded(db_url: str) -> None:
 
 
 def test_pre_migration_database_with_owner_columns_is_stamped_at_head(tmp_path: Path) -> None:
-    """Made by the build that had API keys but no migrations yet (create_all of today's models)."""
+    """Made by the build that had API keys but no migrations yet (revision 0002's schema,
+    as create_all made it: no alembic_version)."""
     url = f"sqlite:///{tmp_path / 'tinsmith.db'}"
     engine = create_db_engine(url)
-    for metadata in target_metadata():
-        metadata.create_all(engine)
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0002")
+        conn.execute(text("DROP TABLE alembic_version"))
     engine.dispose()
-    assert _state(url).current == HEAD and not _state(url).recorded
+    assert _state(url).current == "0002" and not _state(url).recorded
     MetadataStore(url).close()
     assert _state(url).current == HEAD and _state(url).recorded
 

@@ -6,8 +6,10 @@ import argparse
 import logging
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
+from tinsmith import cli_limits
 from tinsmith.config import DEFAULT_MODEL, ServerSettings
 from tinsmith.types import UserError
 
@@ -22,6 +24,10 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         database_url=args.database_url,
         storage_url=args.storage_url,
         loss_modules=tuple(getattr(args, "loss_module", None) or ()),
+        pass_tokens=getattr(args, "pass_tokens", None),
+        max_resident_adapters=getattr(args, "max_resident_adapters", None),
+        debug_slow_writes_s=float(os.environ.get("TINSMITH_DEBUG_SLOW_WRITES_S") or 0),
+        **cli_limits.serve_settings(args),
     )
 
 
@@ -74,10 +80,20 @@ def cmd_keys(args: argparse.Namespace) -> int:
     try:
         keys = ApiKeys(db)
         if args.action == "create":
-            new = keys.create(args.name, admin=args.admin)
+            expires = datetime.now(UTC) + args.expires_in if args.expires_in else None
+            new = keys.create(args.name, admin=args.admin, expires_at=expires,
+                              **cli_limits.key_limits(args))
             print(f"created {'admin ' if new.admin else ''}API key {new.key_id}"
-                  f"{f' ({new.name})' if new.name else ''}; it is shown only now:")
+                  f"{f' ({new.name})' if new.name else ''}"
+                  f"{f', expires {expires:%Y-%m-%d %H:%M} UTC' if expires else ''}; it is shown only now:")
             print(new.key)
+            return 0
+        if args.action == "limits":
+            if not keys.set_limits(args.key_id, **cli_limits.key_limits(args)):
+                print(f"no API key {args.key_id}", file=sys.stderr)
+                return 1
+            row = next(r for r in keys.list() if r.key_id == args.key_id)
+            print(f"{args.key_id}: {cli_limits.describe(row) or 'server defaults'}")
             return 0
         if args.action == "revoke":
             if not keys.revoke(args.key_id):
@@ -91,8 +107,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
               "no API keys: the server is open (tinsmith keys create makes one)")
         for r in rows:
             state = f"revoked {r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "active"
+            if not r.revoked_at and r.expires_at and r.expires_at <= datetime.now(UTC):
+                state = f"expired {r.expires_at:%Y-%m-%d %H:%M}"
             print(f"{r.key_id:18s} {r.hint + '...':15s} {'admin' if r.is_admin else 'user':5s}  "
-                  f"created {r.created_at:%Y-%m-%d %H:%M}  {state:24s} {r.name or ''}")
+                  f"created {r.created_at:%Y-%m-%d %H:%M}  {state:24s} {r.name or ''}"
+                  f"  {cli_limits.describe(r)}".rstrip())
         return 0
     finally:
         db.close()
@@ -105,6 +124,28 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(f"{r.training_run_id:36s} {r.base_model:36s} rank {r.lora.get('rank')}  "
               f"last used {r.last_request_time:%Y-%m-%d %H:%M}"
               + (f"  owner {r.owner}" if r.owner else ""))
+    return 0
+
+
+def cmd_checkpoint_weights(args: argparse.Namespace) -> int:
+    """`checkpoints download|export`: weights out of a running server (tinsmith.weights_out)."""
+    import httpx
+
+    from tinsmith.weights_out import Remote, export_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"tinsmith: {out} exists and is not empty", file=sys.stderr)
+        return 1
+    merged, base_dir = getattr(args, "merged", False), getattr(args, "base_model_dir", None)
+    try:
+        export_checkpoint(Remote.from_args(args.base_url, args.api_key), args.tinker_path, out,
+                          merged=merged, base_model_dir=Path(base_dir) if base_dir else None)
+    except (OSError, ValueError, httpx.HTTPError) as e:  # no server, a bad file...
+        print(f"tinsmith: {e}", file=sys.stderr)
+        return 1
+    kind = "merged Hugging Face model" if merged else "PEFT adapter"
+    print(f"wrote {args.tinker_path} as a {kind} to {out}")
     return 0
 
 
@@ -188,14 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module or .py file defining LOSSES: dict[str, LossSpec] (repeatable)")
     p.add_argument("--allow-open", action="store_true",
                    help="serve on a non-loopback --host even though no API key exists")
+    p.add_argument("--pass-tokens", type=int, default=None,
+                   help="tokens one training pass may hold (default: from free memory)")
+    p.add_argument("--max-resident-adapters", type=int, default=None,
+                   help="training runs kept in memory per model; idle ones beyond it are "
+                        "spilled to disk and restored on use (default: from free memory)")
+    cli_limits.add_serve_args(p)
     _store_args(p)
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("keys", help="create, list or revoke API keys (see docs/operating.md)")
+    p = sub.add_parser("keys", help="create, list or revoke API keys, or set their limits "
+                       "(see docs/operating.md)")
     keys = p.add_subparsers(dest="action", required=True)
     k = keys.add_parser("create", help="make a key and print it (shown once)")
     k.add_argument("--name", default=None, help="a label, e.g. who or what uses the key")
     k.add_argument("--admin", action="store_true", help="an admin key sees every key's work")
+    k.add_argument("--expires-in", type=cli_limits.duration, default=None, metavar="DURATION",
+                   help="refuse the key (401) after this long, e.g. 30d, 12h")
+    cli_limits.add_key_args(k)
+    _store_args(k)
+    k = keys.add_parser("limits", help="change a key's limits (takes effect within a second)")
+    k.add_argument("key_id", help="the key's id, as `tinsmith keys list` shows it")
+    cli_limits.add_key_args(k)
     _store_args(k)
     k = keys.add_parser("list", help="list keys (ids and first characters, never the keys)")
     _store_args(k)
@@ -225,11 +280,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(fn=cmd_runs)
 
-    p = sub.add_parser("checkpoints", help="list (or --delete) stored checkpoints")
+    p = sub.add_parser("checkpoints", help="list (or --delete) stored checkpoints; download or "
+                       "export one's weights")
     _store_args(p)
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--delete", metavar="TINKER_PATH", default=None)
     p.set_defaults(fn=cmd_checkpoints)
+    weights = p.add_subparsers(dest="action", metavar="{download,export}")
+    for name, what in (("download", "a checkpoint's PEFT adapter folder"),
+                       ("export", "a PEFT adapter folder, or with --merged a merged HF model")):
+        w = weights.add_parser(name, help=f"{what}, from a running server (over HTTP, with a key)")
+        w.add_argument("tinker_path", metavar="TINKER_PATH")
+        w.add_argument("--out", required=True, help="folder to write (made; must be empty)")
+        w.add_argument("--base-url", default=None,
+                       help="the server (default: $TINKER_BASE_URL, else http://127.0.0.1:8000)")
+        w.add_argument("--api-key", default=None, help="default: $TINKER_API_KEY")
+        if name == "export":
+            w.add_argument("--merged", action="store_true",
+                           help="merge the LoRA into the base model: a plain HF model folder")
+            w.add_argument("--base-model-dir", default=None,
+                           help="the base model's local HF folder (default: prepared from the "
+                                "catalog, as the server does)")
+        w.set_defaults(fn=cmd_checkpoint_weights)
     return parser
 
 

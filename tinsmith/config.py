@@ -31,18 +31,42 @@ class ServerSettings:
     """Datums per /forward_backward request the SDK may send (it splits bigger calls)."""
     max_sampler_adapters: int = 16
     """Sampler adapters kept in memory per base model (LRU)."""
-    pass_tokens: int = 1024
-    """Model-input tokens one training pass packs from different runs' requests (a single
-    bigger request still runs, alone). Packing saves per-pass overhead, which matters for
-    small requests; a pass's activation memory grows with its tokens (bench/multi_tenant.py
-    prints the server's peak memory per row)."""
+    pass_tokens: int | None = None
+    """Padded tokens (rows x longest row) one training pass may hold: what a pass packs from
+    different runs' requests, and the micro-batch size a bigger request is split into.
+    None derives it per model from the memory free at load time (engine/budget.py)."""
+    pass_memory_fraction: float = 0.25
+    """With `pass_tokens` None: the share of free memory one pass's activations may take."""
+    max_resident_adapters: int | None = None
+    """Training runs per model kept in memory; idle runs beyond it are spilled to
+    `<data_dir>/spill` (weights, gradients, optimizer state, bit-exact) and restored on use.
+    None derives it from free memory at load time (a quarter of it, at rank 32)."""
     checkpoint_sweep_s: float = 60.0
     """How often expired checkpoints (ttl_seconds) are deleted."""
+    download_url_ttl_s: float = 3600.0
+    """How long the signed checkpoint-file URLs (get_external_weights_urls) stay valid."""
+    max_concurrent: int | None = None
+    """Default per-key limit on requests not yet completed (queued or running); over it a
+    request gets 429. None: unlimited. A key's own limit (tinsmith keys limits) wins."""
+    max_request_tokens: int | None = 1_000_000
+    """Default per-key limit on one request's tokens (forward/forward_backward: all datums;
+    sample: prompt + max_tokens * num_samples); over it, 413. None: unlimited."""
+    max_stored_bytes: int | None = None
+    """Default per-key limit on the bytes of its stored checkpoints; a save past it fails
+    (413 at submission, or a "user" future error). None: unlimited."""
+    max_body_bytes: int = 64 * 1024 * 1024
+    """Largest HTTP request body accepted; bigger ones get 413 before being parsed."""
     loss_modules: tuple[str, ...] = ()
     """Python modules (dotted names or .py paths) defining `LOSSES: dict[str, LossSpec]`,
     served beside the built-in losses."""
     stability_max_tokens: int = 8_000_000
     """Tokens of sampling records (record_stability_info) kept in memory, oldest dropped first."""
+    debug_slow_writes_s: float = 0.0
+    """Testing only: pause this long after each checkpoint file is written, so a test can kill
+    the server mid-write. `tinsmith serve` reads it from TINSMITH_DEBUG_SLOW_WRITES_S."""
+    metric_history_points: int = 10_000
+    """Training metric points (forward_backward, optim_step) kept in memory per run for the
+    dashboard's curves (GET /api/v1/training_runs/{id}/metrics), oldest dropped first."""
 
     def resolved_database_url(self) -> str:
         if self.database_url:

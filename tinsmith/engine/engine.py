@@ -5,9 +5,11 @@ model's single worker thread (the class is not thread-safe by design). Training 
 sampler snapshots are separate adapters: a sampler never shares tensors with a live run,
 so later training steps cannot change what an existing sampler returns.
 
-Sampler adapters are cached (LRU, `max_sampler_adapters`); ones that came from a stored
-checkpoint are reloaded on demand, ephemeral ones (from save_weights_and_get_sampling_client)
-live only in memory. Sampling is continuous (see sampler.py): `start_sample` admits a request
+Training runs live in a RunPool (pool.py): beyond `max_resident_runs`, idle runs are spilled
+to disk bit-exactly and restored on use. Sampler adapters are cached (LRU,
+`max_sampler_adapters`); ones that came from a stored checkpoint are reloaded on demand,
+ephemeral ones (from save_weights_and_get_sampling_client) are spilled to disk when evicted
+and restored from there (the newest MAX_SPILLED_SAMPLERS of them). Sampling is continuous (see sampler.py): `start_sample` admits a request
 and `step` advances every request in flight; a slot stays attached while a request decodes
 with it (pinned), even if the cache evicts or replaces its key meanwhile.
 """
@@ -15,16 +17,23 @@ with it (pinned), even if the cache evicts or replaces its key meanwhile.
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
+import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from tinsmith.engine.adapter import Adapter
+from tinsmith.engine.budget import micro_batches
 from tinsmith.engine.checkpoint import adapter_from_files, adapter_to_files
 from tinsmith.engine.losses import LossBatch, LossRegistry, LossSpec
+from tinsmith.engine.pool import RunPool, read_spill, write_spill
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.engine.sampler import OnDone, Sampler
 from tinsmith.types import (
@@ -39,6 +48,9 @@ from tinsmith.types import (
 )
 
 FilesLoader = Callable[[], Mapping[str, bytes]]
+# Unsaved samplers (save_weights_and_get_sampling_client) evicted from memory are kept on disk
+# up to this many, newest first; at rank 32 on the bundled model that is about 1.3 GB.
+MAX_SPILLED_SAMPLERS = 64
 
 
 @dataclass(frozen=True)
@@ -53,14 +65,18 @@ class TrainWork:
 
 class Engine:
     def __init__(
-        self, runner: ModelRunner, tokenizer, losses: LossRegistry, max_sampler_adapters: int = 16
+        self, runner: ModelRunner, tokenizer, losses: LossRegistry, max_sampler_adapters: int = 16,
+        *, spill_dir: Path | None = None, max_resident_runs: int = 1 << 30,
     ) -> None:
         self.runner = runner
         self.losses = losses
         self.sampler = Sampler(runner, tokenizer)
-        self._runs: dict[str, tuple[Adapter, int]] = {}
+        spill_dir = spill_dir or Path(tempfile.gettempdir()) / f"tinsmith-spill-{uuid.uuid4().hex}"
+        self.runs = RunPool(runner, spill_dir, max_resident_runs)  # made at the first spill
         self._samplers: OrderedDict[str, tuple[Adapter, int]] = OrderedDict()
         self._max_samplers = max_sampler_adapters
+        self._ephemeral: set[str] = set()  # sampler keys with no stored files (snapshots)
+        self._spilled: OrderedDict[str, Path] = OrderedDict()  # ephemeral samplers moved to disk
         self._pins: Counter[int] = Counter()  # sampler slot -> requests decoding with it
         self._unpinned_detach: set[int] = set()  # slots to detach once their last request ends
 
@@ -73,19 +89,13 @@ class Engine:
         self._put_run(run_id, adapter)
 
     def _put_run(self, run_id: str, adapter: Adapter) -> None:
-        self.drop_run(run_id)
-        self._runs[run_id] = (adapter, self.runner.attach(adapter))
+        self.runs.put(run_id, adapter)
 
     def drop_run(self, run_id: str) -> None:
-        old = self._runs.pop(run_id, None)
-        if old is not None:
-            self.runner.detach(old[1])
+        self.runs.drop(run_id)
 
     def _run(self, run_id: str) -> tuple[Adapter, int]:
-        entry = self._runs.get(run_id)
-        if entry is None:
-            raise NotFound(f"training run {run_id!r} is not loaded on this server")
-        return entry
+        return self.runs.get(run_id)
 
     def forward_backward_many(
         self, works: Sequence[TrainWork], *, forward_only: bool
@@ -100,6 +110,12 @@ class Engine:
         receives exactly its own loss's gradient. A work that fails (unknown run, a loss that
         raises or is not finite) is left out of the sum and its run's gradients are untouched.
         """
+        with self.runs.pinned(w.run_id for w in works):  # all resident through the backward
+            return self._forward_backward_many(works, forward_only=forward_only)
+
+    def _forward_backward_many(
+        self, works: Sequence[TrainWork], *, forward_only: bool
+    ) -> list[FwdBwdOut | Exception]:
         results: list[FwdBwdOut | Exception | None] = [None] * len(works)
         slots: dict[int, int] = {}
         specs: dict[int, LossSpec] = {}
@@ -145,6 +161,55 @@ class Engine:
             for p in idle:  # a zero-filled grad would still move AdamW's moments and decay
                 p.grad = None
         return results  # type: ignore[return-value]
+
+    def forward_backward_chunked(
+        self, work: TrainWork, *, forward_only: bool, budget: int
+    ) -> Generator[None, None, FwdBwdOut]:
+        """One request too big for a pass, in micro-batches of at most `budget` padded tokens
+        (budget.micro_batches), yielding after each one so other work runs in between; the
+        generator's return value is the result. Exact for any loss, however it couples datums:
+        1. each micro-batch's forward, without autograd, gives the request's logprobs;
+        2. the loss over all of them, with those logprobs as leaves, gives d loss / d logprob;
+        3. each micro-batch's forward again, with autograd, backpropagates its share of those.
+        One forward more than an unsplit pass; memory holds one micro-batch's activations. If
+        step 3 fails part-way, the run's gradients are put back as they were."""
+        with self.runs.pinned([work.run_id]):  # resident from the first micro-batch to the last
+            return (yield from self._chunked(work, forward_only=forward_only, budget=budget))
+
+    def _chunked(
+        self, work: TrainWork, *, forward_only: bool, budget: int
+    ) -> Generator[None, None, FwdBwdOut]:
+        spec = self.losses.get(work.loss_fn)
+        data = work.data
+        parts = micro_batches([len(d.tokens) for d in data], budget)
+        lps: list[torch.Tensor] = []
+        for part in parts:
+            slot = self._run(work.run_id)[1]
+            lps += self.runner.target_logprobs([(slot, data[i]) for i in part], grad=False)
+            yield
+        leaves = [lp.detach().requires_grad_(not forward_only) for lp in lps]
+        loss, out = self._loss(work, spec, leaves, forward_only)
+        if forward_only or not loss.requires_grad:
+            return out
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        adapter = self._run(work.run_id)[0]
+        before = [None if p.grad is None else p.grad.clone() for p in adapter.parameters()]
+        try:
+            for part in parts:
+                adapter, slot = self._run(work.run_id)
+                mine = [(i, lp) for i, lp in zip(part, self.runner.target_logprobs(
+                    [(slot, data[i]) for i in part], grad=True,
+                    active=[spec.grad_positions(data[i].inputs) if spec.grad_positions else None
+                            for i in part]))
+                    if grads[i] is not None and lp.requires_grad]
+                if mine:
+                    torch.autograd.backward([lp for _, lp in mine], [grads[i] for i, _ in mine])
+                yield
+        except BaseException:
+            for p, g in zip(adapter.parameters(), before):
+                p.grad = g
+            raise
+        return out
 
     @staticmethod
     def _loss(
@@ -196,6 +261,7 @@ class Engine:
     def snapshot_sampler(self, key: str, run_id: str) -> None:
         """Freeze the run's current weights as sampler adapter `key` (in memory only)."""
         adapter, _ = self._run(run_id)
+        self._ephemeral.add(key)
         self._put_sampler(key, adapter.clone_frozen())
 
     def _put_sampler(self, key: str, adapter: Adapter) -> None:
@@ -204,7 +270,14 @@ class Engine:
             self._release(old[1])
         self._samplers[key] = (adapter, self.runner.attach(adapter))
         while len(self._samplers) > self._max_samplers:
-            _, (_, slot) = self._samplers.popitem(last=False)
+            old_key, (old_adapter, slot) = self._samplers.popitem(last=False)
+            if old_key in self._ephemeral:  # nothing to reload it from: keep it on disk
+                files = adapter_to_files(old_adapter, self.runner.name, include_optimizer=False)
+                self._spilled[old_key] = write_spill(self.runs.spill_dir, files)
+                while len(self._spilled) > MAX_SPILLED_SAMPLERS:
+                    gone, folder = self._spilled.popitem(last=False)
+                    self._ephemeral.discard(gone)
+                    shutil.rmtree(folder, ignore_errors=True)
             self._release(slot)
 
     def _release(self, slot: int) -> None:
@@ -226,11 +299,14 @@ class Engine:
         if key is None:
             return None
         entry = self._samplers.get(key)
+        if entry is None and key in self._spilled:
+            load = partial(read_spill, self._spilled.pop(key))
         if entry is None:
             if load is None:
                 raise NotFound(
-                    f"sampler weights {key!r} are no longer in memory (ephemeral samplers are "
-                    "evicted after newer ones); save them with save_weights_for_sampler(name) to keep them"
+                    f"sampler weights {key!r} are gone (the server keeps the newest "
+                    f"{self._max_samplers + MAX_SPILLED_SAMPLERS} unsaved samplers); save them "
+                    "with save_weights_for_sampler(name) to keep them"
                 )
             try:
                 adapter = adapter_from_files(load(), self.runner.layers, load_optimizer=False)

@@ -13,6 +13,10 @@ exist: the same NotFound, with the same message, so nothing leaks that it exists
 Keys are `tml-` + 43 random URL-safe characters (256 bits), the form the SDK requires;
 only their SHA-256 is stored, so a key is shown once, when it is made.
 
+A key may expire (`expires_at`): from then on it is refused exactly as a revoked one.
+Each key carries optional limits (tinsmith.scheduler.limits); `limits(key_id)` resolves
+them over the server's defaults.
+
 A server remembers a good key (and "no keys exist") for `cache_s` (1 s), which keeps the
 database off the per-request path: a key revoked or created by another process (the CLI)
 takes effect within that time; one revoked through this object at once.
@@ -25,7 +29,9 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
+from tinsmith.scheduler.limits import Limits
 from tinsmith.storage.db import ApiKeyRow, MetadataStore
 from tinsmith.types import UserError
 
@@ -90,18 +96,23 @@ def hash_key(key: str) -> str:
 class ApiKeys:
     """API keys in the metadata store, and authentication of a request's key."""
 
-    def __init__(self, db: MetadataStore, cache_s: float = 1.0) -> None:
+    def __init__(self, db: MetadataStore, cache_s: float = 1.0,
+                 defaults: Limits | None = None) -> None:
         self.db = db
+        self.defaults = defaults or Limits()
+        self._limits: dict[str, tuple[Limits, float]] = {}  # key id -> (limits, valid until)
         self._enabled = False  # once true it stays true: keys are revoked, never deleted
         self._cache_s = cache_s
         self._open_until = 0.0  # "no keys exist" holds until then
         self._good: dict[str, tuple[Caller, float]] = {}  # key hash -> (caller, valid until)
 
-    def create(self, name: str | None = None, *, admin: bool = False) -> NewKey:
+    def create(self, name: str | None = None, *, admin: bool = False,
+               expires_at: datetime | None = None, **limits: int | None) -> NewKey:
+        """`limits`: max_concurrent, max_request_tokens, max_stored_bytes (None: default)."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "key-" + secrets.token_hex(6)
         self.db.add_api_key(key_id, key_hash=hash_key(key), hint=key[:10], name=name,
-                            is_admin=admin)
+                            is_admin=admin, expires_at=expires_at, **limits)
         self._open_until = 0.0
         return NewKey(key_id, key, name, admin)
 
@@ -112,6 +123,27 @@ class ApiKeys:
         found = self.db.revoke_api_key(key_id)
         self._good.clear()
         return found
+
+    def set_limits(self, key_id: str, **limits: int | None) -> bool:
+        found = self.db.set_api_key_limits(key_id, **limits)
+        self._limits.pop(key_id, None)
+        return found
+
+    def limits(self, key_id: str | None) -> Limits:
+        """The limits of the key `key_id` (None: made while open: the defaults)."""
+        if key_id is None:
+            return self.defaults
+        now = time.monotonic()
+        hit = self._limits.get(key_id)
+        if hit is not None and now < hit[1]:
+            return hit[0]
+        row = self.db.get_api_key(key_id)
+        limits = self.defaults if row is None else self.defaults.overridden(
+            row.max_concurrent, row.max_request_tokens, row.max_stored_bytes)
+        if len(self._limits) > 4096:
+            self._limits.clear()
+        self._limits[key_id] = (limits, now + self._cache_s)
+        return limits
 
     def enabled(self) -> bool:
         """Whether requests need a key: any key was ever created."""
@@ -139,11 +171,18 @@ class ApiKeys:
         if hit is not None and now < hit[1]:
             return hit[0]
         row = self.db.api_key_by_hash(digest)
-        if row is None or row.revoked_at is not None:
+        left = _seconds_left(row.expires_at) if row is not None else 0.0
+        if row is None or row.revoked_at is not None or left <= 0:
             self._good.pop(digest, None)
-            raise Unauthorized(BAD_KEY)
+            raise Unauthorized(BAD_KEY)  # an expired key reads exactly as a revoked one
         caller = Caller(row.key_id, admin=row.is_admin, name=row.name)
         if len(self._good) > 4096:
             self._good.clear()
-        self._good[digest] = (caller, now + self._cache_s)
+        self._good[digest] = (caller, now + min(self._cache_s, left))
         return caller
+
+
+def _seconds_left(expires_at: datetime | None) -> float:
+    if expires_at is None:
+        return float("inf")
+    return (expires_at - datetime.now(UTC)).total_seconds()

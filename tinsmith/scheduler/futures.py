@@ -7,16 +7,24 @@ engine's worker thread, and read by `retrieve_future` polls that may arrive many
 
 Thread safety: all state is guarded by one lock; waiters are asyncio futures woken with
 `call_soon_threadsafe`, so completion from any thread wakes the loop at once (no polling).
+
+Futures live in memory only. Every request id carries the store's boot id, a random token
+made when the server starts (`req-<boot>-<n>`), so an id issued before a restart is never
+mistaken for a new one, and `wait` says it was lost (`LostRequest`) instead of merely unknown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
+
+from tinsmith.scheduler.limits import TooManyRequests
 
 ErrorCategory = Literal["user", "server"]
 
@@ -48,18 +56,28 @@ class _Entry:
     owner: str | None = None  # the API key whose run or sampler it belongs to
 
 
+class LostRequest(KeyError):
+    """A request id from an earlier run of the server: its future died with that process."""
+
+
 class FutureStore:
     def __init__(self, keep_after_delivery_s: float = 300.0, keep_undelivered_s: float = 3600.0):
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._ids = itertools.count(1)
-        self._prefix = f"req-{int(time.time()) % 100000:05d}-"
+        self.boot_id = secrets.token_hex(4)
+        self._prefix = f"req-{self.boot_id}-"
         self._keep_after_delivery_s = keep_after_delivery_s
         self._keep_undelivered_s = keep_undelivered_s
+        self._pending: Counter[str | None] = Counter()  # owner -> futures not yet completed
 
-    def create(self, kind: str, owner: str | None = None) -> str:
-        """A new pending request, retrievable by `owner` (an API key id) or an admin."""
+    def create(self, kind: str, owner: str | None = None, max_pending: int | None = None) -> str:
+        """A new pending request, retrievable by `owner` (an API key id) or an admin.
+        Raises TooManyRequests (429) if `owner` already has `max_pending` pending ones."""
         with self._lock:
+            if max_pending is not None and self._pending[owner] >= max_pending:
+                raise TooManyRequests(max_pending, self._pending[owner])
+            self._pending[owner] += 1
             self._purge_locked(time.monotonic())
             rid = f"{self._prefix}{next(self._ids)}"
             self._entries[rid] = _Entry(kind=kind, created=time.monotonic(), owner=owner)
@@ -77,6 +95,9 @@ class FutureStore:
             if e is None or e.done:
                 return
             e.done, e.value, e.error = True, value, error
+            self._pending[e.owner] -= 1
+            if self._pending[e.owner] <= 0:
+                del self._pending[e.owner]
             waiters, e.waiters = e.waiters, []
         for w in waiters:
             w.get_loop().call_soon_threadsafe(_wake, w)
@@ -84,11 +105,14 @@ class FutureStore:
     async def wait(
         self, rid: str, timeout: float, viewer: Viewer | None = None
     ) -> tuple[bool, object, FutureError | None]:
-        """Wait up to `timeout` s. Returns (done, value, error); raises KeyError if unknown,
-        or if `viewer` may not see it (someone else's request reads as an unknown one)."""
+        """Wait up to `timeout` s. Returns (done, value, error); raises LostRequest for an id
+        of an earlier boot, KeyError if unknown or if `viewer` may not see it (someone else's
+        request reads as an unknown one)."""
         loop = asyncio.get_running_loop()
         with self._lock:
             e = self._entries.get(rid)
+            if e is None and _is_request_id(rid) and not rid.startswith(self._prefix):
+                raise LostRequest(rid)
             if e is None or (viewer is not None and not viewer.sees(e.owner)):
                 raise KeyError(rid)
             if not e.done:
@@ -109,6 +133,11 @@ class FutureStore:
                 e.delivered_at = time.monotonic()
             return True, e.value, e.error
 
+    def pending(self, owner: str | None) -> int:
+        """Futures of `owner` not yet completed."""
+        with self._lock:
+            return self._pending[owner]
+
     def _purge_locked(self, now: float) -> None:
         stale = [
             rid
@@ -127,6 +156,13 @@ class FutureStore:
             pending = [rid for rid, e in self._entries.items() if not e.done]
         for rid in pending:
             self.set_error(rid, message, "server")
+
+
+def _is_request_id(rid: str) -> bool:
+    """Shaped like an id some FutureStore issued (`req-<boot>-<n>`; before boot ids existed,
+    `req-<5 digits>-<n>`)."""
+    parts = rid.split("-")
+    return len(parts) == 3 and parts[0] == "req" and parts[1].isalnum() and parts[2].isdigit()
 
 
 def _wake(w: asyncio.Future[None]) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from tinsmith.config import ServerSettings
+from tinsmith.engine.budget import free_memory_bytes, pass_token_budget, resident_runs_budget
 from tinsmith.engine.engine import Engine
 from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.runner import ModelRunner
@@ -50,13 +52,22 @@ def load_model(
         gen_eos = None
     if gen_eos is not None:
         eos.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
-    engine = Engine(runner, tokenizer, losses, max_sampler_adapters=settings.max_sampler_adapters)
-    log.info("serving %s from %s", name, model_dir)
+    free = free_memory_bytes(runner.model.device)
+    resident = settings.max_resident_adapters or resident_runs_budget(
+        [(m.in_features, m.out_features) for m in runner.layers.values()], free, 0.25)
+    spill_dir = settings.data_dir / "spill" / name.replace("/", "--")
+    shutil.rmtree(spill_dir, ignore_errors=True)  # a spill never outlives its server
+    engine = Engine(runner, tokenizer, losses, max_sampler_adapters=settings.max_sampler_adapters,
+                    spill_dir=spill_dir, max_resident_runs=resident)
+    pass_tokens = settings.pass_tokens or pass_token_budget(
+        runner.config, free, settings.pass_memory_fraction)
+    log.info("serving %s from %s; a training pass holds up to %d tokens, %d training runs "
+             "stay resident", name, model_dir, pass_tokens, resident)
     return ModelHandle(
         name=name,
         model_dir=model_dir,
         engine=engine,
-        worker=EngineWorker(name, futures, engine, pass_tokens=settings.pass_tokens),
+        worker=EngineWorker(name, futures, engine, pass_tokens=pass_tokens),
         vocab_size=runner.vocab_size,
         max_context=runner.max_context,
         arch=runner.arch,

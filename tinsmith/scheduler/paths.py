@@ -1,7 +1,8 @@
 """tinker:// checkpoint paths and checkpoint names.
 
 `tinker://<training_run_id>/<kind>/<name>` with kind `weights` (save_state: weights and
-optimizer state) or `sampler_weights` (save_weights_for_sampler: weights only). The
+optimizer state), `sampler_weights` (save_weights_for_sampler: weights only) or
+`external_weights` (save_weights_external: a plain PEFT adapter folder). The
 checkpoint id used in REST URLs is `<kind>/<name>`; the storage key adds the run id.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from tinsmith.types import UserError
 
 PREFIX = "tinker://"
-KINDS = {"weights": "training", "sampler_weights": "sampler"}
+KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -58,8 +59,8 @@ def parse_path(path: str | None) -> CheckpointRef:
     parts = path[len(PREFIX) :].split("/")
     if len(parts) != 3 or not all(parts):
         raise UserError(
-            f"invalid checkpoint path {path!r}: expected tinker://<training_run_id>/weights/<name> "
-            "or tinker://<training_run_id>/sampler_weights/<name>"
+            f"invalid checkpoint path {path!r}: expected tinker://<training_run_id>/<kind>/<name> "
+            f"with kind one of {sorted(KINDS)}"
         )
     run_id, kind, name = parts
     if kind not in KINDS:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,16 +24,28 @@ from functools import cached_property
 from pathlib import Path
 
 from tinsmith.config import ServerSettings
+from tinsmith.engine.budget import padded_tokens
 from tinsmith.engine.engine import TrainWork
+from tinsmith.engine.export import peft_files
 from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.validation import check_data, check_sample
 from tinsmith.scheduler.access import OPEN, ApiKeys, Caller
 from tinsmith.scheduler.futures import FutureStore
+from tinsmith.scheduler.history import MetricHistory
+from tinsmith.scheduler.limits import (
+    Limits,
+    StoredBytes,
+    check_request_tokens,
+    check_stored_room,
+)
 from tinsmith.scheduler.models import ModelHandle, load_model
 from tinsmith.scheduler.ordering import SeqGate
 from tinsmith.scheduler.paths import CheckpointRef, check_name, parse_path, ref_from_checkpoint_id
+from tinsmith.scheduler.playground import Playground
+from tinsmith.scheduler.signing import UrlSigner
 from tinsmith.scheduler.stability import StabilityRecords, only_visible
 from tinsmith.scheduler.telemetry import ModelSnapshot, ServerMetrics
+from tinsmith.scheduler.utilisation import Utilisation
 from tinsmith.scheduler.worker import Pack
 from tinsmith.storage.checkpoints import remove_checkpoint
 from tinsmith.storage.db import CheckpointRow, MetadataStore, RunRow, SessionRow
@@ -42,6 +54,8 @@ from tinsmith.types import AdamSpec, DatumIn, LoraSpec, NotFound, SampleOut, Sam
 
 log = logging.getLogger("tinsmith.service")
 MAX_TTL_S = 10 * 365 * 24 * 3600
+_SAVE_TYPES = {"weights": "save_weights", "sampler_weights": "save_weights_for_sampler",
+               "external_weights": "save_weights_external"}
 
 
 @dataclass
@@ -78,11 +92,19 @@ class Service:
         self.settings = settings
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
         self.db = MetadataStore(settings.resolved_database_url())
-        self.store = CheckpointStore(settings.resolved_storage_url())
+        self.store = CheckpointStore(settings.resolved_storage_url(),
+                                     slow_write_s=settings.debug_slow_writes_s)
+        for line in self.store.recover():  # what a crash left mid-write
+            log.warning("checkpoint store: %s", line)
         self.futures = FutureStore()
+        self.signer = UrlSigner(settings.download_url_ttl_s)  # checkpoint-file download URLs
         self.losses = LossRegistry.load(settings.loss_modules)
         self.stability = StabilityRecords(max_tokens=settings.stability_max_tokens)
         self.metrics = ServerMetrics(self._metrics_snapshot)
+        self.history = MetricHistory(settings.metric_history_points)
+        self.stored = StoredBytes()
+        self.utilisation = Utilisation(self.metrics)
+        self.playground = Playground(self)
         self.models: dict[str, ModelHandle] = {}
         for name in settings.models:
             self.models[name] = load_model(name, settings, self.futures, self.losses)
@@ -109,6 +131,9 @@ class Service:
             held=sum(r.gate.waiting() for r in runs if r.handle is h),
             training_runs=sum(r.handle is h for r in runs),
             sampling_sessions=sum(s.handle is h for s in samplers),
+            resident_runs=h.engine.runs.resident,
+            run_spills=h.engine.runs.spills,
+            run_restores=h.engine.runs.restores,
         ) for name, h in self.models.items()}
 
     # ----- lookups ------------------------------------------------------------------------
@@ -150,7 +175,9 @@ class Service:
     # ----- access: API keys and what each caller sees (tinsmith.scheduler.access) ----------
     @cached_property
     def keys(self) -> ApiKeys:
-        return ApiKeys(self.db)
+        s = self.settings
+        return ApiKeys(self.db, defaults=Limits(s.max_concurrent, s.max_request_tokens,
+                                                s.max_stored_bytes))
 
     def authenticate(self, api_key: str | None) -> Caller:
         return self.keys.authenticate(api_key)
@@ -256,12 +283,13 @@ class Service:
         """Register run `<session>:train:<model_seq_id>` and queue `work(run_id)`, which
         creates its adapter. A retried creation gets the first request id back."""
         run_id = f"{session_id}:train:{model_seq_id}"
+        max_pending = self.keys.limits(owner).max_concurrent
         with self._lock:
             existing = self.runs.get(run_id)
             if existing is not None:
                 return existing.create_request_id, run_id
             self._check_unused(run_id)
-            rid = self.futures.create(kind, owner)
+            rid = self.futures.create(kind, owner, max_pending)
             self.runs[run_id] = RunState(run_id, handle, lora, rid, owner=owner)
         self.db.add_run(run_id, session_id=session_id, base_model=handle.name, lora=lora.to_json(),
                         user_metadata=dict(user_metadata) if user_metadata else None, owner=owner)
@@ -285,13 +313,19 @@ class Service:
         validate: Callable[[], None] | None = None, tokens: int = 0, pack: Pack | None = None,
     ) -> str:
         """Queue `work` (or the packable work `pack`) behind run `r`'s earlier seq_ids.
-        Returns the request id, a future owned by the run's owner."""
+        Returns the request id, a future owned by the run's owner. Over the owner's
+        concurrent-request limit it raises TooManyRequests (429) and consumes nothing, except
+        for the seq_id the run's held requests wait for: that one always passes, so the
+        limit can never wedge a run whose requests arrived out of order."""
+        max_pending = self.keys.limits(r.owner).max_concurrent
         with self._lock:
             previous = r.gate.issued(seq_id)
             if previous is not None:
                 return previous  # a retried submission: same request, same result
             r.gate.check_new(seq_id)
-            rid = self.futures.create(kind, r.owner)
+            if seq_id == r.gate.next_seq and r.gate.waiting():
+                max_pending = None
+            rid = self.futures.create(kind, r.owner, max_pending)
             try:
                 if validate is not None:
                     validate()
@@ -313,6 +347,8 @@ class Service:
         prepared: list[DatumIn] = []
 
         def validate() -> None:
+            check_request_tokens(sum(len(d.tokens) for d in data), self.keys.limits(r.owner),
+                                 f"this {'forward' if forward_only else 'forward_backward'} request")
             spec = self.losses.get(loss_fn)
             check_data(data, loss_fn, spec, config, h.vocab_size, h.max_context)
             prepared.extend(self.stability.attach(data) if spec.server_inputs else data)
@@ -320,8 +356,24 @@ class Service:
         # Filled by validate() before the job is released; several runs' works share a pass.
         kind = "forward" if forward_only else "forward_backward"
         n_tokens = sum(len(d.tokens) for d in data)
-        pack = Pack(kind, n_tokens, TrainWork(run_id, prepared, loss_fn, config),  # type: ignore[arg-type]
-                    lambda works: h.engine.forward_backward_many(works, forward_only=forward_only))  # type: ignore[arg-type]
+
+        def run_pass(works: list[TrainWork]) -> list[object]:  # the works of every run in the pass
+            outs = h.engine.forward_backward_many(works, forward_only=forward_only)
+            if not forward_only:
+                for w, out in zip(works, outs):
+                    if not isinstance(out, Exception):
+                        self.history.record(w.run_id, kind, out.metrics)
+            return outs  # type: ignore[return-value]
+
+        def split(work: TrainWork, budget: int) -> Generator[None, None, object]:  # one big request
+            out = yield from h.engine.forward_backward_chunked(work, forward_only=forward_only,
+                                                               budget=budget)
+            if not forward_only:
+                self.history.record(work.run_id, kind, out.metrics)
+            return out
+
+        pack = Pack(kind, padded_tokens([len(d.tokens) for d in data]),
+                    TrainWork(run_id, prepared, loss_fn, config), run_pass, split)  # type: ignore[arg-type]
         return self._ordered(r, seq_id, kind, None, validate, tokens=n_tokens, pack=pack)
 
     def optim_step(self, run_id: str, seq_id: int, adam: AdamSpec, caller: Caller = OPEN) -> str:
@@ -336,6 +388,7 @@ class Service:
         def work() -> object:
             metrics = r.handle.engine.optim_step(run_id, adam)
             self.db.touch_run(run_id)
+            self.history.record(run_id, "optim_step", metrics)
             return {"metrics": metrics, "type": "optim_step"}
 
         return self._ordered(r, seq_id, "optim_step", work, validate)
@@ -344,7 +397,8 @@ class Service:
         self, run_id: str, seq_id: int, *, kind: str, name: str, ttl_seconds: int | None,
         overwrite: bool, user_metadata: Mapping[str, object] | None, caller: Caller = OPEN,
     ) -> str:
-        """save_state (kind "weights") or a named save_weights_for_sampler ("sampler_weights")."""
+        """save_state (kind "weights"), a named save_weights_for_sampler ("sampler_weights")
+        or save_weights_external ("external_weights": the PEFT adapter files only)."""
         r = self.run(run_id, caller)
         ref = CheckpointRef(run_id, kind, name)
 
@@ -352,6 +406,7 @@ class Service:
             check_name(name)
             if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_S:
                 raise UserError(f"ttl_seconds must be between 1 and {MAX_TTL_S}, got {ttl_seconds}")
+            check_stored_room(self.db.stored_bytes(r.owner), self.keys.limits(r.owner))
 
         def work() -> object:
             if not overwrite and self.db.get_checkpoint(run_id, ref.checkpoint_id) is not None:
@@ -359,18 +414,23 @@ class Service:
                     f"checkpoint {ref.tinker_path} already exists; pass overwrite=True to replace it"
                 )
             files = r.handle.engine.export_run(run_id, r.base_model, include_optimizer=kind == "weights")
-            size = self.store.put(ref.storage_key, files)
-            self.db.upsert_checkpoint(
-                run_id, ref.checkpoint_id,
-                checkpoint_type=ref.checkpoint_type, tinker_path=ref.tinker_path,
-                storage_key=ref.storage_key, size_bytes=size,
-                expires_at=_now() + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
-                user_metadata=dict(user_metadata) if user_metadata else None, base_model=r.base_model,
-                lora=r.lora.to_json(), owner=r.owner,
-            )
+            if kind == "external_weights":
+                files = peft_files(files)
+            # The size is known before writing: past the owner's max_stored_bytes nothing is written.
+            size = sum(len(b) for b in files.values())
+            stored = self.db.stored_bytes(r.owner, excluding=(run_id, ref.checkpoint_id))
+            with self.stored.reserve(r.owner, size, stored, self.keys.limits(r.owner)):
+                size = self.store.put(ref.storage_key, files)
+                self.db.upsert_checkpoint(
+                    run_id, ref.checkpoint_id,
+                    checkpoint_type=ref.checkpoint_type, tinker_path=ref.tinker_path,
+                    storage_key=ref.storage_key, size_bytes=size,
+                    expires_at=_now() + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
+                    user_metadata=dict(user_metadata) if user_metadata else None,
+                    base_model=r.base_model, lora=r.lora.to_json(), owner=r.owner,
+                )
             self.db.touch_run(run_id)
-            return {"path": ref.tinker_path, "type": "save_weights" if kind == "weights"
-                    else "save_weights_for_sampler"}
+            return {"path": ref.tinker_path, "size_bytes": size, "type": _SAVE_TYPES[kind]}
 
         return self._ordered(r, seq_id, "save_" + kind, work, validate)
 
@@ -403,8 +463,8 @@ class Service:
         ref = parse_path(path)
         ckpt = self.checkpoint(ref, caller)
         if optimizer and ckpt.checkpoint_type != "training":
-            raise UserError(f"{path} is a sampler checkpoint and holds no optimizer state; "
-                            "load a tinker://.../weights/... checkpoint")
+            raise UserError(f"{path} is a {ckpt.checkpoint_type} checkpoint and holds no "
+                            "optimizer state; load a tinker://.../weights/... checkpoint")
         if base_model is not None and base_model != ckpt.base_model:
             raise UserError(f"{path} was trained on {ckpt.base_model!r}, not {base_model!r}")
         handle = self.model(ckpt.base_model)
@@ -494,14 +554,17 @@ class Service:
         with self._lock:
             if seq_id in s.issued:
                 return s.issued[seq_id]
+        limits = self.keys.limits(s.owner)
         try:
+            check_request_tokens(len(spec.prompt) + spec.max_tokens * spec.num_samples, limits,
+                                 "this sampling request (prompt + max_tokens * num_samples)")
             check_sample(spec, h.vocab_size, h.max_context)
         except UserError:
             self.metrics.rejected(h.name, "sample")
             raise
         loader = (lambda: self.store.get(s.storage_key)) if s.storage_key else None
         with self._lock:
-            rid = self.futures.create("sample", s.owner)
+            rid = self.futures.create("sample", s.owner, limits.max_concurrent)
             seq_ids = [f"{sampler_id}:{seq_id}:{i}" for i in range(spec.num_samples)]
             s.issued[seq_id] = (rid, seq_ids)
             if len(s.issued) > 4096:  # retries come soon after the first try: keep the newest
@@ -527,6 +590,31 @@ class Service:
         return rid, seq_ids
 
     # ----- checkpoints ----------------------------------------------------------------------
+    def set_checkpoint_ttl(self, run_id: str, checkpoint_id: str, ttl_seconds: int | None,
+                           caller: Caller | None = None) -> None:
+        """Expire the checkpoint `ttl_seconds` from now (None: never)."""
+        row = self.checkpoint(ref_from_checkpoint_id(run_id, checkpoint_id), caller)
+        if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_S:
+            raise UserError(f"ttl_seconds must be between 1 and {MAX_TTL_S}, got {ttl_seconds}")
+        expires = _now() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        self.db.set_checkpoint_expiry(row.training_run_id, row.checkpoint_id, expires)
+
+    def checkpoint_file_sizes(self, ref: CheckpointRef, caller: Caller | None = None) -> dict[str, int]:
+        """{file name: size} of a checkpoint the caller may see."""
+        row = self.checkpoint(ref, caller)
+        try:
+            return self.store.sizes(row.storage_key)
+        except FileNotFoundError as e:
+            raise NotFound(f"checkpoint {ref.tinker_path} does not exist") from e
+
+    def read_checkpoint_file(self, ref: CheckpointRef, name: str) -> bytes:
+        """One file of a checkpoint (the caller's right to it was checked when signing)."""
+        row = self.checkpoint(ref)
+        try:
+            return self.store.read(row.storage_key, name)
+        except (FileNotFoundError, ValueError) as e:
+            raise NotFound(f"checkpoint {ref.tinker_path} has no file {name!r}") from e
+
     def delete_checkpoint(self, run_id: str, checkpoint_id: str, caller: Caller | None = None) -> None:
         ref = ref_from_checkpoint_id(run_id, checkpoint_id)
         remove_checkpoint(self.db, self.store, self.checkpoint(ref, caller))

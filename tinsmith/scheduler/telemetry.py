@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -56,6 +56,9 @@ class ModelSnapshot:
     held: int  # training jobs held back by their run's SeqGate, waiting for their seq turn
     training_runs: int
     sampling_sessions: int
+    resident_runs: int = 0  # training runs whose adapter is in memory (the rest are spilled)
+    run_spills: int = 0  # idle runs moved out to disk since start
+    run_restores: int = 0  # and back
 
 
 class _BusyWindow:
@@ -212,12 +215,20 @@ class _ScrapeCollector(Collector):
                                  labels=["model"])
         samplers = GaugeMetricFamily("tinsmith_sampling_sessions",
                                      "Sampling sessions loaded in memory", labels=["model"])
+        resident = GaugeMetricFamily("tinsmith_resident_runs",
+                                     "Training runs whose adapter is in memory", labels=["model"])
+        moves = CounterMetricFamily("tinsmith_run_moves", "Idle training runs spilled to disk "
+                                    "(direction=out) and restored (direction=in)",
+                                    labels=["model", "direction"])
         for model, s in sorted(snap.items()):
             depth.add_metric([model, "queued"], s.queued)
             depth.add_metric([model, "held"], s.held)
             runs.add_metric([model], s.training_runs)
             samplers.add_metric([model], s.sampling_sessions)
-        yield from (depth, runs, samplers)
+            resident.add_metric([model], s.resident_runs)
+            moves.add_metric([model, "out"], s.run_spills)
+            moves.add_metric([model, "in"], s.run_restores)
+        yield from (depth, runs, samplers, resident, moves)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ while requests are decoding it alternates queued jobs with decoding steps:
   together with the other queued jobs of its kind, at most one per run and never one that
   waits behind an earlier job of its run, up to `pass_tokens` tokens, and all are computed by
   one call of `Pack.run`. Taking at most one job per run per pass also makes the runs take
-  turns: a run with many queued requests cannot keep the others out of a pass;
+  turns: a run with many queued requests cannot keep the others out of a pass. A job bigger
+  than `pass_tokens` is split (`Pack.split`) into micro-batches, and between two of them
+  the next job of another run gets its turn, so one huge request cannot hold the model;
 - a sampling job (`submit_sample`) only admits its request; the request's future completes
   later, from whichever decoding step finishes it. Queued admissions are taken before the
   next step (up to ADMISSIONS_PER_STEP), so requests that arrive together decode together;
@@ -30,7 +32,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,6 +72,9 @@ class Pack:
     tokens: int  # what the job adds to a pass, against the worker's `pass_tokens`
     item: object  # the job's work, handed to `run`
     run: Callable[[list[object]], list[object]]  # one pass: a result or exception per item
+    # A job bigger than the pass budget: `split(item, budget)` computes it in micro-batches,
+    # yielding after each, and returns its result (see Engine.forward_backward_chunked).
+    split: Callable[[object, int], Generator[None, None, object]] | None = None
 
 
 @dataclass
@@ -82,6 +87,8 @@ class _Job:
     owner: str | None = None  # the training run whose order this job keeps
     pack: Pack | None = None
     submitted: float = field(default_factory=time.monotonic)
+    chunks: Generator[None, None, object] | None = None  # a split job under way
+    started: float | None = None  # when its first chunk ran
 
 
 class EngineWorker:
@@ -163,7 +170,10 @@ class EngineWorker:
     def _take(self) -> list[_Job | None]:
         """The next job, with the queued jobs that can share its pass (call with the lock)."""
         first = self._jobs.popleft()
-        if first is None or first.pack is None:
+        if first is None or first.pack is None or first.chunks is not None:
+            return [first]
+        if first.pack.tokens > self.pass_tokens and first.pack.split is not None:
+            first.chunks = first.pack.split(first.pack.item, self.pass_tokens)
             return [first]
         taken = [first]
         budget = self.pass_tokens - first.pack.tokens
@@ -171,8 +181,8 @@ class EngineWorker:
         for job in list(self._jobs):
             if job is None:
                 break
-            fits = (job.pack is not None and job.pack.kind == first.pack.kind
-                    and job.pack.tokens <= budget)
+            fits = (job.pack is not None and job.chunks is None
+                    and job.pack.kind == first.pack.kind and job.pack.tokens <= budget)
             if fits and job.owner not in owners:
                 self._jobs.remove(job)
                 taken.append(job)
@@ -219,6 +229,9 @@ class EngineWorker:
             if self._metrics is not None:
                 self._metrics.busy(self.name, started, time.monotonic())
             return
+        if job.chunks is not None:
+            self._run_chunk(job, started)
+            return
         try:
             if job.pack is not None:
                 if self._metrics is not None:
@@ -230,6 +243,31 @@ class EngineWorker:
         except Exception as e:
             value = e
         self._complete(job, value, started)
+
+    def _run_chunk(self, job: _Job, started: float) -> None:
+        """One micro-batch of a split job. Unfinished, the job goes back to the queue behind
+        the next job of another run (never behind a later job of its own run), so a huge
+        request shares the model with the others instead of holding it to the end."""
+        assert job.chunks is not None
+        if job.started is None:
+            job.started = started
+            if self._metrics is not None:
+                self._metrics.packed(self.name, job.label, 1)
+        done, value = False, None
+        try:
+            next(job.chunks)
+        except StopIteration as stop:
+            done, value = True, stop.value
+        except Exception as e:
+            done, value = True, e
+        if self._metrics is not None:  # each chunk's own compute; the request's latency at the end
+            self._metrics.busy(self.name, started, time.monotonic())
+        if done:
+            self._complete(job, value)
+            return
+        with self._cv:
+            ahead = self._jobs and self._jobs[0] is not None and self._jobs[0].owner != job.owner
+            self._jobs.insert(1 if ahead else 0, job)
 
     def _step(self) -> None:
         assert self._stepper is not None

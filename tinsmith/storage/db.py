@@ -175,6 +175,11 @@ class _ApiKey(KeysBase):
     is_admin: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Per-key limits (tinsmith.scheduler.limits); NULL: the server's default.
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    max_request_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,10 @@ class ApiKeyRow:
     is_admin: bool
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None = None
+    max_concurrent: int | None = None
+    max_request_tokens: int | None = None
+    max_stored_bytes: int | None = None
 
 
 _R = TypeVar("_R")
@@ -280,7 +289,9 @@ def _setup_sqlite(engine: Engine) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit is on disk before the call returns (WAL's NORMAL may lose the last
+        # commits to a power cut); an acknowledged checkpoint's row must survive like its files.
+        cur.execute("PRAGMA synchronous=FULL")
         cur.close()
 
     @event.listens_for(engine, "begin")
@@ -528,8 +539,8 @@ class MetadataStore:
                           expires_at: datetime | None = None,
                           owner: str | None = None) -> CheckpointRow:
         """Insert, or replace the whole row (fresh created_at) if the key already exists."""
-        if checkpoint_type not in ("training", "sampler"):
-            raise ValueError(f"checkpoint_type must be 'training' or 'sampler', "
+        if checkpoint_type not in ("training", "sampler", "external"):
+            raise ValueError(f"checkpoint_type must be 'training', 'sampler' or 'external', "
                              f"not {checkpoint_type!r}")
         values = dict(training_run_id=training_run_id, checkpoint_id=checkpoint_id,
                       checkpoint_type=checkpoint_type, tinker_path=tinker_path,
@@ -596,6 +607,17 @@ class MetadataStore:
             s.delete(obj)
             return True
 
+    def set_checkpoint_expiry(self, training_run_id: str, checkpoint_id: str,
+                              expires_at: datetime | None) -> bool:
+        q = select(_Checkpoint).where(_Checkpoint.training_run_id == training_run_id,
+                                      _Checkpoint.checkpoint_id == checkpoint_id)
+        with self._tx(write=True) as s:
+            obj = s.scalars(q).first()
+            if obj is None:
+                return False
+            obj.expires_at = expires_at
+            return True
+
     def expired_checkpoints(self, now: datetime | None = None) -> list[CheckpointRow]:
         """Checkpoints whose expires_at is at or before ``now`` (default: the current time)."""
         q = (select(_Checkpoint)
@@ -639,9 +661,12 @@ class MetadataStore:
     # --- API keys -------------------------------------------------------------------
 
     def add_api_key(self, key_id: str, *, key_hash: str, hint: str, name: str | None = None,
-                    is_admin: bool = False) -> ApiKeyRow:
+                    is_admin: bool = False, expires_at: datetime | None = None,
+                    **limits: int | None) -> ApiKeyRow:
+        """`limits`: max_concurrent, max_request_tokens, max_stored_bytes (None: default)."""
         obj = _ApiKey(key_id=key_id, key_hash=key_hash, hint=hint, name=name,
-                      is_admin=is_admin, created_at=_now(), revoked_at=None)
+                      is_admin=is_admin, created_at=_now(), revoked_at=None,
+                      expires_at=expires_at, **limits)
         with self._tx(write=True) as s:
             s.add(obj)
         return _row(ApiKeyRow, obj)
@@ -650,6 +675,26 @@ class MetadataStore:
         with self._tx() as s:
             obj = s.scalars(select(_ApiKey).where(_ApiKey.key_hash == key_hash)).first()
             return None if obj is None else _row(ApiKeyRow, obj)
+
+    def get_api_key(self, key_id: str) -> ApiKeyRow | None:
+        with self._tx() as s:
+            obj = s.get(_ApiKey, key_id)
+            return None if obj is None else _row(ApiKeyRow, obj)
+
+    def set_api_key_limits(self, key_id: str, **limits: int | None) -> bool:
+        """Set some of a key's limits (None: back to the server's default); False if no such key."""
+        return self._update(_ApiKey, key_id, **limits)
+
+    def stored_bytes(self, owner: str | None, excluding: tuple[str, str] | None = None) -> int:
+        """Bytes of the checkpoints `owner` owns (None: those made while the server was open),
+        less the checkpoint `excluding` = (training_run_id, checkpoint_id) if given."""
+        q = select(func.coalesce(func.sum(_Checkpoint.size_bytes), 0)).where(
+            _Checkpoint.owner.is_(None) if owner is None else _Checkpoint.owner == owner)
+        if excluding is not None:
+            q = q.where(or_(_Checkpoint.training_run_id != excluding[0],
+                            _Checkpoint.checkpoint_id != excluding[1]))
+        with self._tx() as s:
+            return int(s.scalar(q) or 0)
 
     def list_api_keys(self) -> list[ApiKeyRow]:
         with self._tx() as s:

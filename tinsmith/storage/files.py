@@ -14,7 +14,9 @@ folder `<root>/<key>/`. Writes are atomic from a reader's point of view:
 Readers only see a key whose manifest exists, and only the files it lists, so a crash at
 any point leaves either the old checkpoint, the new one, or (mid-overwrite) none, never a
 partial one. Leftover `.tmp-*` / `.old-*` folders are never keys: key segments may not
-contain those markers.
+contain those markers. `recover()`, run once at server start-up, deletes the `.tmp-*`
+folders a crash left (unpublished writes) and moves an `.old-*` folder back to its key when
+a crash came between moving it aside and publishing its replacement.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import posixpath
 import shutil
+import time
 import uuid
 from collections.abc import Mapping
 
@@ -55,8 +58,9 @@ def _check_name(name: str) -> None:
 class CheckpointStore:
     """Folders of checkpoint files under one root (a local path or an fsspec URL)."""
 
-    def __init__(self, root_url: str) -> None:
+    def __init__(self, root_url: str, *, slow_write_s: float = 0.0) -> None:
         self.root_url = root_url
+        self.slow_write_s = slow_write_s  # test-only: a pause after each file written
         self.fs, root = url_to_fs(root_url)
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
@@ -86,6 +90,8 @@ class CheckpointStore:
                         f.write(data)
                         f.flush()
                         os.fsync(f.fileno())
+                    if self.slow_write_s:
+                        time.sleep(self.slow_write_s)
                 self._publish_local(tmp, path)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)  # gone already unless publishing failed
@@ -95,6 +101,8 @@ class CheckpointStore:
             self.fs.makedirs(path, exist_ok=True)
             for name, data in entries:
                 self.fs.pipe_file(posixpath.join(path, name), bytes(data))
+                if self.slow_write_s:
+                    time.sleep(self.slow_write_s)
         return sum(len(b) for b in files.values())
 
     def _publish_local(self, tmp: str, path: str) -> None:
@@ -121,6 +129,34 @@ class CheckpointStore:
         finally:
             for old in olds:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def recover(self) -> list[str]:
+        """Clean up after a crash (local stores; object stores leave nothing to clean): delete
+        `.tmp-*` folders, put an `.old-*` folder back where its key is missing, delete the
+        other `.old-*` ones. Returns what it did, one line each. Run it only while no write
+        is in progress (at start-up)."""
+        done: list[str] = []
+        if not self.local:
+            return done
+        for parent, dirs, _ in os.walk(self.root):
+            for d in sorted(dirs):
+                tmp, old = d.rpartition(".tmp-"), d.rpartition(".old-")
+                if not (tmp[1] or old[1]):
+                    continue
+                dirs.remove(d)  # never walk into a leftover
+                leftover = os.path.join(parent, d)
+                key_path = os.path.join(parent, old[0])
+                if old[1] and old[0] and not os.path.lexists(key_path) \
+                        and os.path.isfile(os.path.join(leftover, MANIFEST)):
+                    os.rename(leftover, key_path)
+                    done.append(f"restored {key_path} from {d} (overwrite interrupted)")
+                else:
+                    shutil.rmtree(leftover, ignore_errors=True)
+                    why = "unpublished write" if tmp[1] else "replaced checkpoint"
+                    done.append(f"removed {leftover} ({why})")
+            if done:
+                _fsync_dir(parent)
+        return done
 
     def delete(self, key: str) -> None:
         """Remove `key` (manifest first, so a crash mid-delete leaves no visible key)."""
@@ -170,6 +206,20 @@ class CheckpointStore:
     def size(self, key: str) -> int:
         """Total bytes of the files of `key` (manifest excluded); FileNotFoundError if absent."""
         return sum(self._manifest(key)[1].values())
+
+    def sizes(self, key: str) -> dict[str, int]:
+        """{file name: size} of `key` (manifest excluded); FileNotFoundError if absent."""
+        return self._manifest(key)[1]
+
+    def read(self, key: str, name: str) -> bytes:
+        """One file of `key`; FileNotFoundError if the checkpoint (or that file) is absent."""
+        sizes = self._manifest(key)[1]
+        if name not in sizes:
+            raise FileNotFoundError(f"checkpoint {key!r} has no file {name!r}")
+        data = self.fs.cat_file(posixpath.join(self._path(key), name))
+        if len(data) != sizes[name]:  # replaced meanwhile: read it consistently
+            data = self.get(key)[name]
+        return data
 
 
 def _fsync_dir(path: str) -> None:

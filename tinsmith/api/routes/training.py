@@ -9,6 +9,7 @@ from tinker.types import (
     GetInfoRequest,
     LoadWeightsRequest,
     OptimStepRequest,
+    SaveWeightsExternalRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
 )
@@ -108,9 +109,18 @@ async def load_weights(req: LoadWeightsRequest, request: Request, caller: Caller
 
 
 @router.post("/save_weights_external")
-async def save_weights_external() -> dict[str, object]:
-    raise UserError("save_weights_external is not supported by this server yet; "
-                    "checkpoint folders are PEFT adapters in the server's data dir", 400)
+async def save_weights_external(
+    req: SaveWeightsExternalRequest, request: Request, caller: CallerDep
+) -> dict[str, object]:
+    """A PEFT adapter folder, tinker://<run>/external_weights/<name>: its files download
+    through get_external_weights_urls (tinsmith.api.routes.downloads)."""
+    if req.age_encryption_recipients:
+        raise UserError("age_encryption_recipients is not supported by this server")
+    rid = service(request).save(
+        req.model_id, _seq(req.seq_id), kind="external_weights", name=req.path,
+        ttl_seconds=req.ttl_seconds, overwrite=True, user_metadata=None, caller=caller,
+    )
+    return future_response(rid, req.model_id)
 
 
 def _seq(seq_id: int | None) -> int:

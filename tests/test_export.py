@@ -1,0 +1,210 @@
+"""Weights out: `tinsmith checkpoints download|export`, save_weights_external and its signed
+URLs, and the SDK's own `tinker checkpoint download`, against a real server.
+
+The exported folders are checked by what matters: a PEFT adapter loaded with peft, and a
+merged model loaded with plain transformers, give the same logprobs as the server's own
+forward pass on the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tinker
+import torch
+from conftest import SENTENCES, TINY, KeyedServer, logprobs_of, text_datum
+from tinker import types
+
+from tinsmith.cli import main as tinsmith_cli
+from tinsmith.models import resolve_model_dir
+
+PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def _trained(service_client: tinker.ServiceClient, tokenizer, steps: int = 3):
+    tc = service_client.create_lora_training_client(base_model=TINY, rank=4)
+    data = [text_datum(tokenizer, s) for s in SENTENCES]
+    for _ in range(steps):
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+    return tc, data
+
+
+def _hf_logprobs(model: torch.nn.Module, datum: types.Datum) -> np.ndarray:
+    ids = torch.tensor([datum.model_input.to_ints()])
+    targets = torch.tensor(datum.loss_fn_inputs["target_tokens"].to_numpy()).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    return torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0].numpy()
+
+
+def _base():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_dir(TINY), dtype=torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")  # peft, on lm_head
+def test_exported_peft_and_merged_models_match_the_server(
+    base_url: str, service_client: tinker.ServiceClient, tokenizer, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tc, data = _trained(service_client, tokenizer)
+    path = tc.save_state("export-me").result().path
+    server = logprobs_of(tc.forward(data, "cross_entropy").result())
+
+    peft_dir, merged_dir = tmp_path / "peft", tmp_path / "merged"
+    assert tinsmith_cli(["checkpoints", "download", path, "--out", str(peft_dir),
+                         "--base-url", base_url]) == 0
+    assert {p.name for p in peft_dir.iterdir()} == PEFT_FILES
+    assert tinsmith_cli(["checkpoints", "export", path, "--merged", "--out", str(merged_dir),
+                         "--base-url", base_url]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in merged_dir.iterdir()}
+
+    base = _base()
+    untrained = [_hf_logprobs(base, d) for d in data]
+    peft_model = PeftModel.from_pretrained(base, peft_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # plain transformers
+    for d, want, before in zip(data, server, untrained):
+        assert np.abs(want - before).max() > 1e-2  # training moved the logprobs
+        np.testing.assert_allclose(_hf_logprobs(peft_model, d), want, atol=1e-4)
+        np.testing.assert_allclose(_hf_logprobs(merged, d), want, atol=1e-4)
+    # The unembedding update was not merged into the (tied) input embeddings as well, and the
+    # config says the two are untied now (other loaders than transformers trust it).
+    assert torch.equal(merged.get_input_embeddings().weight, base.get_input_embeddings().weight)
+    assert json.loads((merged_dir / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_save_weights_external_through_the_sdk(
+    service_client: tinker.ServiceClient, rest_client: tinker.RestClient, tokenizer
+) -> None:
+    tc, _ = _trained(service_client, tokenizer, steps=1)
+    path = tc.save_weights_external("ext").result().path
+    assert path == f"tinker://{tc.model_id}/external_weights/ext"
+    listed = rest_client.list_checkpoints(tc.model_id).result().checkpoints
+    assert [(c.checkpoint_type, c.tinker_path) for c in listed] == [("external", path)]
+
+    signed = rest_client.get_external_weights_urls(path).result()
+    assert set(signed.urls) == PEFT_FILES
+    from safetensors.torch import load
+
+    sizes = {}
+    for name, url in signed.urls.items():
+        with urllib.request.urlopen(url, timeout=30) as r:  # as the SDK does: no API key
+            body = r.read()
+        sizes[name] = len(body)
+    assert load(urllib.request.urlopen(signed.urls["adapter_model.safetensors"]).read())
+    assert sum(sizes.values()) == listed[0].size_bytes
+
+    # A tampered or expired URL is refused; another file name does not share a signature.
+    url = signed.urls["adapter_config.json"]
+    for bad in (url.replace("signature=", "signature=0"), re.sub(r"expires=\d+", "expires=1", url),
+                url.replace("adapter_config.json", "adapter_model.safetensors")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad, timeout=30)
+        assert e.value.code == 403 and b"invalid or has expired" in e.value.read()
+
+    # A sampler can be made from it, and it can be deleted like any checkpoint.
+    sc = service_client.create_sampling_client(model_path=path)
+    out = sc.sample(types.ModelInput.from_ints([1, 2, 3]), 1,
+                    types.SamplingParams(max_tokens=3, temperature=0.0)).result()
+    assert len(out.sequences[0].tokens) == 3
+    with pytest.raises(tinker.BadRequestError, match="external checkpoint and holds no optimizer"):
+        service_client.create_training_client_from_state_with_optimizer(path).result()
+    rest_client.delete_checkpoint_from_tinker_path(path).result()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(signed.urls["adapter_config.json"], timeout=30)
+    assert e.value.code == 404
+
+
+def test_set_checkpoint_ttl(service_client: tinker.ServiceClient,
+                            rest_client: tinker.RestClient, tokenizer) -> None:
+    tc, _ = _trained(service_client, tokenizer, steps=1)
+    path = tc.save_state("ttl").result().path
+
+    def expires_at():
+        (c,) = rest_client.list_checkpoints(tc.model_id).result().checkpoints
+        return c.expires_at
+
+    assert expires_at() is None
+    rest_client.set_checkpoint_ttl_from_tinker_path(path, 7200).result()
+    left = (expires_at() - datetime.now(UTC)).total_seconds()
+    assert 7100 < left <= 7200
+    rest_client.set_checkpoint_ttl_from_tinker_path(path, None).result()
+    assert expires_at() is None
+    with pytest.raises(tinker.BadRequestError):
+        rest_client.set_checkpoint_ttl_from_tinker_path(path, -5).result()
+
+
+def test_downloads_respect_api_keys(keyed_server: KeyedServer, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    alice = tinker.ServiceClient(base_url=keyed_server.url, api_key=keyed_server.key("a"))
+    tc = alice.create_lora_training_client(base_model=TINY, rank=2)
+    path = tc.save_state("mine").result().path
+    ext = tc.save_weights_external("mine-ext").result().path
+    ckpt = path.removeprefix(f"tinker://{tc.model_id}/")
+    urls = (f"{keyed_server.url}/api/v1/training_runs/{tc.model_id}/checkpoints/{ckpt}"
+            "/external_weights_urls")
+
+    assert httpx.get(urls, headers=keyed_server.headers("a")).status_code == 200
+    assert httpx.get(urls, headers=keyed_server.headers("admin")).status_code == 200
+    other = httpx.get(urls, headers=keyed_server.headers("b"))
+    assert other.status_code == 404 and "does not exist" in other.json()["detail"]
+    assert httpx.get(urls).status_code == 401
+    bob = tinker.RestClient(base_url=keyed_server.url, api_key=keyed_server.key("b"))
+    with pytest.raises(tinker.NotFoundError):
+        bob.get_external_weights_urls(ext).result()
+
+    for who, code in (("a", 0), ("b", 1)):
+        out = tmp_path / who
+        assert tinsmith_cli(["checkpoints", "download", path, "--out", str(out), "--base-url",
+                             keyed_server.url, "--api-key", keyed_server.key(who)]) == code
+        assert (out / "adapter_model.safetensors").is_file() == (code == 0)
+    assert f"checkpoint {path} does not exist" in capsys.readouterr().err
+
+
+def test_sdk_cli_downloads_training_and_external_checkpoints(
+    base_url: str, service_client: tinker.ServiceClient, tokenizer, tmp_path: Path
+) -> None:
+    """`tinker checkpoint download` (the SDK's CLI): a training checkpoint goes through a
+    temporary save_weights_external of a run loaded from it, deleted afterwards."""
+    tc, _ = _trained(service_client, tokenizer, steps=1)
+    paths = [tc.save_state("for-cli").result().path,
+             tc.save_weights_external("for-cli").result().path]
+    env = {**os.environ, "TINKER_BASE_URL": base_url, "TINKER_API_KEY": "tml-test"}
+    for path in paths:
+        subprocess.run([sys.executable, "-m", "tinker.cli", "checkpoint", "download", path,
+                        "--output", str(tmp_path)], env=env, check=True, capture_output=True,
+                       timeout=300)
+        folder = tmp_path / path.removeprefix("tinker://").replace("/", "_")
+        assert {p.name for p in folder.iterdir()} == PEFT_FILES
+    rest = tinker.RestClient(base_url=base_url, api_key="tml-test")
+    temporary = [c for c in rest.list_user_checkpoints(limit=1000).result().checkpoints
+                 if c.tinker_path.endswith("/external_weights/download")]
+    assert temporary == []  # the CLI deleted its temporary export
+
+
+def test_signed_urls_expire() -> None:
+    from tinsmith.scheduler.signing import UrlSigner
+
+    signer = UrlSigner(ttl_s=60)
+    late = signer.sign("r", "weights/a", "f", int(time.time()) - 1)  # correctly signed, expired
+    assert not signer.valid("r", "weights/a", "f", late.expires, late.signature)
+    good = signer.sign("r", "weights/a", "f", signer.expiry())
+    assert signer.valid("r", "weights/a", "f", good.expires, good.signature)
+    assert not UrlSigner(ttl_s=60).valid("r", "weights/a", "f", good.expires, good.signature)

@@ -1,0 +1,102 @@
+"""Weights out: checkpoint files -> a PEFT adapter folder, or a merged Hugging Face model.
+
+- PEFT adapter: exactly the two files `peft.PeftModel.from_pretrained(base, folder)` reads,
+  `adapter_config.json` and `adapter_model.safetensors` (Tinsmith's own files left out).
+  This is also what `save_weights_external` stores.
+- Merged model: the base model's Hugging Face folder loaded with transformers in float32
+  (as the server computes), `W += (alpha / rank) * B @ A` for every adapted Linear, saved
+  with `save_pretrained` next to the base folder's tokenizer files, so
+  `AutoModelForCausalLM.from_pretrained(folder)` needs neither peft nor Tinsmith. An
+  adapted `lm_head` tied to the input embeddings is untied first: the update belongs to
+  the unembedding only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from tinsmith.engine.adapter import PEFT_PREFIX
+from tinsmith.engine.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_lora_spec
+
+PEFT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_NOT_COPIED = {"config.json", "generation_config.json", "model.safetensors.index.json", "READY"}
+
+
+def peft_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """The PEFT adapter files of a checkpoint; ValueError if one is missing."""
+    missing = [n for n in PEFT_FILES if n not in files]
+    if missing:
+        raise ValueError(f"checkpoint is missing {missing}: it is not a LoRA adapter")
+    return {n: bytes(files[n]) for n in PEFT_FILES}
+
+
+def write_peft_folder(files: Mapping[str, bytes], out_dir: Path) -> list[Path]:
+    """Write a checkpoint's PEFT adapter files into `out_dir`; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in peft_files(files).items():
+        (out_dir / name).write_bytes(data)
+        written.append(out_dir / name)
+    return written
+
+
+def lora_deltas(files: Mapping[str, bytes]) -> dict[str, torch.Tensor]:
+    """{module path: (alpha / rank) * B @ A} of every adapted layer, in float32."""
+    spec = read_lora_spec(files)
+    tensors = safetensors.torch.load(peft_files(files)[WEIGHTS_FILE])
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        path, _, factor = name.rpartition(".lora_")
+        if key.startswith(PEFT_PREFIX) and factor in ("A.weight", "B.weight"):
+            factors.setdefault(path, {})[factor[0]] = tensor.float()
+        elif ".base_layer." not in name:  # PEFT may store an lm_head's base weight: unchanged
+            raise ValueError(f"{WEIGHTS_FILE}: unexpected tensor {key!r}")
+    scale = spec.alpha / spec.rank
+    out = {}
+    for path, f in factors.items():
+        if set(f) != {"A", "B"}:
+            raise ValueError(f"{WEIGHTS_FILE}: {path} lacks lora_A or lora_B")
+        out[path] = scale * (f["B"] @ f["A"])
+    return out
+
+
+def merge_lora(model: torch.nn.Module, files: Mapping[str, bytes]) -> int:
+    """Add the checkpoint's LoRA updates into `model`'s weights; returns the layers merged."""
+    head = model.get_output_embeddings()
+    deltas = lora_deltas(files)
+    for path, delta in deltas.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError as e:
+            raise ValueError(f"the base model has no layer {path!r}") from e
+        if not isinstance(module, torch.nn.Linear) or module.weight.shape != delta.shape:
+            raise ValueError(f"layer {path!r} is not a Linear of shape {tuple(delta.shape)}")
+        if module is head and head.weight is model.get_input_embeddings().weight:
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+            for config in (model.config, model.config.get_text_config()):
+                config.tie_word_embeddings = False
+        with torch.no_grad():
+            module.weight += delta.to(module.weight.dtype)
+    return len(deltas)
+
+
+def write_merged_model(files: Mapping[str, bytes], base_dir: Path, out_dir: Path) -> Path:
+    """A Hugging Face model folder: the base in `base_dir` with the checkpoint merged in."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merge_lora(model, files)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    for src in sorted(base_dir.iterdir()):  # tokenizer, chat template...: as they are
+        name = src.name
+        if src.is_file() and name not in _NOT_COPIED and not name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copyfile(src, out_dir / name)
+    return out_dir

@@ -1,0 +1,108 @@
+"""The dashboard's playground: one completion of a text prompt from a base model or a
+sampler checkpoint, through the service's ordinary sampling path.
+
+Each caller (API key) gets one dashboard session and one sampling session per model it
+samples, made on first use and reused, so playing does not pile up sessions. The prompt is
+tokenized as the SDK's tokenizer does (`tokenizer.encode(text)`) and sampling stops at the
+model's EOS tokens, as the SDK's default `stop`, so a seeded request answers exactly what
+`SamplingClient.sample` answers for the same prompt and seed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tinsmith.scheduler.access import Caller
+from tinsmith.scheduler.paths import PREFIX, parse_path
+from tinsmith.types import SampleOut, SampleSpec, UserError
+
+if TYPE_CHECKING:
+    from tinsmith.scheduler.service import Service
+
+MAX_PROMPT_CHARS = 20_000
+
+
+@dataclass(frozen=True)
+class Completion:
+    model: str  # what was asked: a base model name or a tinker:// path
+    base_model: str
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    stop_reason: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"model": self.model, "base_model": self.base_model,
+                "prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "text": self.text,
+                "stop_reason": self.stop_reason}
+
+
+class Playground:
+    def __init__(self, svc: Service) -> None:
+        self.svc = svc
+        self._lock = threading.Lock()
+        self._sessions: dict[str | None, str] = {}  # caller's key id -> its dashboard session
+        self._samplers: dict[tuple[str | None, str], str] = {}  # (key id, model) -> sampler id
+        self._seq = itertools.count()  # sampling_session_seq_id: unique in this process's sessions
+
+    def _session(self, caller: Caller) -> str:
+        with self._lock:
+            sid = self._sessions.get(caller.owner)
+        if sid is None:
+            sid = self.svc.create_session(tags=["dashboard"], user_metadata=None,
+                                          display_name="dashboard playground", project_id=None,
+                                          sdk_version=None, caller=caller)
+            with self._lock:
+                sid = self._sessions.setdefault(caller.owner, sid)
+        return sid
+
+    def _sampler(self, caller: Caller, model: str) -> str:
+        if model.startswith(PREFIX):
+            self.svc.checkpoint(parse_path(model), caller)  # deleted or someone else's: 404
+            base_model, model_path = None, model
+        else:
+            self.svc.model(model)  # unknown model: 400 naming the served ones
+            base_model, model_path = model, None
+        key = (caller.owner, model)
+        with self._lock:
+            sampler_id = self._samplers.get(key)
+        if sampler_id is None:
+            session_id = self._session(caller)
+            with self._lock:
+                seq = next(self._seq)
+            sampler_id = self.svc.create_sampling_session(
+                session_id=session_id, sampling_session_seq_id=seq, base_model=base_model,
+                model_path=model_path, caller=caller)
+            with self._lock:
+                sampler_id = self._samplers.setdefault(key, sampler_id)
+        return sampler_id
+
+    async def complete(self, caller: Caller, *, model: str, prompt: str, max_tokens: int,
+                       temperature: float, seed: int | None) -> Completion:
+        if not prompt:
+            raise UserError("prompt is empty: type some text to complete")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise UserError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        sampler_id = self._sampler(caller, model)
+        handle = self.svc.sampler(sampler_id, caller).handle
+        tokenizer = handle.engine.sampler.tokenizer
+        ids = [int(t) for t in tokenizer.encode(prompt)]
+        spec = SampleSpec(prompt=np.asarray(ids, dtype=np.int64), max_tokens=max_tokens,
+                          temperature=temperature, seed=seed, stop_tokens=handle.eos_token_ids)
+        rid, _ = self.svc.sample(sampler_id, -uuid.uuid4().int % (1 << 62), spec)
+        done = False
+        while not done:
+            done, value, error = await self.svc.futures.wait(rid, 30.0, caller)
+        if error is not None:
+            raise UserError(error.message) if error.category == "user" else RuntimeError(error.message)
+        assert isinstance(value, SampleOut)
+        seq = value.sequences[0]
+        tokens = [int(t) for t in seq.tokens]
+        return Completion(model, handle.name, ids, tokens,
+                          tokenizer.decode(tokens, skip_special_tokens=True), str(seq.stop_reason))
