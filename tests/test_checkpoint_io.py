@@ -30,7 +30,7 @@ from tinsmith.engine.checkpoint import (
 )
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.models.catalog import resolve_model_dir
-from tinsmith.storage.files import MANIFEST, CheckpointStore
+from tinsmith.storage.files import MANIFEST, VERSION_PREFIX, CheckpointStore
 from tinsmith.types import AdamSpec, DatumIn, LoraSpec
 
 MODEL = "tinsmith/tiny-test"
@@ -324,8 +324,10 @@ def test_store_put_get_exists_size_delete(store: CheckpointStore) -> None:
     assert store.get(KEY) == {"c.bin": b"new"} and store.size(KEY) == 3
     siblings = store.fs.ls(store.root + "/sess-1:train:0/weights", detail=False)
     assert [s.rsplit("/", 1)[-1] for s in siblings] == ["000020"]  # no tmp/old leftovers
-    inside = store.fs.ls(f"{store.root}/{KEY}", detail=False)
-    assert sorted(s.rsplit("/", 1)[-1] for s in inside) == sorted(["c.bin", MANIFEST])
+    inside = [p.removeprefix(f"{store.root}/{KEY}/") for p in store.fs.find(f"{store.root}/{KEY}")]
+    if not store.local:  # object stores: the files sit in the version folder the manifest names
+        inside = [p.rsplit("/", 1)[-1] if p.startswith(VERSION_PREFIX) else p for p in inside]
+    assert sorted(inside) == sorted(["c.bin", MANIFEST])
 
     store.delete(KEY)
     store.delete(KEY)  # absent: no error

@@ -49,9 +49,11 @@ def test_micro_batches_cover_rows_in_order_within_budget(lengths: list[int], bud
 def test_pass_budget_follows_memory_and_model() -> None:
     tiny = AutoConfig.from_pretrained(resolve_model_dir(TINY))
     per_token = activation_bytes_per_token(tiny)
-    assert pass_token_budget(tiny, 4000 * per_token, 0.5) == 2000
-    assert pass_token_budget(tiny, 8000 * per_token, 0.5) == 4000  # twice the memory
-    assert pass_token_budget(tiny, 10 * per_token, 0.5) == 256  # never below the floor
+    assert pass_token_budget(tiny, 4000 * per_token, 0.5, "cuda") == 2000
+    assert pass_token_budget(tiny, 8000 * per_token, 0.5, "cuda") == 4000  # twice the memory
+    assert pass_token_budget(tiny, 10 * per_token, 0.5, "cuda") == 256  # never below the floor
+    assert pass_token_budget(tiny, 1500 * per_token, 0.5, "cpu") == 750
+    assert pass_token_budget(tiny, 8000 * per_token, 0.5, "cpu") == 1024  # more gains no speed
     bigger = AutoConfig.from_pretrained(resolve_model_dir(TINY))
     bigger.vocab_size *= 4
     assert activation_bytes_per_token(bigger) > per_token

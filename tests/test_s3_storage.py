@@ -28,7 +28,7 @@ from conftest import API_KEY, SENTENCES, TINY, logprobs_of, text_datum
 from moto.server import ThreadedMotoServer
 from tinker import types
 
-from tinsmith.storage.files import MANIFEST, CheckpointStore
+from tinsmith.storage.files import MANIFEST, VERSION_PREFIX, CheckpointStore
 
 BUCKET = "tinsmith-test"
 SLOW_WRITE_S = 0.3
@@ -69,8 +69,11 @@ def test_checkpoint_store_on_s3(s3_env: dict[str, str]) -> None:
     key = "s:train:0/weights/a"
     assert store.put(key, {"x.bin": b"12345", "y.json": b"{}"}) == 7
     objects = _objects("unit/")
-    assert set(objects) == {f"unit/{key}/x.bin", f"unit/{key}/y.json", f"unit/{key}/{MANIFEST}"}
-    assert objects[f"unit/{key}/x.bin"] == 5 and objects[f"unit/{key}/y.json"] == 2
+    (version,) = {k.split("/")[-2] for k in objects if not k.endswith(MANIFEST)}
+    assert version.startswith(VERSION_PREFIX)
+    v = f"unit/{key}/{version}"
+    assert set(objects) == {f"{v}/x.bin", f"{v}/y.json", f"unit/{key}/{MANIFEST}"}
+    assert objects[f"{v}/x.bin"] == 5 and objects[f"{v}/y.json"] == 2
     assert store.exists(key) and store.get(key) == {"x.bin": b"12345", "y.json": b"{}"}
     assert store.size(key) == 7 and store.read(key, "x.bin") == b"12345"
     with pytest.raises(FileNotFoundError):
@@ -78,7 +81,9 @@ def test_checkpoint_store_on_s3(s3_env: dict[str, str]) -> None:
 
     store.put(key, {"z.bin": b"new"})  # overwrite: only the new files are the checkpoint
     assert store.get(key) == {"z.bin": b"new"}
-    assert set(_objects(f"unit/{key}/")) == {f"unit/{key}/z.bin", f"unit/{key}/{MANIFEST}"}
+    objects = _objects(f"unit/{key}/")
+    assert len(objects) == 2 and f"unit/{key}/{MANIFEST}" in objects  # the old version is gone
+    assert not any(version in k for k in objects)
 
     # Files without a manifest (a writer that died before its last object) are no checkpoint.
     half = "s:train:0/weights/half"
@@ -168,7 +173,8 @@ def test_serve_with_checkpoints_in_s3(s3_server: S3Server) -> None:
     for kind, name, files in (("weights", "s3-state", {"optimizer.safetensors"}),
                               ("sampler_weights", "s3-sampler", set())):
         folder = f"{prefix}{kind}/{name}/"
-        names = {k.removeprefix(folder) for k in objects if k.startswith(folder)}
+        # The manifest beside the files of the version it publishes (`v-<write id>/`).
+        names = {k.removeprefix(folder).split("/")[-1] for k in objects if k.startswith(folder)}
         assert names == {MANIFEST, "adapter_config.json", "adapter_model.safetensors",
                          "tinsmith.json"} | files
     assert not (s3_server.tmp / "data" / "checkpoints").exists()  # nothing on local disk
@@ -192,8 +198,9 @@ def test_serve_with_checkpoints_in_s3(s3_server: S3Server) -> None:
     ext = tc.save_weights_external("s3-ext").result().path
     urls = rest.get_external_weights_urls(ext).result().urls
     config = urllib.request.urlopen(urls["adapter_config.json"], timeout=30).read()
-    assert config == boto3.client("s3").get_object(
-        Bucket=BUCKET, Key=f"{prefix}external_weights/s3-ext/adapter_config.json")["Body"].read()
+    (stored,) = [k for k in _objects(f"{prefix}external_weights/s3-ext/")
+                 if k.endswith("/adapter_config.json")]
+    assert config == boto3.client("s3").get_object(Bucket=BUCKET, Key=stored)["Body"].read()
 
     rest.delete_checkpoint_from_tinker_path(state).result()
     assert not any(k.startswith(f"{prefix}weights/s3-state/") for k in _objects(prefix))
@@ -223,3 +230,33 @@ def test_checkpoint_killed_mid_write_to_s3_is_never_listed(s3_server: S3Server) 
     assert path not in {c.tinker_path for c in rest.list_user_checkpoints().result().checkpoints}
     with pytest.raises(tinker.NotFoundError):
         sc.create_training_client_from_state(path).result()
+
+
+_OVERWRITE = """
+import sys
+from tinsmith.storage.files import CheckpointStore
+store = CheckpointStore(sys.argv[1], slow_write_s=float(sys.argv[2]))
+store.put("r:train:0/weights/kept", {"a.bin": b"NEW" * 1000, "b.bin": b"new", "c.bin": b"n"})
+"""
+
+
+def test_overwrite_killed_midway_keeps_the_old_checkpoint(s3_env: dict[str, str]) -> None:
+    """SIGKILL of a process overwriting a checkpoint in S3, between its objects: the old
+    checkpoint still loads, whole, and the next write cleans up what the dead one left."""
+    url, key = f"s3://{BUCKET}/overwrite", "r:train:0/weights/kept"
+    old = {"a.bin": b"OLD" * 500, "b.bin": b"old"}
+    CheckpointStore(url).put(key, old)
+    proc = subprocess.Popen([sys.executable, "-c", _OVERWRITE, url, "2"], env={**os.environ, **s3_env})
+    deadline = time.monotonic() + 60
+    while len(_objects(f"overwrite/{key}/")) < 4:  # old manifest + 2 old files + a new one
+        assert time.monotonic() < deadline and proc.poll() is None, "the writer made no object"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    store = CheckpointStore(url)
+    store.fs.invalidate_cache()
+    assert store.get(key) == old and store.size(key) == len(b"OLD" * 500) + 3
+    leftover = len(_objects(f"overwrite/{key}/"))
+    assert leftover >= 4  # the dead writer's object is there, unreferenced
+    store.put(key, {"x.bin": b"x"})
+    assert store.get(key) == {"x.bin": b"x"} and len(_objects(f"overwrite/{key}/")) == 2

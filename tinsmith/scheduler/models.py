@@ -60,7 +60,7 @@ def load_model(
     engine = Engine(runner, tokenizer, losses, max_sampler_adapters=settings.max_sampler_adapters,
                     spill_dir=spill_dir, max_resident_runs=resident)
     pass_tokens = settings.pass_tokens or pass_token_budget(
-        runner.config, free, settings.pass_memory_fraction)
+        runner.config, free, settings.pass_memory_fraction, runner.model.device.type)
     log.info("serving %s from %s; a training pass holds up to %d tokens, %d training runs "
              "stay resident", name, model_dir, pass_tokens, resident)
     return ModelHandle(

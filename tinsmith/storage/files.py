@@ -7,13 +7,15 @@ folder `<root>/<key>/`. Writes are atomic from a reader's point of view:
    folder `<key>.tmp-<uuid>/` together with a manifest (`.tinsmith-manifest.json`: file
    names and sizes), then the folder is renamed to `<key>`. An existing `<key>` is first
    renamed aside to `<key>.old-<uuid>` and deleted once the new folder is in place.
-2. object stores (s3://, gs://, memory://...) have no atomic folder rename, so there the
-   old manifest is deleted first, the files are written under `<key>/`, and the manifest
-   is written last.
+2. object stores (s3://, gs://, memory://...) have no atomic folder rename, but a single
+   object is replaced atomically: the files are written under a fresh version folder
+   `<key>/v-<write id>/`, then the manifest (which names that folder) replaces the old one,
+   then the old version's objects are deleted. A crash before the manifest leaves the old
+   checkpoint in place (plus unreferenced objects, which are never read).
 
-Readers only see a key whose manifest exists, and only the files it lists, so a crash at
-any point leaves either the old checkpoint, the new one, or (mid-overwrite) none, never a
-partial one. Leftover `.tmp-*` / `.old-*` folders are never keys: key segments may not
+Readers only see a key whose manifest exists, and only the files it lists (in the folder it
+names, if any), so a crash at any point leaves either the old checkpoint or the new one,
+never a partial one. Leftover `.tmp-*` / `.old-*` folders are never keys: key segments may not
 contain those markers. `recover()`, run once at server start-up, deletes the `.tmp-*`
 folders a crash left (unpublished writes) and moves an `.old-*` folder back to its key when
 a crash came between moving it aside and publishing its replacement.
@@ -34,6 +36,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 MANIFEST = ".tinsmith-manifest.json"
+VERSION_PREFIX = "v-"  # object stores: `<key>/v-<write id>/` holds one version's files
 _RESERVED = (".tmp-", ".old-")
 _TAKEN = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)  # rename: target exists
 
@@ -77,7 +80,11 @@ class CheckpointStore:
         for name in files:
             _check_name(name)
         sizes = {n: len(b) for n, b in files.items()}
-        manifest = json.dumps({"id": uuid.uuid4().hex, "files": sizes}, sort_keys=True)
+        write_id = uuid.uuid4().hex
+        record: dict[str, object] = {"id": write_id, "files": sizes}
+        if not self.local:
+            record["dir"] = f"{VERSION_PREFIX}{write_id}"
+        manifest = json.dumps(record, sort_keys=True)
         entries = [*files.items(), (MANIFEST, manifest.encode())]  # manifest last
         parent = posixpath.dirname(path)
         self.fs.makedirs(parent, exist_ok=True)
@@ -97,13 +104,25 @@ class CheckpointStore:
                 shutil.rmtree(tmp, ignore_errors=True)  # gone already unless publishing failed
             _fsync_dir(parent)
         else:
-            self.delete(key)  # old manifest first: the key is hidden until complete again
-            self.fs.makedirs(path, exist_ok=True)
+            before = set(self._objects(path))
+            version = posixpath.join(path, str(record["dir"]))
             for name, data in entries:
-                self.fs.pipe_file(posixpath.join(path, name), bytes(data))
+                target = path if name == MANIFEST else version  # the manifest publishes
+                self.fs.pipe_file(posixpath.join(target, name), bytes(data))
                 if self.slow_write_s:
                     time.sleep(self.slow_write_s)
+            stale = before - {posixpath.join(path, MANIFEST)}
+            if stale:  # the previous version, unreferenced now
+                self.fs.rm(sorted(stale))
         return sum(len(b) for b in files.values())
+
+    def _objects(self, path: str) -> list[str]:
+        """Every object under `path` (object stores), fresh from the store."""
+        self.fs.invalidate_cache(path)
+        try:
+            return [p for p in self.fs.find(path) if p != path]
+        except FileNotFoundError:
+            return []
 
     def _publish_local(self, tmp: str, path: str) -> None:
         olds: list[str] = []
@@ -168,8 +187,9 @@ class CheckpointStore:
             self.fs.rm(path, recursive=True)
 
     # ----- reading ----------------------------------------------------------------------
-    def _manifest(self, key: str) -> tuple[str, dict[str, int]]:
-        """(write id, {file name: size}) of the checkpoint now at `key`."""
+    def _manifest(self, key: str) -> tuple[str, dict[str, int], str]:
+        """(write id, {file name: size}, folder holding the files) of the checkpoint now at
+        `key`; the folder is `<key>/` or, on object stores, its version folder."""
         path = self._path(key)
         try:
             raw = self.fs.cat_file(posixpath.join(path, MANIFEST))
@@ -177,7 +197,11 @@ class CheckpointStore:
             raise FileNotFoundError(f"no checkpoint at {key!r}") from e
         try:
             manifest = json.loads(raw)
-            return str(manifest["id"]), {str(n): int(s) for n, s in manifest["files"].items()}
+            sizes = {str(n): int(s) for n, s in manifest["files"].items()}
+            folder = manifest.get("dir")
+            if folder is not None and not str(folder).startswith(VERSION_PREFIX):
+                raise ValueError(f"bad version folder {folder!r}")
+            return str(manifest["id"]), sizes, posixpath.join(path, folder) if folder else path
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise OSError(f"checkpoint {key!r} has a corrupt manifest: {e}") from e
 
@@ -186,13 +210,12 @@ class CheckpointStore:
 
     def get(self, key: str) -> dict[str, bytes]:
         """All files of `key`; FileNotFoundError if there is no (complete) checkpoint."""
-        path = self._path(key)
         for _ in range(5):
             # A concurrent overwrite may replace files mid-read: the read counts only if the
             # manifest (with its unique write id) is the same after it as before it.
-            write_id, sizes = self._manifest(key)
+            write_id, sizes, folder = self._manifest(key)
             try:
-                out = {name: self.fs.cat_file(posixpath.join(path, name)) for name in sizes}
+                out = {name: self.fs.cat_file(posixpath.join(folder, name)) for name in sizes}
                 if self._manifest(key)[0] != write_id:
                     continue
             except FileNotFoundError:
@@ -213,10 +236,13 @@ class CheckpointStore:
 
     def read(self, key: str, name: str) -> bytes:
         """One file of `key`; FileNotFoundError if the checkpoint (or that file) is absent."""
-        sizes = self._manifest(key)[1]
+        _, sizes, folder = self._manifest(key)
         if name not in sizes:
             raise FileNotFoundError(f"checkpoint {key!r} has no file {name!r}")
-        data = self.fs.cat_file(posixpath.join(self._path(key), name))
+        try:
+            data = self.fs.cat_file(posixpath.join(folder, name))
+        except FileNotFoundError:  # its version was replaced meanwhile
+            data = b""
         if len(data) != sizes[name]:  # replaced meanwhile: read it consistently
             data = self.get(key)[name]
         return data
