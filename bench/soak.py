@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,9 +31,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
-import httpx
 import numpy as np
 import tinker
+from step_overhead import start_server
 from tinker import types
 
 TINY = "tinsmith/tiny-test"
@@ -175,28 +173,6 @@ def run_soak(url: str, *, clients: int, duration_s: float, model: str = TINY,
     return result
 
 
-def _start_server(model: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tinsmith.cli", "serve", "--port", str(port), "--data-dir",
-         str(data_dir), "--models", model],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,7 +190,7 @@ def main() -> int:
         proc = None
         url = args.url
         if url is None:
-            proc, url = _start_server(args.model, Path(tmp))
+            proc, url = start_server(args.model, Path(tmp))
         try:
             result = run_soak(url, clients=args.clients, duration_s=args.duration, model=args.model,
                               api_key=args.api_key, sample_every=args.sample_every,

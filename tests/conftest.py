@@ -7,6 +7,11 @@ session; tests that need their own server (restart, bad input isolation) start o
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import numpy as np
 import pytest
 import tinker
@@ -68,6 +74,58 @@ def text_datum(tokenizer, text: str, weight: float = 1.0) -> types.Datum:
 
 def logprobs_of(out: types.ForwardBackwardOutput) -> list[np.ndarray]:
     return [np.asarray(o["logprobs"].to_numpy()) for o in out.loss_fn_outputs]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`python -m tinsmith.cli serve` in a subprocess on a fixed port: started (again) on
+    demand, stopped or killed with any signal; each start logs to `<log_dir>/server-<n>.log`."""
+
+    def __init__(self, log_dir: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.log_dir, self.args = log_dir, args
+        self.env = {**os.environ, **(env or {})}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, **extra_env: str) -> None:
+        self.starts += 1
+        with open(self.log_dir / f"server-{self.starts}.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tinsmith.cli", "serve", "--port", str(self.port), *self.args],
+                stdout=log, stderr=subprocess.STDOUT, env={**self.env, **extra_env})
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, "server did not come up:\n" + self.log()
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return (self.log_dir / f"server-{self.starts}.log").read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, "server died before the kill"
+        self.stop(signal.SIGKILL)
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 SENTENCES = [

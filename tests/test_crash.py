@@ -10,9 +10,6 @@ client resumed from its last checkpoint computes the losses an uninterrupted run
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import tinker
-from conftest import API_KEY, SENTENCES, TINY, text_datum
+from conftest import API_KEY, SENTENCES, TINY, ServeProcess, text_datum
 from tinker import types
 
 from tinsmith.scheduler.paths import parse_path
@@ -32,57 +29,13 @@ ADAM = types.AdamParams(learning_rate=5e-3)
 RAISE_WITHIN_S = 60.0  # after the restart; the SDK backs off up to 30 s between reconnects
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-class ServerProcess:
-    """`python -m tinsmith.cli serve` on a fixed data dir and port, started again after kills."""
+class ServerProcess(ServeProcess):
+    """`tinsmith serve` of the tiny model on a fixed data dir and port, started again after kills."""
 
     def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir, ["--data-dir", str(data_dir), "--models", TINY])
         self.data_dir = data_dir
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self, **env: str) -> None:
-        self.starts += 1
-        with open(self.data_dir / f"server-{self.starts}.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tinsmith.cli", "serve", "--port", str(self.port),
-                 "--data-dir", str(self.data_dir), "--models", TINY],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-            )
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < deadline, "server did not come up:\n" + self.log()
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return (self.data_dir / f"server-{self.starts}.log").read_text(errors="replace")[-4000:]
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, "server died before the kill"
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture

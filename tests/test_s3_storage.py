@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,11 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
-import httpx
 import numpy as np
 import pytest
 import tinker
-from conftest import API_KEY, SENTENCES, TINY, logprobs_of, text_datum
+from conftest import API_KEY, SENTENCES, TINY, ServeProcess, logprobs_of, text_datum
 from moto.server import ThreadedMotoServer
 from tinker import types
 
@@ -98,50 +96,13 @@ def test_checkpoint_store_on_s3(s3_env: dict[str, str]) -> None:
     assert _objects(f"unit/{key}/") == {} and not store.exists(key)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class S3Server:
+class S3Server(ServeProcess):
     """`tinsmith serve --storage-url s3://...` in a subprocess (restartable, killable)."""
 
     def __init__(self, tmp: Path, env: dict[str, str], prefix: str) -> None:
-        self.tmp, self.port, self.prefix = tmp, _free_port(), prefix
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env}
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, **extra_env: str) -> None:
-        with open(self.tmp / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tinsmith.cli", "serve", "--port", str(self.port),
-                 "--models", TINY, "--data-dir", str(self.tmp / "data"),
-                 "--storage-url", f"s3://{BUCKET}/{self.prefix}"],
-                stdout=log, stderr=subprocess.STDOUT, env={**self.env, **extra_env})
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < deadline, "server did not come up:\n" + self.log()
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return (self.tmp / "server.log").read_text(errors="replace")[-4000:]
-
-    def stop(self, sig: int = signal.SIGINT) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(tmp, ["--models", TINY, "--data-dir", str(tmp / "data"),
+                               "--storage-url", f"s3://{BUCKET}/{prefix}"], env)
+        self.tmp, self.prefix = tmp, prefix
 
 
 @pytest.fixture(scope="module")

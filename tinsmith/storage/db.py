@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -597,26 +597,25 @@ class MetadataStore:
             total = s.scalar(count) or 0
             return [_row(CheckpointRow, o) for o in s.scalars(q)], total
 
-    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> bool:
+    def _update_checkpoint(self, training_run_id: str, checkpoint_id: str,
+                           change: Callable[[Session, _Checkpoint], None]) -> bool:
+        """Apply `change` to the checkpoint's row in one write transaction; False if absent."""
         q = select(_Checkpoint).where(_Checkpoint.training_run_id == training_run_id,
                                       _Checkpoint.checkpoint_id == checkpoint_id)
         with self._tx(write=True) as s:
             obj = s.scalars(q).first()
             if obj is None:
                 return False
-            s.delete(obj)
+            change(s, obj)
             return True
+
+    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> bool:
+        return self._update_checkpoint(training_run_id, checkpoint_id, lambda s, o: s.delete(o))
 
     def set_checkpoint_expiry(self, training_run_id: str, checkpoint_id: str,
                               expires_at: datetime | None) -> bool:
-        q = select(_Checkpoint).where(_Checkpoint.training_run_id == training_run_id,
-                                      _Checkpoint.checkpoint_id == checkpoint_id)
-        with self._tx(write=True) as s:
-            obj = s.scalars(q).first()
-            if obj is None:
-                return False
-            obj.expires_at = expires_at
-            return True
+        return self._update_checkpoint(training_run_id, checkpoint_id,
+                                       lambda _, o: setattr(o, "expires_at", expires_at))
 
     def expired_checkpoints(self, now: datetime | None = None) -> list[CheckpointRow]:
         """Checkpoints whose expires_at is at or before ``now`` (default: the current time)."""
