@@ -33,7 +33,6 @@ os.environ.setdefault("TINKER_TELEMETRY", "0")
 
 import numpy as np
 import tinker
-from step_overhead import start_server
 from tinker import types
 
 TINY = "tinsmith/tiny-test"
@@ -174,6 +173,8 @@ def run_soak(url: str, *, clients: int, duration_s: float, model: str = TINY,
 
 
 def main() -> int:
+    from step_overhead import start_server  # a sibling script; tests import this module alone
+
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=16)

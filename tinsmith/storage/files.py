@@ -210,9 +210,11 @@ class CheckpointStore:
 
     def get(self, key: str) -> dict[str, bytes]:
         """All files of `key`; FileNotFoundError if there is no (complete) checkpoint."""
-        for _ in range(5):
+        for attempt in range(20):
             # A concurrent overwrite may replace files mid-read: the read counts only if the
             # manifest (with its unique write id) is the same after it as before it.
+            if attempt:
+                time.sleep(0.001 * attempt)  # let a writer that keeps overwriting finish one
             write_id, sizes, folder = self._manifest(key)
             try:
                 out = {name: self.fs.cat_file(posixpath.join(folder, name)) for name in sizes}
