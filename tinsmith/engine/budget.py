@@ -10,10 +10,11 @@ once per model from the model's shape and the memory free when it is loaded:
 The per-token estimate counts, in float32, three vocabulary-wide vectors for the
 unembedding (logits, log-softmax and its gradient) and, per decoder layer, six
 hidden-sized and three intermediate-sized vectors (norm inputs, attention q/k/v/output,
-LoRA inputs, the MLP's gate/up/activation). It is meant as an upper estimate:
-on the bundled SmolLM2-135M it gives 1.56 MB a token where a pass measures about 1.2 MB
-(`bench/pass_memory.py` prints both). A request bigger than the budget is split into
-micro-batches by `micro_batches`; packing never puts more than the budget in one pass.
+LoRA inputs, the MLP's gate/up/activation). On the bundled SmolLM2-135M it gives 1521 KiB a
+token; a pass of 1024-2048 tokens measures about 1455 KiB a token, a small pass more, as it
+carries a fixed ~100 MiB (`bench/pass_memory.py` prints both). A request bigger than the
+budget is split into micro-batches by `micro_batches`; packing never puts more than the
+budget in one pass.
 """
 
 from __future__ import annotations
