@@ -202,11 +202,7 @@ def postgres_server() -> Iterator[str]:
     then fails. PostgreSQL refuses to run as root: as root, it runs as user `nobody`."""
     import pwd
     import shutil
-    import signal
-    import socket
-    import subprocess
     import tempfile
-    import time
 
     import psycopg
 
@@ -227,9 +223,7 @@ def postgres_server() -> Iterator[str]:
         as_user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
         for p in (root, sock):
             os.chown(p, nobody.pw_uid, nobody.pw_gid)
-    with socket.socket() as s:  # a free port (a race with another process is unlikely)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a race with another process is unlikely
     proc: subprocess.Popen[bytes] | None = None
     try:
         subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",

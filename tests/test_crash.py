@@ -161,8 +161,6 @@ def test_sigkill_during_training_loses_nothing_acknowledged(server: ServerProces
     if late in listed:  # the save finished before the kill (its answer was lost): complete
         t.keep(late, 12)
         sc.create_training_client_from_state(late).result()
-    else:
-        assert late not in listed
     assert listed <= set(t.saved)
     assert not _leftovers(server.data_dir)
 

@@ -92,7 +92,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             if not keys.set_limits(args.key_id, **cli_limits.key_limits(args)):
                 print(f"no API key {args.key_id}", file=sys.stderr)
                 return 1
-            row = next(r for r in keys.list() if r.key_id == args.key_id)
+            row = db.get_api_key(args.key_id)
             print(f"{args.key_id}: {cli_limits.describe(row) or 'server defaults'}")
             return 0
         if args.action == "revoke":

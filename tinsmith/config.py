@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MAX_REQUEST_TOKENS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ServerSettings:
     max_concurrent: int | None = None
     """Default per-key limit on requests not yet completed (queued or running); over it a
     request gets 429. None: unlimited. A key's own limit (tinsmith keys limits) wins."""
-    max_request_tokens: int | None = 1_000_000
+    max_request_tokens: int | None = DEFAULT_MAX_REQUEST_TOKENS
     """Default per-key limit on one request's tokens (forward/forward_backward: all datums;
     sample: prompt + max_tokens * num_samples); over it, 413. None: unlimited."""
     max_stored_bytes: int | None = None

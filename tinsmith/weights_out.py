@@ -16,11 +16,11 @@ from urllib.parse import quote
 
 import httpx
 
+from tinsmith.engine.checkpoint import OPTIMIZER_FILE
 from tinsmith.scheduler.paths import parse_path
 from tinsmith.types import NotFound, UserError
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
-_SKIPPED = {"optimizer.safetensors"}  # AdamW moments: not part of the weights
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,20 @@ def _detail(r: httpx.Response) -> str:
         return r.text
 
 
-def fetch_checkpoint(remote: Remote, tinker_path: str) -> tuple[dict[str, bytes], str]:
-    """(the checkpoint's files but its optimizer state, its base model name)."""
+def fetch_checkpoint(remote: Remote, tinker_path: str) -> dict[str, bytes]:
+    """The checkpoint's files, but its optimizer state (AdamW moments are no weights)."""
     ref = parse_path(tinker_path)
     with remote._client() as c:
-        info = _check(c.post("/api/v1/weights_info", json={"tinker_path": tinker_path})).json()
         urls = _check(c.get(f"/api/v1/training_runs/{quote(ref.run_id, safe=':')}/checkpoints/"
                             f"{ref.kind}/{ref.name}/external_weights_urls")).json()["urls"]
-        files = {name: _check(c.get(url)).content
-                 for name, url in sorted(urls.items()) if name not in _SKIPPED}
-    return files, str(info["base_model"])
+        return {name: _check(c.get(url)).content
+                for name, url in sorted(urls.items()) if name != OPTIMIZER_FILE}
+
+
+def base_model_of(remote: Remote, tinker_path: str) -> str:
+    with remote._client() as c:
+        info = _check(c.post("/api/v1/weights_info", json={"tinker_path": tinker_path})).json()
+    return str(info["base_model"])
 
 
 def export_checkpoint(remote: Remote, tinker_path: str, out_dir: Path, *, merged: bool,
@@ -70,12 +74,12 @@ def export_checkpoint(remote: Remote, tinker_path: str, out_dir: Path, *, merged
     """Write a PEFT adapter folder (or, `merged`, a merged HF model) into `out_dir`."""
     from tinsmith.engine.export import write_merged_model, write_peft_folder
 
-    files, base_model = fetch_checkpoint(remote, tinker_path)
+    files = fetch_checkpoint(remote, tinker_path)
     if not merged:
         write_peft_folder(files, out_dir)
         return out_dir
     if base_model_dir is None:
         from tinsmith.models import resolve_model_dir
 
-        base_model_dir = resolve_model_dir(base_model)
+        base_model_dir = resolve_model_dir(base_model_of(remote, tinker_path))
     return write_merged_model(files, base_model_dir, out_dir)

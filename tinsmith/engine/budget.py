@@ -28,8 +28,9 @@ MIN_PASS_TOKENS = 256  # below this a pass is all overhead; a datum longer still
 MAX_PASS_TOKENS = 65536  # beyond this nothing is gained, and one pass would hold the model long
 # On a CPU a packed pass computes each request's products on its own block (bitwise equal to
 # solo), so packing saves only per-pass overhead, which is spent by ~1k tokens; beyond that a
-# bigger pass only holds more memory (bench/multi_tenant.py: 4 runs of 1024-token requests
-# packed together peaked at 8.8 GiB against about 3 GiB one at a time, at the same speed).
+# bigger pass only holds more memory (bench/multi_tenant.py --large-runs 4: 1024-token requests
+# of 4 runs packed 4 to a pass, `--server-args "--pass-tokens 4096"`, peaked at 7.5 GiB against
+# 5.2 GiB one to a pass, and were no faster).
 CPU_PASS_TOKENS = 1024
 
 

@@ -9,9 +9,10 @@ Training runs live in a RunPool (pool.py): beyond `max_resident_runs`, idle runs
 to disk bit-exactly and restored on use. Sampler adapters are cached (LRU,
 `max_sampler_adapters`); ones that came from a stored checkpoint are reloaded on demand,
 ephemeral ones (from save_weights_and_get_sampling_client) are spilled to disk when evicted
-and restored from there (the newest MAX_SPILLED_SAMPLERS of them). Sampling is continuous (see sampler.py): `start_sample` admits a request
-and `step` advances every request in flight; a slot stays attached while a request decodes
-with it (pinned), even if the cache evicts or replaces its key meanwhile.
+and restored from there (the newest MAX_SPILLED_SAMPLERS of them). Sampling is continuous
+(see sampler.py): `start_sample` admits a request and `step` advances every request in
+flight; a slot stays attached while a request decodes with it (pinned), even if the cache
+evicts or replaces its key meanwhile.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class Engine:
             spec = specs[i]
             for d in works[i].data:
                 rows.append((slots[i], d))
-                active.append(spec.grad_positions(d.inputs) if spec.grad_positions else None)
+                active.append(spec.active(d.inputs))
                 owner.append(i)
         lps = (self.runner.target_logprobs(rows, grad=not forward_only, active=active, parts=owner)
                if rows else [])
@@ -197,11 +198,10 @@ class Engine:
         try:
             for part in parts:
                 adapter, slot = self._run(work.run_id)
-                mine = [(i, lp) for i, lp in zip(part, self.runner.target_logprobs(
-                    [(slot, data[i]) for i in part], grad=True,
-                    active=[spec.grad_positions(data[i].inputs) if spec.grad_positions else None
-                            for i in part]))
-                    if grads[i] is not None and lp.requires_grad]
+                piece = self.runner.target_logprobs([(slot, data[i]) for i in part], grad=True,
+                                                    active=[spec.active(data[i].inputs) for i in part])
+                mine = [(i, lp) for i, lp in zip(part, piece)
+                        if grads[i] is not None and lp.requires_grad]
                 if mine:
                     torch.autograd.backward([lp for _, lp in mine], [grads[i] for i, _ in mine])
                 yield

@@ -137,7 +137,9 @@ class ApiKeys:
         hit = self._limits.get(key_id)
         if hit is not None and now < hit[1]:
             return hit[0]
-        row = self.db.get_api_key(key_id)
+        return self._remember_limits(key_id, self.db.get_api_key(key_id), now)
+
+    def _remember_limits(self, key_id: str, row: ApiKeyRow | None, now: float) -> Limits:
         limits = self.defaults if row is None else self.defaults.overridden(
             row.max_concurrent, row.max_request_tokens, row.max_stored_bytes)
         if len(self._limits) > 4096:
@@ -179,6 +181,7 @@ class ApiKeys:
         if len(self._good) > 4096:
             self._good.clear()
         self._good[digest] = (caller, now + min(self._cache_s, left))
+        self._remember_limits(row.key_id, row, now)  # the row at hand: no second read for them
         return caller
 
 

@@ -32,9 +32,6 @@ ErrorCategory = Literal["user", "server"]
 class Viewer(Protocol):
     """Who polls (tinsmith.scheduler.access.Caller)."""
 
-    @property
-    def admin(self) -> bool: ...
-
     def sees(self, owner: str | None) -> bool: ...
 
 
@@ -132,11 +129,6 @@ class FutureStore:
             if e.delivered_at is None:
                 e.delivered_at = time.monotonic()
             return True, e.value, e.error
-
-    def pending(self, owner: str | None) -> int:
-        """Futures of `owner` not yet completed."""
-        with self._lock:
-            return self._pending[owner]
 
     def _purge_locked(self, now: float) -> None:
         stale = [

@@ -12,6 +12,7 @@ The history lives in memory only: it is lost when the server restarts, keeps the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -28,7 +29,7 @@ class MetricPoint:
     metrics: dict[str, float]
 
     def to_json(self) -> dict[str, object]:
-        return {"kind": self.kind, "step": self.step, "time": self.time, "metrics": self.metrics}
+        return dataclasses.asdict(self)
 
 
 @dataclass

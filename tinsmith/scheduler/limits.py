@@ -27,9 +27,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from tinsmith.config import DEFAULT_MAX_REQUEST_TOKENS
 from tinsmith.types import UserError
-
-DEFAULT_MAX_REQUEST_TOKENS = 1_000_000
 
 
 @dataclass(frozen=True)

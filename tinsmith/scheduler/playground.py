@@ -10,9 +10,9 @@ model's EOS tokens, as the SDK's default `stop`, so a seeded request answers exa
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,9 +38,7 @@ class Completion:
     stop_reason: str
 
     def to_json(self) -> dict[str, object]:
-        return {"model": self.model, "base_model": self.base_model,
-                "prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "text": self.text,
-                "stop_reason": self.stop_reason}
+        return dataclasses.asdict(self)
 
 
 class Playground:
@@ -50,6 +48,7 @@ class Playground:
         self._sessions: dict[str | None, str] = {}  # caller's key id -> its dashboard session
         self._samplers: dict[tuple[str | None, str], str] = {}  # (key id, model) -> sampler id
         self._seq = itertools.count()  # sampling_session_seq_id: unique in this process's sessions
+        self._sample_seq = itertools.count()  # sample seq_id: unique per sampler of this process
 
     def _session(self, caller: Caller) -> str:
         with self._lock:
@@ -95,7 +94,7 @@ class Playground:
         ids = [int(t) for t in tokenizer.encode(prompt)]
         spec = SampleSpec(prompt=np.asarray(ids, dtype=np.int64), max_tokens=max_tokens,
                           temperature=temperature, seed=seed, stop_tokens=handle.eos_token_ids)
-        rid, _ = self.svc.sample(sampler_id, -uuid.uuid4().int % (1 << 62), spec)
+        rid, _ = self.svc.sample(sampler_id, next(self._sample_seq), spec)
         done = False
         while not done:
             done, value, error = await self.svc.futures.wait(rid, 30.0, caller)

@@ -17,7 +17,6 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Generator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -43,7 +42,7 @@ from tinsmith.scheduler.ordering import SeqGate
 from tinsmith.scheduler.paths import CheckpointRef, check_name, parse_path, ref_from_checkpoint_id
 from tinsmith.scheduler.playground import Playground
 from tinsmith.scheduler.signing import UrlSigner
-from tinsmith.scheduler.stability import StabilityRecords, only_visible
+from tinsmith.scheduler.stability import StabilityRecords
 from tinsmith.scheduler.telemetry import ModelSnapshot, ServerMetrics
 from tinsmith.scheduler.utilisation import Utilisation
 from tinsmith.scheduler.worker import Pack
@@ -195,14 +194,19 @@ class Service:
             self.session(session_id, caller)
 
     def heartbeat(self, session_id: str, caller: Caller = OPEN) -> None:
-        row = self.db.get_session(session_id)
-        if row is not None and caller.sees(row.owner):  # else as for an unknown session: nothing
+        if self._own_session(session_id, caller):  # else as for an unknown session: nothing
             self.db.heartbeat(session_id)
 
     def finish_session(self, session_id: str, reason: str, caller: Caller = OPEN) -> None:
-        row = self.db.get_session(session_id)
-        if row is not None and caller.sees(row.owner):
+        if self._own_session(session_id, caller):
             self.db.finish_session(session_id, reason)
+
+    def _own_session(self, session_id: str, caller: Caller) -> bool:
+        try:
+            self.session(session_id, caller)
+        except NotFound:
+            return False
+        return True
 
     def list_sessions(self, caller: Caller, limit: int, offset: int) -> list[SessionRow]:
         return self.db.list_sessions(limit, offset, owner=caller.listing_owner)
@@ -226,20 +230,17 @@ class Service:
             return rows, len(rows)
         return self.db.list_all_checkpoints(limit, offset, owner=caller.listing_owner)
 
-    def stability_scope(self, caller: Caller) -> AbstractContextManager[None]:
-        """Around forward_backward: sampling records of other keys' sessions read as missing."""
+    def _stability_visible(
+        self, caller: Caller, data: Sequence[DatumIn]
+    ) -> Callable[[str], bool] | None:
+        """For stable_reinforce: which sampling records the caller may use (those of its own
+        sessions), looked up once per request here, not under the service lock."""
         if caller.admin:
-            return nullcontext()
-        seen: dict[str, bool] = {}
-
-        def visible(sequence_id: str) -> bool:  # `<session>:sample:<n>:<seq_id>:<i>`
-            session = sequence_id.split(":sample:")[0]
-            if session not in seen:
-                row = self.db.get_session(session)
-                seen[session] = row is not None and caller.sees(row.owner)
-            return seen[session]
-
-        return only_visible(visible)
+            return None
+        sessions = {_session_of(s.sequence_id) for d in data for s in d.spans or ()}
+        rows = {sid: self.db.get_session(sid) for sid in sessions}
+        mine = {sid for sid, row in rows.items() if row is not None and caller.sees(row.owner)}
+        return lambda sequence_id: _session_of(sequence_id) in mine
 
     # ----- sessions -----------------------------------------------------------------------
     def create_session(
@@ -346,16 +347,19 @@ class Service:
         h = r.handle
         prepared: list[DatumIn] = []
 
+        lengths = [len(d.tokens) for d in data]
+        n_tokens = sum(lengths)
+        visible = self._stability_visible(caller, data)
+
         def validate() -> None:
-            check_request_tokens(sum(len(d.tokens) for d in data), self.keys.limits(r.owner),
+            check_request_tokens(n_tokens, self.keys.limits(r.owner),
                                  f"this {'forward' if forward_only else 'forward_backward'} request")
             spec = self.losses.get(loss_fn)
             check_data(data, loss_fn, spec, config, h.vocab_size, h.max_context)
-            prepared.extend(self.stability.attach(data) if spec.server_inputs else data)
+            prepared.extend(self.stability.attach(data, visible) if spec.server_inputs else data)
 
         # Filled by validate() before the job is released; several runs' works share a pass.
         kind = "forward" if forward_only else "forward_backward"
-        n_tokens = sum(len(d.tokens) for d in data)
 
         def run_pass(works: list[TrainWork]) -> list[object]:  # the works of every run in the pass
             outs = h.engine.forward_backward_many(works, forward_only=forward_only)
@@ -372,7 +376,7 @@ class Service:
                 self.history.record(work.run_id, kind, out.metrics)
             return out
 
-        pack = Pack(kind, padded_tokens([len(d.tokens) for d in data]),
+        pack = Pack(kind, padded_tokens(lengths),
                     TrainWork(run_id, prepared, loss_fn, config), run_pass, split)  # type: ignore[arg-type]
         return self._ordered(r, seq_id, kind, None, validate, tokens=n_tokens, pack=pack)
 
@@ -401,12 +405,14 @@ class Service:
         or save_weights_external ("external_weights": the PEFT adapter files only)."""
         r = self.run(run_id, caller)
         ref = CheckpointRef(run_id, kind, name)
+        limits = self.keys.limits(r.owner)
 
         def validate() -> None:
             check_name(name)
             if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_S:
                 raise UserError(f"ttl_seconds must be between 1 and {MAX_TTL_S}, got {ttl_seconds}")
-            check_stored_room(self.db.stored_bytes(r.owner), self.keys.limits(r.owner))
+            if limits.max_stored_bytes is not None:  # unlimited (the default): no query
+                check_stored_room(self.db.stored_bytes(r.owner), limits)
 
         def work() -> object:
             if not overwrite and self.db.get_checkpoint(run_id, ref.checkpoint_id) is not None:
@@ -418,9 +424,10 @@ class Service:
                 files = peft_files(files)
             # The size is known before writing: past the owner's max_stored_bytes nothing is written.
             size = sum(len(b) for b in files.values())
-            stored = self.db.stored_bytes(r.owner, excluding=(run_id, ref.checkpoint_id))
-            with self.stored.reserve(r.owner, size, stored, self.keys.limits(r.owner)):
-                size = self.store.put(ref.storage_key, files)
+            stored = (0 if limits.max_stored_bytes is None
+                      else self.db.stored_bytes(r.owner, excluding=(run_id, ref.checkpoint_id)))
+            with self.stored.reserve(r.owner, size, stored, limits):
+                self.store.put(ref.storage_key, files)
                 self.db.upsert_checkpoint(
                     run_id, ref.checkpoint_id,
                     checkpoint_type=ref.checkpoint_type, tinker_path=ref.tinker_path,
@@ -599,6 +606,14 @@ class Service:
         expires = _now() + timedelta(seconds=ttl_seconds) if ttl_seconds else None
         self.db.set_checkpoint_expiry(row.training_run_id, row.checkpoint_id, expires)
 
+    def checkpoint_files(self, ref: CheckpointRef, caller: Caller | None = None) -> dict[str, bytes]:
+        """Every file of a checkpoint the caller may see."""
+        row = self.checkpoint(ref, caller)
+        try:
+            return self.store.get(row.storage_key)
+        except FileNotFoundError as e:  # deleted (or expired) since the row was read
+            raise NotFound(f"checkpoint {ref.tinker_path} does not exist") from e
+
     def checkpoint_file_sizes(self, ref: CheckpointRef, caller: Caller | None = None) -> dict[str, int]:
         """{file name: size} of a checkpoint the caller may see."""
         row = self.checkpoint(ref, caller)
@@ -626,6 +641,11 @@ class Service:
                     remove_checkpoint(self.db, self.store, row)
             except Exception:
                 log.exception("checkpoint sweep failed")
+
+
+def _session_of(sequence_id: str) -> str:
+    """The session a sampled sequence id names: `<session>:sample:<n>:<seq_id>:<i>`."""
+    return sequence_id.split(":sample:")[0]
 
 
 def _call(job: Callable[[], None]) -> None:

@@ -14,9 +14,9 @@ Records live in memory: they expire after `ttl_s` without use (a day, as on the 
 service), the oldest go first beyond `max_tokens`, and a restart forgets them all; a
 datum naming a missing record gets a user error saying so.
 
-Records are keyed by sequence id, which names the sampler that made it. Inside
-`only_visible(pred)` (the api layer wraps a keyed caller's forward_backward in it), a record
-whose id `pred` rejects (another API key's sampling) reads exactly as a missing one.
+Records are keyed by sequence id, which names the sampler that made it. `attach` takes a
+`visible` predicate (the service passes one for a keyed caller): a record whose id it
+rejects (another API key's sampling) reads exactly as a missing one.
 """
 
 from __future__ import annotations
@@ -24,29 +24,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from tinsmith.types import DatumIn, SampleOut, UserError
-
-_visible: ContextVar[Callable[[str], bool] | None] = ContextVar("tinsmith_stability_visible",
-                                                                default=None)
-
-
-@contextmanager
-def only_visible(pred: Callable[[str], bool] | None) -> Iterator[None]:
-    """Within this block (this thread / task), records whose sequence id `pred` rejects
-    are treated as missing. `None`: all are visible."""
-    token = _visible.set(pred)
-    try:
-        yield
-    finally:
-        _visible.reset(token)
-
 
 @dataclass
 class _Record:
@@ -87,12 +70,12 @@ class StabilityRecords:
         if rec is not None:
             self._tokens -= rec.size
 
-    def _get(self, sid: str, now: float, where: str) -> _Record:
+    def _get(self, sid: str, now: float, where: str,
+             visible: Callable[[str], bool] | None) -> _Record:
         rec = self._records.get(sid)
         if rec is not None and now - rec.used_at > self._ttl_s:
             self._drop(sid)
             rec = None
-        visible = _visible.get()
         if rec is not None and visible is not None and not visible(sid):
             rec = None  # someone else's: as if missing (and left as it is)
         if rec is None:
@@ -105,8 +88,10 @@ class StabilityRecords:
         self._records.move_to_end(sid)
         return rec
 
-    def attach(self, data: Sequence[DatumIn]) -> list[DatumIn]:
-        """Each datum with recorded_logprobs / recorded_mask added from its spans."""
+    def attach(self, data: Sequence[DatumIn],
+               visible: Callable[[str], bool] | None = None) -> list[DatumIn]:
+        """Each datum with recorded_logprobs / recorded_mask added from its spans; records
+        whose sequence id `visible` rejects read as missing (None: all are visible)."""
         now = time.monotonic()
         out = []
         with self._lock:
@@ -129,7 +114,7 @@ class StabilityRecords:
                 mask = np.zeros(n, np.float32)
                 pos = 0
                 for s in d.spans:
-                    rec = self._get(s.sequence_id, now, where)
+                    rec = self._get(s.sequence_id, now, where, visible)
                     source = rec.prompt if s.kind == "prompt" else rec.tokens
                     if s.offset < 0 or s.length < 0 or s.offset + s.length > source.shape[0]:
                         raise UserError(

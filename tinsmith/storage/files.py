@@ -158,11 +158,13 @@ class CheckpointStore:
         if not self.local:
             return done
         for parent, dirs, _ in os.walk(self.root):
+            changed = False
             for d in sorted(dirs):
                 tmp, old = d.rpartition(".tmp-"), d.rpartition(".old-")
                 if not (tmp[1] or old[1]):
                     continue
                 dirs.remove(d)  # never walk into a leftover
+                changed = True
                 leftover = os.path.join(parent, d)
                 key_path = os.path.join(parent, old[0])
                 if old[1] and old[0] and not os.path.lexists(key_path) \
@@ -173,7 +175,7 @@ class CheckpointStore:
                     shutil.rmtree(leftover, ignore_errors=True)
                     why = "unpublished write" if tmp[1] else "replaced checkpoint"
                     done.append(f"removed {leftover} ({why})")
-            if done:
+            if changed:
                 _fsync_dir(parent)
         return done
 

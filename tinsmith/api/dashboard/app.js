@@ -4,7 +4,7 @@
 
 const KEY_STORAGE = "tinsmith.apiKey";
 const REFRESH_MS = 3000;
-const state = { runId: null, models: [], timer: null };
+const state = { runId: null, models: [] };
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -274,4 +274,4 @@ async function refresh() {
 
 updateKeyState();
 refresh();
-state.timer = setInterval(refresh, REFRESH_MS);
+setInterval(refresh, REFRESH_MS);

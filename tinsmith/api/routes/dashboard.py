@@ -104,7 +104,7 @@ def download_checkpoint(path: str, request: Request, caller: CallerDep) -> Respo
     """A checkpoint's files as a zip archive (a plain `def`: reading the store blocks)."""
     svc = service(request)
     ref = parse_path(path)
-    files = svc.store.get(svc.checkpoint(ref, caller).storage_key)
+    files = svc.checkpoint_files(ref, caller)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for name, data in sorted(files.items()):

@@ -50,11 +50,10 @@ async def forward_backward(request: Request, caller: CallerDep) -> dict[str, obj
         raise UserError("compressed /forward_backward bodies are not supported by this server", 415)
     fb = decode_forward_backward(await request.body())
     svc = service(request)
-    with svc.stability_scope(caller):  # others' sampling records read as missing (stable_reinforce)
-        rid = svc.forward_backward(
-            fb.model_id, fb.seq_id, fb.data, fb.loss_fn, fb.loss_fn_config, forward_only=fb.forward_only,
-            caller=caller,
-        )
+    rid = svc.forward_backward(
+        fb.model_id, fb.seq_id, fb.data, fb.loss_fn, fb.loss_fn_config, forward_only=fb.forward_only,
+        caller=caller,
+    )
     return future_response(rid, fb.model_id)
 
 

@@ -76,6 +76,10 @@ class LossSpec:
     """Inputs the server adds itself (resolved from provenance spans); never sent by clients."""
     doc: str = ""
 
+    def active(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """`grad_positions` of one datum's inputs, None when the loss has no such rule."""
+        return self.grad_positions(inputs) if self.grad_positions else None
+
 
 def nonzero(key: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
     """grad_positions for a loss that is zero-gradient wherever inputs[key] is 0 ([N] or [N, K])."""
