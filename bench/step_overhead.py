@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,18 +41,25 @@ from tinsmith.config import DEFAULT_MODEL
 from tinsmith.models import resolve_model_dir
 
 
-def start_server(model: str, data_dir: Path, extra: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, data_dir: Path, extra: Sequence[str] = (), log: Path | None = None,
+                 timeout_s: float = 300) -> tuple[subprocess.Popen, str]:
+    """`tinsmith serve` on a free loopback port, once it answers; its output to `log` if given
+    (else discarded). Raises RuntimeError if it exits or is not up within `timeout_s`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tinsmith.cli", "serve", "--port", str(port), "--data-dir",
-         str(data_dir), "--models", model, *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    with open(log, "ab") if log is not None else nullcontext(subprocess.DEVNULL) as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tinsmith.cli", "serve", "--port", str(port), "--data-dir",
+             str(data_dir), "--models", model, *extra],
+            stdout=out, stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
+        )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode}"
+                               + (f" (its output: {log})" if log is not None else ""))
         try:
             if httpx.get(f"{url}/api/v1/healthz").status_code == 200:
                 return proc, url

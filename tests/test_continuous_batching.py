@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 import tinsmith.engine.sampler as sampler_module
 from tinsmith.engine.adapter import Adapter
-from tinsmith.engine.engine import Engine
+from tinsmith.engine.local import local_backends
 from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.engine.sampler import Sampler
@@ -174,9 +174,9 @@ def test_unmergeable_cache_decodes_one_request_at_a_time(
 
 
 def test_pinned_sampler_slot_outlives_eviction(runner: ModelRunner, tokenizer) -> None:
-    """A sampler adapter evicted from the engine's cache while a request decodes with it
+    """A sampler adapter evicted from the sampling backend's cache while a request decodes with it
     stays attached until that request ends, then is detached."""
-    engine = Engine(runner, tokenizer, LossRegistry.load(()), max_sampler_adapters=1)
+    _, engine = local_backends(runner, tokenizer, LossRegistry.load(()), max_sampler_adapters=1)
     engine._put_sampler("first", _random_adapter(runner, 3))
     slot = engine._samplers["first"][1]
     prompt = np.asarray(tokenizer.encode("Hello, how are you"), np.int64)

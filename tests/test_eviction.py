@@ -19,9 +19,12 @@ from tinker import types
 from transformers import AutoTokenizer
 
 import tinsmith
-from tinsmith.engine.engine import Engine, TrainWork
+from tinsmith.engine.backend import TrainWork
+from tinsmith.engine.local import local_backends
 from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.runner import ModelRunner
+from tinsmith.engine.sampling import LocalSampler
+from tinsmith.engine.training import LocalTrainer
 from tinsmith.models.catalog import resolve_model_dir
 from tinsmith.types import AdamSpec, DatumIn, FwdBwdOut, LoraSpec, NotFound, SampleSpec
 
@@ -33,9 +36,9 @@ def runner() -> ModelRunner:
     return ModelRunner(resolve_model_dir(TINY), TINY)
 
 
-def _engine(runner: ModelRunner, spill: Path, resident: int) -> Engine:
-    engine = Engine(runner, AutoTokenizer.from_pretrained(runner.model_dir), LossRegistry.load(()),
-                    spill_dir=spill, max_resident_runs=resident)
+def _engine(runner: ModelRunner, spill: Path, resident: int) -> LocalTrainer:
+    engine, _ = local_backends(runner, AutoTokenizer.from_pretrained(runner.model_dir),
+                               LossRegistry.load(()), spill_dir=spill, max_resident_runs=resident)
     for name, spec in RUNS.items():
         engine.create_run(name, spec)
     return engine
@@ -52,7 +55,7 @@ def _work(run: str, step: int) -> TrainWork:
     return TrainWork(run, data, "cross_entropy", {})
 
 
-def _state(engine: Engine, run: str) -> list[torch.Tensor]:
+def _state(engine: LocalTrainer, run: str) -> list[torch.Tensor]:
     adapter = engine._run(run)[0]
     out = [p.detach().clone() for p in adapter.parameters()]
     out += [v.clone() for v in adapter.optimizer_state_dict().values()]
@@ -143,7 +146,7 @@ def test_sdk_clients_outnumbering_resident_runs(tmp_path: Path) -> None:
     assert all(v[-1] < v[0] for v in tight.values())
 
 
-def _sample(engine: Engine, key: str) -> list[list[int]]:
+def _sample(engine: LocalSampler, key: str) -> list[list[int]]:
     box: list = []
     spec = SampleSpec(prompt=np.array([5, 17, 42, 9]), num_samples=2, max_tokens=6, seed=3)
     engine.start_sample(key, spec, None, box.append)
@@ -157,17 +160,18 @@ def _sample(engine: Engine, key: str) -> list[list[int]]:
 def test_unsaved_samplers_come_back_from_disk(runner: ModelRunner, tmp_path: Path) -> None:
     """save_weights_and_get_sampling_client's samplers have no stored files: evicted from a
     one-adapter cache they go to disk, and sample exactly as before when used again."""
-    engine = Engine(runner, AutoTokenizer.from_pretrained(runner.model_dir), LossRegistry.load(()),
-                    max_sampler_adapters=1, spill_dir=tmp_path / "spill")
-    engine.create_run("a", RUNS["a"])
+    trainer, sampler = local_backends(runner, AutoTokenizer.from_pretrained(runner.model_dir),
+                                      LossRegistry.load(()), max_sampler_adapters=1,
+                                      spill_dir=tmp_path / "spill")
+    trainer.create_run("a", RUNS["a"])
     before = {}
     for step in range(3):  # three snapshots of a run that keeps training
-        engine.forward_backward_many([_work("a", step)], forward_only=False)
-        engine.optim_step("a", AdamSpec(learning_rate=0.5))
-        engine.snapshot_sampler(f"snap{step}", "a")
-        before[f"snap{step}"] = _sample(engine, f"snap{step}")
+        trainer.forward_backward_many([_work("a", step)], forward_only=False)
+        trainer.optim_step("a", AdamSpec(learning_rate=0.5))
+        sampler.put_snapshot(f"snap{step}", trainer.snapshot("a"))
+        before[f"snap{step}"] = _sample(sampler, f"snap{step}")
     assert len({str(v) for v in before.values()}) == 3  # the snapshots really differ
     for key in ("snap0", "snap1", "snap2", "snap0"):
-        assert _sample(engine, key) == before[key]
+        assert _sample(sampler, key) == before[key]
     with pytest.raises(NotFound):
-        engine.start_sample("never-made", SampleSpec(prompt=np.array([1])), None, print)
+        sampler.start_sample("never-made", SampleSpec(prompt=np.array([1])), None, print)

@@ -19,15 +19,17 @@ from tinker import types
 from transformers import AutoConfig, AutoTokenizer
 
 import tinsmith
+from tinsmith.engine.backend import TrainWork
 from tinsmith.engine.budget import (
     activation_bytes_per_token,
     micro_batches,
     padded_tokens,
     pass_token_budget,
 )
-from tinsmith.engine.engine import Engine, TrainWork
+from tinsmith.engine.local import local_backends
 from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.runner import ModelRunner
+from tinsmith.engine.training import LocalTrainer
 from tinsmith.models.catalog import resolve_model_dir
 from tinsmith.types import DatumIn, FwdBwdOut, LoraSpec
 
@@ -66,8 +68,9 @@ def runner() -> ModelRunner:
     return ModelRunner(resolve_model_dir(TINY), TINY)
 
 
-def _engine(runner: ModelRunner, spec: LoraSpec) -> Engine:
-    engine = Engine(runner, AutoTokenizer.from_pretrained(runner.model_dir), LossRegistry.load(()))
+def _engine(runner: ModelRunner, spec: LoraSpec) -> LocalTrainer:
+    engine, _ = local_backends(runner, AutoTokenizer.from_pretrained(runner.model_dir),
+                               LossRegistry.load(()))
     engine.create_run("r", spec)
     with torch.no_grad():  # non-zero B, so every factor gets a gradient
         for p in engine._run("r")[0].parameters():

@@ -18,9 +18,11 @@ from conftest import SENTENCES, TINY, logprobs_of, text_datum
 from tinker import types
 from transformers import AutoTokenizer
 
-from tinsmith.engine.engine import Engine, TrainWork
+from tinsmith.engine.backend import TrainWork
+from tinsmith.engine.local import local_backends
 from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.runner import ModelRunner
+from tinsmith.engine.training import LocalTrainer
 from tinsmith.models.catalog import resolve_model_dir
 from tinsmith.types import AdamSpec, DatumIn, FwdBwdOut, LoraSpec, UserError
 
@@ -32,9 +34,9 @@ def runner() -> ModelRunner:
     return ModelRunner(resolve_model_dir(TINY), TINY)
 
 
-def _engine(runner: ModelRunner) -> Engine:
+def _engine(runner: ModelRunner) -> LocalTrainer:
     tok = AutoTokenizer.from_pretrained(runner.model_dir)
-    engine = Engine(runner, tok, LossRegistry.load(()))
+    engine, _ = local_backends(runner, tok, LossRegistry.load(()))
     for name, spec in RUNS.items():
         engine.create_run(name, spec)
     return engine
@@ -62,7 +64,7 @@ def _work(run: str, step: int, salt: int = 0) -> TrainWork:
     return TrainWork(run, data, loss, {})
 
 
-def _params(engine: Engine, run: str) -> list[torch.Tensor]:
+def _params(engine: LocalTrainer, run: str) -> list[torch.Tensor]:
     return [p.detach().clone() for p in engine._run(run)[0].parameters()]
 
 

@@ -25,7 +25,11 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         storage_url=args.storage_url,
         loss_modules=tuple(getattr(args, "loss_module", None) or ()),
         pass_tokens=getattr(args, "pass_tokens", None),
+        device=getattr(args, "device", "auto"),
+        dtype=getattr(args, "dtype", "auto"),
+        exact_packing=getattr(args, "exact_packing", None),
         max_resident_adapters=getattr(args, "max_resident_adapters", None),
+        seq_gap_timeout_s=getattr(args, "seq_gap_timeout", ServerSettings.seq_gap_timeout_s),
         debug_slow_writes_s=float(os.environ.get("TINSMITH_DEBUG_SLOW_WRITES_S") or 0),
         **cli_limits.serve_settings(args),
     )
@@ -63,6 +67,13 @@ def cmd_models(_: argparse.Namespace) -> int:
     for spec in known_models():
         ready = (default_cache_dir() / "models" / spec.folder_name / "READY").is_file()
         print(f"{spec.name:40s} {'prepared' if ready else 'prepared on first use'}  {spec.description}")
+    from tinsmith.models.local import hf_cache_dir, list_local
+
+    # Hosted names already on this machine ($TINSMITH_MODELS_DIR, the HF cache): servable offline.
+    for found in list_local():
+        print(f"{found.name:40s} {'in ' + found.source:21s}  {found.path}")
+    print(f"(hosted names are also served from $TINSMITH_MODELS_DIR/<org>/<name> or the "
+          f"Hugging Face cache at {hf_cache_dir()})")
     return 0
 
 
@@ -229,11 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module or .py file defining LOSSES: dict[str, LossSpec] (repeatable)")
     p.add_argument("--allow-open", action="store_true",
                    help="serve on a non-loopback --host even though no API key exists")
+    p.add_argument("--device", default="auto",
+                   help="auto (first GPU, else CPU), cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="base-model dtype (auto: bfloat16 on a GPU, float32 on a CPU); LoRA "
+                        "factors and optimizer state stay float32")
+    p.add_argument("--exact-packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="packed passes bitwise equal to each request alone (default: on a CPU "
+                        "only; on a GPU the base GEMMs are shared, equal within float tolerance)")
     p.add_argument("--pass-tokens", type=int, default=None,
                    help="tokens one training pass may hold (default: from free memory)")
     p.add_argument("--max-resident-adapters", type=int, default=None,
                    help="training runs kept in memory per model; idle ones beyond it are "
                         "spilled to disk and restored on use (default: from free memory)")
+    p.add_argument("--seq-gap-timeout", type=float, default=ServerSettings.seq_gap_timeout_s,
+                   metavar="SECONDS",
+                   help="skip a training run's seq_id the client never sent once later requests "
+                        "waited this long with none arriving (0: wait forever; default %(default)s)")
     cli_limits.add_serve_args(p)
     _store_args(p)
     p.set_defaults(fn=cmd_serve)

@@ -32,6 +32,16 @@ class ServerSettings:
     """Datums per /forward_backward request the SDK may send (it splits bigger calls)."""
     max_sampler_adapters: int = 16
     """Sampler adapters kept in memory per base model (LRU)."""
+    device: str = "auto"
+    """Where base models run: "auto" (the first CUDA GPU when there is one, else the CPU),
+    "cuda", "cuda:N" or "cpu" (engine/device.py)."""
+    dtype: str = "auto"
+    """The base model's dtype: "auto" (bfloat16 on a GPU, float32 on a CPU), "bfloat16",
+    "float16" or "float32". LoRA factors and optimizer state are float32 whatever it is."""
+    exact_packing: bool | None = None
+    """Packed passes compute every request's products on its own block, bitwise equal to the
+    request alone (slower on a GPU). None: on a CPU only, where it costs nothing measurable;
+    False shares the base GEMMs across requests (equal within float tolerance)."""
     pass_tokens: int | None = None
     """Padded tokens (rows x longest row) one training pass may hold: what a pass packs from
     different runs' requests, and the micro-batch size a bigger request is split into.
@@ -57,6 +67,11 @@ class ServerSettings:
     (413 at submission, or a "user" future error). None: unlimited."""
     max_body_bytes: int = 64 * 1024 * 1024
     """Largest HTTP request body accepted; bigger ones get 413 before being parsed."""
+    seq_gap_timeout_s: float | None = 10.0
+    """A training run's requests waiting behind a seq_id the client never sent (e.g. after
+    its own client-side validation error) are released, and that seq_id skipped, once the
+    run has had no new request for this long; 60 s at least after a 429/5xx the SDK will
+    retry (tinsmith/scheduler/ordering.py). None or 0: wait forever."""
     loss_modules: tuple[str, ...] = ()
     """Python modules (dotted names or .py paths) defining `LOSSES: dict[str, LossSpec]`,
     served beside the built-in losses."""

@@ -7,6 +7,7 @@ pydantic models for JSON bodies. Tensors stop at NumPy here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,6 +97,32 @@ def decode_forward_backward(body: bytes) -> FwdBwdRequest:
     for k, v in msg.loss_fn_config_v2.items():  # v2 wins: it also carries strings
         config[k] = v.text if v.WhichOneof("value") == "text" else float(v.number)
     return FwdBwdRequest(msg.model_id, int(msg.seq_id), data, msg.loss_fn, config, msg.forward_only)
+
+
+def seq_address(body: bytes, *, proto: bool) -> tuple[str, int] | None:
+    """(model_id, seq_id) of a training-run request body (a protobuf ForwardBackwardRequest,
+    or a JSON object), when both can be read from it, else None. Used on rejected requests
+    only, so they still consume their seq_id (tinsmith.api.seq_guard)."""
+    model_id: object
+    seq_id: object
+    if proto:
+        msg = pb.ForwardBackwardRequest()
+        try:
+            msg.ParseFromString(body)
+        except DecodeError:
+            return None
+        model_id, seq_id = msg.model_id, int(msg.seq_id)
+    else:
+        try:
+            obj = json.loads(body)
+        except ValueError:  # also bytes that are not UTF-8
+            return None
+        if not isinstance(obj, dict):
+            return None
+        model_id, seq_id = obj.get("model_id"), obj.get("seq_id")
+    if isinstance(model_id, str) and model_id and type(seq_id) is int and seq_id >= 1:
+        return model_id, seq_id
+    return None
 
 
 def encode_forward_backward(out: FwdBwdOut) -> bytes:

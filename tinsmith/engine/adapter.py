@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from tinsmith.engine.families import family_for
 from tinsmith.engine.lora import (
     ATTN_TARGETS,
     MLP_TARGETS,
@@ -27,15 +28,22 @@ from tinsmith.types import AdamSpec, LoraSpec
 PEFT_PREFIX = "base_model.model."
 
 
-def target_leaves(spec: LoraSpec) -> tuple[str, ...]:
-    """Leaf module names an adapter with this spec trains."""
+def target_leaves(spec: LoraSpec, model_type: str | None = None) -> tuple[str, ...]:
+    """Leaf module names an adapter with this spec trains: those of `model_type`'s family
+    (families.py), or with no type those of every known family, which select the same
+    layers among one model's adapted layers (the families' groups never share a name)."""
+    if model_type is not None:
+        family = family_for(model_type)
+        attn, mlp, unembed = family.attn, family.mlp, family.unembed
+    else:
+        attn, mlp, unembed = ATTN_TARGETS, MLP_TARGETS, UNEMBED_TARGETS
     leaves: tuple[str, ...] = ()
     if spec.train_attn:
-        leaves += ATTN_TARGETS
+        leaves += attn
     if spec.train_mlp:
-        leaves += MLP_TARGETS
+        leaves += mlp
     if spec.train_unembed:
-        leaves += UNEMBED_TARGETS
+        leaves += unembed
     return leaves
 
 
@@ -67,7 +75,9 @@ class Adapter:
             bound = 1.0 / math.sqrt(layer.in_features)
             a.uniform_(-bound, bound, generator=gen)
             b = torch.zeros(layer.out_features, spec.rank)
-            weights[path] = LoraWeights(a.requires_grad_(), b.requires_grad_(), scale)
+            # Drawn on the host, so a seed gives the same adapter on every device.
+            dev = layer.weight.device
+            weights[path] = LoraWeights(a.to(dev).requires_grad_(), b.to(dev).requires_grad_(), scale)
         if not weights:
             raise ValueError(f"the base model has none of the layers {sorted(leaves)}")
         return cls(spec, weights)
@@ -81,6 +91,32 @@ class Adapter:
                 for p, w in self.weights.items()
             },
         )
+
+    def to_device(self, device: torch.device, *, pin: bool = False) -> Adapter:
+        """A copy on `device` with everything a run holds (factors, pending gradients, AdamW
+        moments and step count), bit-exact; `pin`: page-locked host memory, for fast copies
+        back to a GPU. Used to move idle runs off a GPU (engine/pool.py)."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach()
+            if pin:
+                return torch.empty_like(t, device="cpu", pin_memory=True).copy_(t)
+            return t.to(device, copy=True)
+
+        moved = Adapter(self.spec, {p: LoraWeights(move(w.A).requires_grad_(), move(w.B).requires_grad_(),
+                                                   w.scale) for p, w in self.weights.items()})
+        moved.num_steps = self.num_steps
+        for old, new in zip(self.parameters(), moved.parameters()):
+            if old.grad is not None:
+                new.grad = move(old.grad)
+        if self.optimizer is not None:
+            moved.optimizer = _adamw(moved.parameters())
+            for old, new in zip(self.parameters(), moved.parameters()):
+                st = self.optimizer.state.get(old)
+                if st:
+                    moved.optimizer.state[new] = {k: (_step_for(v, new) if k == "step" else move(v))
+                                                  for k, v in st.items()}
+        return moved
 
     # ----- training -----------------------------------------------------------------
     def parameters(self) -> list[torch.Tensor]:
@@ -106,7 +142,7 @@ class Adapter:
             for g in grads:
                 g.mul_(coef)
         if self.optimizer is None:
-            self.optimizer = torch.optim.AdamW(params, lr=adam.learning_rate, foreach=True)
+            self.optimizer = _adamw(params)
         for group in self.optimizer.param_groups:
             group["lr"] = adam.learning_rate
             group["betas"] = (adam.beta1, adam.beta2)
@@ -122,8 +158,8 @@ class Adapter:
         """Tensors named as PEFT saves them (`adapter_model.safetensors`)."""
         out: dict[str, torch.Tensor] = {}
         for path, w in self.weights.items():
-            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = w.A.detach().contiguous()
-            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = w.B.detach().contiguous()
+            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = w.A.detach().cpu().contiguous()
+            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = w.B.detach().cpu().contiguous()
         return out
 
     def optimizer_state_dict(self) -> dict[str, torch.Tensor]:
@@ -137,25 +173,25 @@ class Adapter:
                 if not st:
                     continue
                 key = f"{PEFT_PREFIX}{path}.{factor}.weight"
-                out[f"{key}.exp_avg"] = st["exp_avg"].contiguous()
-                out[f"{key}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
-                out[f"{key}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+                out[f"{key}.exp_avg"] = st["exp_avg"].cpu().contiguous()
+                out[f"{key}.exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
+                out[f"{key}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
         return out
 
     def load_optimizer_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if not state:
             return
         params = self.parameters()
-        self.optimizer = torch.optim.AdamW(params, foreach=True)
+        self.optimizer = _adamw(params)
         for path, w in self.weights.items():
             for factor, p in (("lora_A", w.A), ("lora_B", w.B)):
                 key = f"{PEFT_PREFIX}{path}.{factor}.weight"
                 if f"{key}.exp_avg" not in state:
                     continue
                 self.optimizer.state[p] = {
-                    "step": state[f"{key}.step"].reshape(()).clone(),
-                    "exp_avg": state[f"{key}.exp_avg"].clone(),
-                    "exp_avg_sq": state[f"{key}.exp_avg_sq"].clone(),
+                    "step": _step_for(state[f"{key}.step"].reshape(()), p),
+                    "exp_avg": state[f"{key}.exp_avg"].to(p.device, copy=True),
+                    "exp_avg_sq": state[f"{key}.exp_avg_sq"].to(p.device, copy=True),
                 }
 
     @classmethod
@@ -178,8 +214,10 @@ class Adapter:
                     f"checkpoint tensor shapes for {path} do not fit this base model "
                     f"(A {tuple(a.shape)}, B {tuple(b.shape)})"
                 )
+            dev = layer.weight.device
             weights[path] = LoraWeights(
-                a.float().clone().requires_grad_(), b.float().clone().requires_grad_(), scale
+                a.to(dev, torch.float32, copy=True).requires_grad_(),
+                b.to(dev, torch.float32, copy=True).requires_grad_(), scale,
             )
         if not weights:
             raise ValueError("checkpoint holds no LoRA tensors for this base model")
@@ -187,3 +225,18 @@ class Adapter:
 
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def _adamw(params: list[torch.Tensor]) -> torch.optim.AdamW:
+    """AdamW over an adapter's float32 factors: the fused kernel on a GPU (one launch for
+    every tensor), the foreach one on a CPU (today's exact path). Hyperparameters are set
+    per step from the request's AdamParams."""
+    if params and params[0].is_cuda:
+        return torch.optim.AdamW(params, fused=True)
+    return torch.optim.AdamW(params, foreach=True)
+
+
+def _step_for(step: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """AdamW's step count placed as its kernel keeps it: on the GPU for the fused kernel, a
+    host scalar for the foreach one."""
+    return step.detach().to(param.device if param.is_cuda else "cpu", torch.float32, copy=True)

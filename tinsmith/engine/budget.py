@@ -34,13 +34,16 @@ MAX_PASS_TOKENS = 65536  # beyond this nothing is gained, and one pass would hol
 CPU_PASS_TOKENS = 1024
 
 
-def activation_bytes_per_token(config) -> int:
-    """Upper estimate of one token's saved activations in a training pass (float32 bytes)."""
+def activation_bytes_per_token(config, *, chunked_vocab: bool = False) -> int:
+    """Upper estimate of one token's saved activations in a training pass (float32 bytes).
+    `chunked_vocab`: the unembedding runs in chunks that are recomputed in the backward
+    (runner.LOGIT_CHUNK_BYTES), so its vocabulary-wide vectors are a fixed cost, not a
+    per-token one (a pass on a GPU; on a CPU a pass of the capped size is one chunk)."""
     text = getattr(config, "text_config", None) or config
     hidden = int(text.hidden_size)
     inter = int(getattr(text, "intermediate_size", 4 * hidden))
     layers = int(text.num_hidden_layers)
-    vocab = int(text.vocab_size)
+    vocab = 0 if chunked_vocab else int(text.vocab_size)
     return 4 * (3 * vocab + layers * (6 * hidden + 3 * inter))
 
 
@@ -65,7 +68,7 @@ def pass_token_budget(config, free_bytes: int, fraction: float, device: str = "c
     and on a CPU no more than CPU_PASS_TOKENS (where more gains no speed)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"pass memory fraction must be in (0, 1], got {fraction}")
-    tokens = int(fraction * free_bytes // activation_bytes_per_token(config))
+    tokens = int(fraction * free_bytes // activation_bytes_per_token(config, chunked_vocab=device != "cpu"))
     cap = CPU_PASS_TOKENS if device == "cpu" else MAX_PASS_TOKENS
     return max(MIN_PASS_TOKENS, min(cap, tokens))
 

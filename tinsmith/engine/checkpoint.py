@@ -223,7 +223,7 @@ def _lora_tensors(
         path, _, kind = name.rpartition(".base_layer.")
         if key.startswith(PEFT_PREFIX) and kind == "weight" and path in layers:
             base = layers[path].base.weight
-            if tensor.shape != base.shape or not torch.equal(tensor, base.to(tensor.dtype)):
+            if tensor.shape != base.shape or not torch.equal(tensor, base.to("cpu", tensor.dtype)):
                 raise ValueError(f"{WEIGHTS_FILE}: {key!r} differs from this base model's weight")
             continue
         path, _, factor = name.rpartition(".lora_")

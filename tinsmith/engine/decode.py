@@ -88,7 +88,7 @@ class DecodeBatch:
         self.slots[at:at] = [slot] * k
 
     def forward(self) -> torch.Tensor:
-        """Feed every row its next token; fp32 logits [B, V] of the token after it."""
+        """Feed every row its next token; fp32 logits [B, V] (on the host) of the token after it."""
         assert self.cache is not None, "forward() on an empty batch"
         # A row whose adapter was detached would silently decode with the base model.
         missing = {s for s in self.slots if s is not None and not self.runner.attached(s)}
@@ -97,15 +97,16 @@ class DecodeBatch:
         padded = not bool(self.valid.all())
         self.valid = torch.cat([self.valid, torch.ones(self.rows, 1, dtype=torch.bool)], dim=1)
         # A 4-D mask goes to attention as is (True = attend); HF builds none of its own.
-        mask = self.valid[:, None, None, :] if padded else None
+        dev = self.runner.device  # bookkeeping stays on the host; the model's inputs go over
+        mask = self.valid[:, None, None, :].to(dev) if padded else None
         groups = [(slot, len(list(g))) for slot, g in itertools.groupby(self.slots)]
         with self.runner.ctx.rows(groups):
             out = self.runner.model(
-                input_ids=self.next_tok[:, None], position_ids=self.pos[:, None],
+                input_ids=self.next_tok[:, None].to(dev), position_ids=self.pos[:, None].to(dev),
                 attention_mask=mask, past_key_values=self.cache, use_cache=True,
             )
         self.pos = self.pos + 1
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().cpu()
 
     def keep(self, rows: list[int], tokens: torch.Tensor) -> None:
         """Keep only `rows` (ascending), which feed `tokens` [len(rows)] next; drop the
@@ -116,7 +117,7 @@ class DecodeBatch:
         if len(rows) < self.rows:
             index = torch.tensor(rows, dtype=torch.long)
             assert self.cache is not None
-            self.cache.batch_select_indices(index)
+            self.cache.batch_select_indices(index.to(self.runner.device))
             self.valid, self.pos = self.valid[index], self.pos[index]
             self.slots = [self.slots[r] for r in rows]
             first = int(self.valid.any(dim=0).to(torch.int8).argmax())  # first column in use

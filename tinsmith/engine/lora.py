@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Leaf module names per target family (Llama, Qwen2/3, Mistral and friends share these).
-ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-UNEMBED_TARGETS = ("lm_head",)
+from tinsmith.engine.families import ALL_ATTN, ALL_MLP, ALL_UNEMBED, family_for
+
+# Leaf module names of every known family, per LoRA group (families.py holds them per
+# model_type). Matched against one model's adapted layers they select just its family's.
+ATTN_TARGETS = ALL_ATTN
+MLP_TARGETS = ALL_MLP
+UNEMBED_TARGETS = ALL_UNEMBED
 
 
 @dataclass
@@ -55,9 +58,12 @@ class LoraContext:
     visible weight differences.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batched: bool = False) -> None:
         self.groups: list[RowGroup] = []
         self.separate = False
+        # Several groups of equal rows take the batched (bmm) delta instead of a loop of
+        # per-group GEMMs; off where results must stay bitwise those of today's CPU path.
+        self.batched = batched
 
     @contextmanager
     def rows(
@@ -104,11 +110,13 @@ class MultiLoraLinear(nn.Module):
         """y + scale * (x @ A^T) @ B^T, as one GEMM-with-add on 2-D views.
 
         The scale multiplies the rank-r intermediate, not the [.., out] result, and addmm
-        folds the add into the second GEMM: ~15% off a LoRA forward+backward on CPU.
+        folds the add into the second GEMM: ~15% off a LoRA forward+backward on CPU. The
+        float32 factors are cast to the activations' dtype for the GEMMs (a no-op on a
+        float32 model); their gradients flow back to the float32 masters through the cast.
         """
         x2 = x.reshape(-1, x.shape[-1])
-        h = F.linear(x2, w.A) * w.scale  # [rows, r]
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h, w.B.t()).reshape(y.shape)
+        h = F.linear(x2, w.A.to(x.dtype)) * w.scale  # [rows, r]
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h, w.B.t().to(y.dtype)).reshape(y.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.ctx.groups
@@ -118,21 +126,56 @@ class MultiLoraLinear(nn.Module):
         # other layers reading the same input (q, k and v; gate and up), the order in which a
         # separate pass adds them, so both passes give bitwise the same input gradient.
         x = x.view_as(x)
-        y = self.base(x)
+        y = self.base(x)  # one base GEMM over every row of the pass
         if not groups:
             return y
         if len(groups) == 1:  # fast path: the whole batch uses one slot, no slicing
             w = self.adapters.get(groups[0].slot) if groups[0].slot is not None else None
             return y if w is None else self._add_delta(y, x, w)
         assert sum(g.rows for g in groups) == x.shape[0], "LoraContext rows do not match batch"
+        weights = [self.adapters.get(g.slot) if g.slot is not None else None for g in groups]
+        if self.ctx.batched and len({g.rows for g in groups}) == 1 and sum(w is not None for w in weights) > 1:
+            return self._batched_delta(y, x, weights)
         parts = []
         start = 0
-        for g in groups:
+        for g, w in zip(groups, weights):
             ys = y[start : start + g.rows]
-            w = self.adapters.get(g.slot) if g.slot is not None else None
             parts.append(ys if w is None else self._add_delta(ys, x[start : start + g.rows], w))
             start += g.rows
         return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def _batched_delta(
+        y: torch.Tensor, x: torch.Tensor, weights: list[LoraWeights | None]
+    ) -> torch.Tensor:
+        """Every group's LoRA delta in two batched GEMMs, for G groups of equal row counts:
+        x viewed as [G, n, in] @ A_g^T [G, in, r] -> [G, n, r], times scale_g, @ B_g^T ->
+        [G, n, out], added to y. A few kernels per layer whatever G is, instead of five per
+        group. Ranks below the largest are zero-padded (exact: the padded columns add 0,
+        and their gradients are sliced away); a group without this layer adds zeros."""
+        G = len(weights)
+        xg = x.reshape(G, -1, x.shape[-1])
+        r = max(w.A.shape[0] for w in weights if w is not None)
+        out_f, in_f = y.shape[-1], x.shape[-1]
+        As, Bs, scales = [], [], []
+        for w in weights:
+            if w is None:
+                As.append(x.new_zeros(r, in_f, dtype=torch.float32))
+                Bs.append(x.new_zeros(out_f, r, dtype=torch.float32))
+                scales.append(0.0)
+                continue
+            pad = r - w.A.shape[0]
+            As.append(F.pad(w.A, (0, 0, 0, pad)) if pad else w.A)
+            Bs.append(F.pad(w.B, (0, pad)) if pad else w.B)
+            scales.append(w.scale)
+        A = torch.stack(As).to(x.dtype)  # [G, r, in]
+        B = torch.stack(Bs).to(y.dtype)  # [G, out, r]
+        h = torch.bmm(xg, A.transpose(1, 2))  # [G, n, r]
+        if len(set(scales)) == 1:
+            h = h * scales[0]
+        else:
+            h = h * torch.tensor(scales, dtype=h.dtype).to(h.device, non_blocking=True)[:, None, None]
+        return torch.baddbmm(y.reshape(G, -1, out_f), h, B.transpose(1, 2)).reshape(y.shape)
 
     def _separate(self, x: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
         """Each group on its own contiguous block [rows, width, in] of x [B, T, in], exactly
@@ -159,13 +202,21 @@ def pad_positions(t: torch.Tensor, length: int) -> torch.Tensor:
     return t if missing == 0 else F.pad(t, [0, 0] * (t.dim() - 2) + [0, missing])
 
 
-def inject_lora(model: nn.Module, ctx: LoraContext) -> dict[str, MultiLoraLinear]:
+def inject_lora(
+    model: nn.Module, ctx: LoraContext, model_type: str | None = None
+) -> dict[str, MultiLoraLinear]:
     """Wrap every candidate linear layer of `model` in place; return them by module path.
 
-    Candidates are the attention, MLP and unembedding projections (by leaf name). Which of
-    them a given adapter trains is decided per adapter (LoraSpec.train_*), not here.
+    Candidates are the attention, MLP and unembedding projections of the model's family
+    (families.py, by `model_type`, default `model.config.model_type`), matched by leaf name.
+    Which of them a given adapter trains is decided per adapter (LoraSpec.train_*), not here.
+    ValueError for a refused or unknown family (see families.family_for for the fallback).
     """
-    wanted = set(ATTN_TARGETS + MLP_TARGETS + UNEMBED_TARGETS)
+    model_type = model_type or str(model.config.model_type)  # type: ignore[union-attr]
+    linear_leaves = {p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+                     if isinstance(m, nn.Linear)}
+    family = family_for(model_type, linear_leaves)
+    wanted = set(family.leaves)
     found: dict[str, MultiLoraLinear] = {}
     for path, module in list(model.named_modules()):
         leaf = path.rsplit(".", 1)[-1]

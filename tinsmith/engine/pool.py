@@ -8,6 +8,9 @@ the run's checkpoint files with its optimizer state (engine/checkpoint.py, the s
 save_state writes) plus its accumulated gradients, so a run that went out and came back
 computes exactly what it would have computed had it stayed.
 
+On a GPU, idle runs go first to page-locked host memory (`max_host` of them: a copy each
+way, bit-exact, no serialisation) and only the least recently used beyond that to disk.
+
 Pins keep a run resident while work that spans several calls uses it (a pass that packs
 several runs, a request split into micro-batches): a pinned run is never spilled, even if
 that leaves more than `max_resident` runs in memory for a while.
@@ -24,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
+import torch
 
 from tinsmith.engine.adapter import Adapter
+from tinsmith.engine.budget import free_memory_bytes, resident_runs_budget
 from tinsmith.engine.checkpoint import adapter_from_files, adapter_to_files
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.types import NotFound
@@ -37,15 +42,25 @@ GRADS_FILE = "grads.safetensors"  # a spill's pending gradients, by parameter in
 class _Run:
     adapter: Adapter | None  # None while spilled
     slot: int | None
-    spill: Path | None = None  # the spill's folder while spilled
+    spill: Path | None = None  # the spill's folder while spilled to disk
+    host: Adapter | None = None  # its copy in pinned host memory while spilled there
 
 
 class RunPool:
-    def __init__(self, runner: ModelRunner, spill_dir: Path, max_resident: int) -> None:
+    def __init__(
+        self, runner: ModelRunner, spill_dir: Path, max_resident: int, max_host: int | None = None
+    ) -> None:
         if max_resident < 1:
             raise ValueError(f"max_resident must be >= 1, got {max_resident}")
         self.runner = runner
         self.max_resident = max_resident
+        # Runs kept in pinned host memory when spilled off a GPU (none on a CPU: a host copy
+        # there would just be a second copy in the same memory).
+        if max_host is None:
+            shapes = [(m.in_features, m.out_features) for m in runner.layers.values()]
+            on_gpu = runner.device.type == "cuda"
+            max_host = resident_runs_budget(shapes, free_memory_bytes(torch.device("cpu")), 0.25) if on_gpu else 0
+        self.max_host = max_host
         self.spill_dir = spill_dir
         self._runs: OrderedDict[str, _Run] = OrderedDict()  # least recently used first
         self._pins: Counter[str] = Counter()
@@ -74,6 +89,7 @@ class RunPool:
             self.runner.detach(run.slot)
         if run.spill is not None:
             shutil.rmtree(run.spill, ignore_errors=True)
+        run.host = None
 
     def get(self, run_id: str) -> tuple[Adapter, int]:
         """The run's adapter and slot, restored first if it was spilled."""
@@ -82,7 +98,12 @@ class RunPool:
             raise NotFound(f"training run {run_id!r} is not loaded on this server")
         self._runs.move_to_end(run_id)
         if run.adapter is None:
-            self._restore(run)
+            if run.host is not None:
+                run.adapter = run.host.to_device(self.runner.device)
+                run.slot, run.host = self.runner.attach(run.adapter), None
+                self.restores += 1
+            else:
+                self._restore(run)
             self._evict()
         assert run.adapter is not None and run.slot is not None
         return run.adapter, run.slot
@@ -111,21 +132,36 @@ class RunPool:
         over = self.resident - self.max_resident
         for run_id, run in list(self._runs.items()):  # least recently used first
             if over <= 0:
-                return
+                break
             if run.adapter is not None and not self._pins[run_id]:
-                self._spill(run)
+                if self.max_host > 0:
+                    self._to_host(run)
+                else:
+                    self._spill(run)
                 over -= 1
+        hosted = [r for r in self._runs.values() if r.host is not None]
+        for run in hosted[: max(0, len(hosted) - self.max_host)]:  # oldest host copies to disk
+            run.adapter, run.slot, run.host = run.host, None, None
+            self._spill(run)
+
+    def _to_host(self, run: _Run) -> None:
+        assert run.adapter is not None and run.slot is not None
+        run.host = run.adapter.to_device(torch.device("cpu"), pin=torch.cuda.is_available())
+        self.runner.detach(run.slot)
+        run.adapter, run.slot = None, None
+        self.spills += 1
 
     def _spill(self, run: _Run) -> None:
         adapter = run.adapter
-        assert adapter is not None and run.slot is not None
+        assert adapter is not None
         files = adapter_to_files(adapter, self.runner.name, include_optimizer=True)
         grads = {str(i): p.grad for i, p in enumerate(adapter.parameters()) if p.grad is not None}
         files[GRADS_FILE] = safetensors.torch.save(grads)
         folder = write_spill(self.spill_dir, files)
-        self.runner.detach(run.slot)
+        if run.slot is not None:
+            self.runner.detach(run.slot)
+            self.spills += 1  # (a host copy moving on to disk was counted when it left)
         run.adapter, run.slot, run.spill = None, None, folder
-        self.spills += 1
 
     def _restore(self, run: _Run) -> None:
         assert run.spill is not None
@@ -133,7 +169,8 @@ class RunPool:
         adapter = adapter_from_files(files, self.runner.layers, load_optimizer=True)
         grads = safetensors.torch.load(files[GRADS_FILE])
         for i, p in enumerate(adapter.parameters()):
-            p.grad = grads.get(str(i))
+            g = grads.get(str(i))
+            p.grad = None if g is None else g.to(p.device)
         run.adapter, run.slot, run.spill = adapter, self.runner.attach(adapter), None
         self.restores += 1
 

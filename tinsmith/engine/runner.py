@@ -13,45 +13,91 @@ no attention mask is needed and SDPA takes its causal fast path.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tinsmith.engine import attention
 from tinsmith.engine.adapter import Adapter
+from tinsmith.engine.device import Placement
 from tinsmith.engine.lora import LoraContext, MultiLoraLinear, RowGroup, inject_lora
 from tinsmith.types import DatumIn
+
+# Float32 logits one chunk of the unembedding may hold: [k, V] is never built whole for a big
+# pass (16k positions x 128k vocabulary would be 8 GiB per copy), and under autograd each
+# chunk is recomputed in the backward instead of kept.
+LOGIT_CHUNK_BYTES = 256 * 2**20
+SYNTHETIC_MARKER = "synthetic.json"  # a folder with this and no weights: random weights, built here
+
+
+def _load_model(model_dir: Path, config, placement: Placement) -> torch.nn.Module:
+    """The folder's model in the placement's dtype, on its device. A synthetic folder
+    (tinsmith/models/synthetic.py: config and tokenizer, no weights) gets seeded random
+    weights of the config's shapes, made directly on the device (seconds, even for 8B)."""
+    marker = model_dir / SYNTHETIC_MARKER
+    if marker.is_file() and not any(model_dir.glob("*.safetensors")):
+        seed = int(json.loads(marker.read_text()).get("seed", 0))
+        torch.manual_seed(seed)
+        if placement.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        with torch.device(placement.device):
+            return AutoModelForCausalLM.from_config(config, dtype=placement.dtype,
+                                                    attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype,
+                                                 attn_implementation="sdpa")
+    return model.to(placement.device)
 
 
 class ModelRunner:
     """A base model shared by every adapter; adapters are attached to integer slots."""
 
-    def __init__(self, model_dir: str | Path, name: str) -> None:
+    def __init__(
+        self, model_dir: str | Path, name: str, placement: Placement | None = None,
+        *, exact_packing: bool | None = None,
+    ) -> None:
         self.name = name
         self.model_dir = Path(model_dir)
+        self.placement = placement or Placement(torch.device("cpu"), torch.float32)
+        # Exact (per-request block) packing by default only on a CPU: there it costs nothing
+        # measurable, while on a GPU sharing the base GEMMs is the point of packing.
+        self.exact_packing = (self.device.type == "cpu") if exact_packing is None else exact_packing
         self.config = AutoConfig.from_pretrained(self.model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        self.model = _load_model(self.model_dir, self.config, self.placement)
         self.model.eval()  # no dropout: training and sampling see the same function
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.ctx = LoraContext()
+        self.ctx = LoraContext(batched=not self.exact_packing)
         self.layers: dict[str, MultiLoraLinear] = inject_lora(self.model, self.ctx)
         attention.install(self.model, self.ctx)
         self._slots: dict[int, Adapter] = {}
         self._slot_ids = itertools.count(1)
+        # Positions whose float32 logits one chunk of the unembedding may hold (LOGIT_CHUNK_BYTES).
+        self.logit_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * self.vocab_size))
         self._check_plain_unembedding()
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.placement.dtype
 
     def _check_plain_unembedding(self) -> None:
         """target_logprobs computes logits as lm_head(decoder output): make sure that is
         what this architecture's forward does (no logit scaling or soft-capping)."""
-        ids = torch.tensor([[1, 2, 3, 4]])
+        ids = torch.tensor([[1, 2, 3, 4]], device=self.device)
         with torch.no_grad():
-            full = self.model(input_ids=ids, use_cache=False).logits
-            split = self.model.lm_head(self.model.model(input_ids=ids, use_cache=False).last_hidden_state)
-        if not torch.allclose(full, split, rtol=1e-4, atol=1e-4):
+            full = self.model(input_ids=ids, use_cache=False).logits.float()
+            split = self.model.lm_head(self.model.model(input_ids=ids, use_cache=False).last_hidden_state).float()
+        tol = 1e-4 if self.dtype == torch.float32 else 2e-2
+        if not torch.allclose(full, split, rtol=tol, atol=tol):
             raise ValueError(f"{self.name}: logits are not lm_head(hidden states); this model "
                              f"family ({self.arch}) is not supported")
 
@@ -103,13 +149,13 @@ class ModelRunner:
             start += n
         return out
 
-    @staticmethod
-    def _pad(slot_rows: Sequence[tuple[int | None, torch.Tensor]]) -> torch.Tensor:
+    def _pad(self, slot_rows: Sequence[tuple[int | None, torch.Tensor]]) -> torch.Tensor:
+        """Right-padded token ids [B, T] on the model's device (one host-to-device copy)."""
         width = max(int(t.shape[0]) for _, t in slot_rows)
         ids = torch.zeros(len(slot_rows), width, dtype=torch.long)
         for i, (_, t) in enumerate(slot_rows):
             ids[i, : t.shape[0]] = t
-        return ids
+        return ids.to(self.device, non_blocking=True)
 
     def logits(self, slot_rows: Sequence[tuple[int | None, torch.Tensor]]) -> torch.Tensor:
         """Logits [B, T, V] for right-padded token rows, each row under its slot: the plain
@@ -123,9 +169,11 @@ class ModelRunner:
     def _head_logprobs(
         self, hidden: torch.Tensor, index: torch.Tensor, groups: list[RowGroup], separate: bool
     ) -> torch.Tensor:
-        """log p(index) [k, K] from final hidden states [k, H] of k positions. `separate`:
-        each group on its own (a packed pass), so no [k, V] logits of the whole pass are ever
-        built and every request's logits are exactly those of its own pass."""
+        """log p(index) [k, K] (float32) from final hidden states [k, H] of k positions.
+        `separate`: each group on its own (an exact packed pass), so every request's logits
+        are exactly those of its own pass. Otherwise in chunks of `logit_chunk` positions:
+        no [k, V] logits of the whole pass are ever built, and under autograd each chunk is
+        recomputed in the backward (torch.utils.checkpoint) rather than kept."""
         if separate:
             parts, start = [], 0
             for g in groups:
@@ -133,10 +181,25 @@ class ModelRunner:
                 parts.append(self._head_logprobs(hidden[start:end], index[start:end], [g], False))
                 start = end
             return torch.cat(parts)
-        with self.ctx.rows(groups):
+        k = hidden.shape[0]
+        if k <= self.logit_chunk:
+            return self._head_chunk(hidden, index, groups)
+        parts = []
+        for start in range(0, k, self.logit_chunk):
+            end = min(k, start + self.logit_chunk)
+            fn = partial(self._head_chunk, groups=_slice_groups(groups, start, end))
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(fn, hidden[start:end], index[start:end], use_reentrant=False))
+            else:
+                parts.append(fn(hidden[start:end], index[start:end]))
+        return torch.cat(parts)
+
+    def _head_chunk(self, hidden: torch.Tensor, index: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
+        with self.ctx.rows(groups):  # set here, so a checkpointed recompute sees the same groups
             logits = self.model.lm_head(hidden)  # [k, V]
-        # log_softmax + gather: ~1.8x faster fwd+bwd on CPU than gather - logsumexp.
-        return torch.log_softmax(logits, dim=-1).gather(-1, index)
+        # Float32 log-softmax (a no-op cast on a float32 model). log_softmax + gather: ~1.8x
+        # faster fwd+bwd on CPU than gather - logsumexp.
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, index)
 
     def target_logprobs(
         self,
@@ -146,16 +209,19 @@ class ModelRunner:
         active: Sequence[np.ndarray | None] | None = None,
         parts: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
-        """log p(target) per datum: [N] for 1-D targets, [N, K] for 2-D ones.
+        """log p(target) per datum, float32 on the model's device: [N] for 1-D targets,
+        [N, K] for 2-D ones.
 
         Returned in the order of `rows`; internally rows are grouped by slot, and by `parts`
-        (one id per row: the request it belongs to) when several requests share the pass, so
-        that each request's adapter computation has the shapes it has alone. `active`
-        (one bool [N] per row, None = every position) marks the positions whose logprob the
-        loss can have a non-zero gradient for. With `grad`, only those go through the
-        unembedding and log-softmax under autograd; the others are computed without it,
-        which is exact (their gradient is zero) and skips their share of the [B, T, V]
-        backward, e.g. every prompt position of an RL or preference batch.
+        (one id per row: the request it belongs to) when several requests share the pass.
+        With `exact_packing`, each request's adapter computation then has the shapes it has
+        alone (bitwise equal to its own pass); otherwise the base GEMMs run once over every
+        row of the pass and each request's LoRA delta is a grouped matmul (equal within
+        float tolerance). `active` (one bool [N] per row, None = every position) marks the
+        positions whose logprob the loss can have a non-zero gradient for. With `grad`, only
+        those go through the unembedding and log-softmax under autograd; the others are
+        computed without it, which is exact (their gradient is zero) and skips their share
+        of the [B, T, V] backward, e.g. every prompt position of an RL or preference batch.
         """
         part = (lambda i: parts[i]) if parts is not None else (lambda i: 0)
         order = sorted(range(len(rows)), key=lambda i: (rows[i][0] is None, rows[i][0] or 0, part(i)))
@@ -174,18 +240,24 @@ class ModelRunner:
                 if active[i] is not None:
                     hot[b, : lengths[b]] = torch.as_tensor(active[i], dtype=torch.bool)
         cold = valid & ~hot
-        groups = self._groups(slot_rows, [part(i) for i in order] if parts is not None else None)
+        # Group sizes are read on the host (masks still there); the kernels get device copies.
+        separate = parts is not None and self.exact_packing
+        groups = self._groups(slot_rows, [part(i) for i in order] if separate else None)
+        cold_groups, hot_groups = _counts(groups, cold), _counts(groups, hot)
+        any_cold, any_hot = bool(cold.any()), bool(hot.any())
+        dev = self.device
+        index, cold, hot = (t.to(dev, non_blocking=True) for t in (index, cold, hot))
         with torch.set_grad_enabled(grad):
-            with self.ctx.rows(groups, separate=parts is not None):
+            with self.ctx.rows(groups, separate=separate):
                 hidden = self.model.model(input_ids=self._pad(slot_rows), use_cache=False).last_hidden_state
-            lp_all = torch.zeros(batch, width, k_max, dtype=hidden.dtype)  # [B, T, K]
+            lp_all = torch.zeros(batch, width, k_max, dtype=torch.float32, device=dev)  # [B, T, K]
             with torch.no_grad():
-                if cold.any():
-                    lp_all[cold] = self._head_logprobs(hidden[cold], index[cold], _counts(groups, cold), parts is not None)
-            if hot.any():
+                if any_cold:
+                    lp_all[cold] = self._head_logprobs(hidden[cold], index[cold], cold_groups, separate)
+            if any_hot:
                 # One gather over the whole batch: slicing [B, T, V] logits per datum would
                 # make autograd materialise a full-size gradient buffer for every slice.
-                lp_hot = self._head_logprobs(hidden[hot], index[hot], _counts(groups, hot), parts is not None)
+                lp_hot = self._head_logprobs(hidden[hot], index[hot], hot_groups, separate)
                 lp_all = lp_all.index_put(hot.nonzero(as_tuple=True), lp_hot)
             out: list[torch.Tensor | None] = [None] * len(rows)
             for b, i in enumerate(order):
@@ -202,4 +274,15 @@ def _counts(groups: list[RowGroup], mask: torch.Tensor) -> list[RowGroup]:
     for g in groups:
         out.append(RowGroup(g.slot, int(mask[start : start + g.rows].sum())))
         start += g.rows
+    return out
+
+
+def _slice_groups(groups: list[RowGroup], start: int, end: int) -> list[RowGroup]:
+    """The row groups covering rows [start, end) of a pass, clipped to that range."""
+    out, at = [], 0
+    for g in groups:
+        lo, hi = max(at, start), min(at + g.rows, end)
+        if hi > lo:
+            out.append(RowGroup(g.slot, hi - lo))
+        at += g.rows
     return out

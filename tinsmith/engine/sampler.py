@@ -246,10 +246,12 @@ class Sampler:
             cache = DynamicCache(config=self.runner.config)
             with self.runner.ctx.rows([(slot, 1)]):
                 out = self.runner.model(
-                    input_ids=prompt[None], past_key_values=cache, use_cache=True,
-                    logits_to_keep=n_prompt - start,
+                    input_ids=prompt[None].to(self.runner.device), past_key_values=cache,
+                    use_cache=True, logits_to_keep=n_prompt - start,
                 )
-            logits = out.logits[0].float()  # [P - start, V]
+            # Token choice runs on the host, with the request's own CPU generator, so a seed
+            # draws the same tokens on every device; the logits cross once, here.
+            logits = out.logits[0].float().cpu()  # [P - start, V]
             result = score_prompt(logits, prompt, start, spec)  # no sequences yet
             last = logits[-1:].clone()  # [1, V]; lets the prompt-wide logits go
             del out, logits

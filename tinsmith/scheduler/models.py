@@ -1,4 +1,5 @@
-"""Served base models: each one loaded once, with its engine and its worker thread."""
+"""Served base models: each one loaded once, with its training and sampling backends
+(tinsmith/engine/backend.py) and its worker thread."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinsmith.config import ServerSettings
+from tinsmith.engine.backend import SamplingBackend, TrainingBackend
 from tinsmith.engine.budget import free_memory_bytes, pass_token_budget, resident_runs_budget
-from tinsmith.engine.engine import Engine
+from tinsmith.engine.device import placement
+from tinsmith.engine.local import local_backends
 from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.models import resolve_model_dir
@@ -24,7 +27,8 @@ log = logging.getLogger("tinsmith.models")
 class ModelHandle:
     name: str
     model_dir: Path
-    engine: Engine
+    trainer: TrainingBackend
+    sampler: SamplingBackend
     worker: EngineWorker
     vocab_size: int
     max_context: int
@@ -41,7 +45,8 @@ def load_model(
 
     model_dir = resolve_model_dir(name, settings.cache_dir)  # may convert once, with progress
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise in a server log
-    runner = ModelRunner(model_dir, name)
+    runner = ModelRunner(model_dir, name, placement(settings.device, settings.dtype),
+                         exact_packing=settings.exact_packing)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos: set[int] = set()
     if tokenizer.eos_token_id is not None:
@@ -57,17 +62,21 @@ def load_model(
         [(m.in_features, m.out_features) for m in runner.layers.values()], free, 0.25)
     spill_dir = settings.data_dir / "spill" / name.replace("/", "--")
     shutil.rmtree(spill_dir, ignore_errors=True)  # a spill never outlives its server
-    engine = Engine(runner, tokenizer, losses, max_sampler_adapters=settings.max_sampler_adapters,
-                    spill_dir=spill_dir, max_resident_runs=resident)
+    trainer, sampler = local_backends(
+        runner, tokenizer, losses, max_sampler_adapters=settings.max_sampler_adapters,
+        spill_dir=spill_dir, max_resident_runs=resident)
     pass_tokens = settings.pass_tokens or pass_token_budget(
         runner.config, free, settings.pass_memory_fraction, runner.model.device.type)
-    log.info("serving %s from %s; a training pass holds up to %d tokens, %d training runs "
-             "stay resident", name, model_dir, pass_tokens, resident)
+    log.info("serving %s from %s on %s in %s (%s packing); a training pass holds up to %d "
+             "tokens, %d training runs stay resident", name, model_dir, runner.device,
+             str(runner.dtype).removeprefix("torch."),
+             "exact" if runner.exact_packing else "shared-GEMM", pass_tokens, resident)
     return ModelHandle(
         name=name,
         model_dir=model_dir,
-        engine=engine,
-        worker=EngineWorker(name, futures, engine, pass_tokens=pass_tokens),
+        trainer=trainer,
+        sampler=sampler,
+        worker=EngineWorker(name, futures, sampler, pass_tokens=pass_tokens),
         vocab_size=runner.vocab_size,
         max_context=runner.max_context,
         arch=runner.arch,

@@ -2,10 +2,10 @@
 sampler checkpoint, through the service's ordinary sampling path.
 
 Each caller (API key) gets one dashboard session and one sampling session per model it
-samples, made on first use and reused, so playing does not pile up sessions. The prompt is
-tokenized as the SDK's tokenizer does (`tokenizer.encode(text)`) and sampling stops at the
-model's EOS tokens, as the SDK's default `stop`, so a seeded request answers exactly what
-`SamplingClient.sample` answers for the same prompt and seed.
+samples, made on first use and reused, so playing does not pile up sessions. The model's
+sampling backend tokenizes the prompt as the SDK's tokenizer does (`tokenizer.encode(text)`)
+and sampling stops at the model's EOS tokens, as the SDK's default `stop`, so a seeded
+request answers exactly what `SamplingClient.sample` answers for the same prompt and seed.
 """
 
 from __future__ import annotations
@@ -90,8 +90,7 @@ class Playground:
             raise UserError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
         sampler_id = self._sampler(caller, model)
         handle = self.svc.sampler(sampler_id, caller).handle
-        tokenizer = handle.engine.sampler.tokenizer
-        ids = [int(t) for t in tokenizer.encode(prompt)]
+        ids = handle.sampler.encode(prompt)
         spec = SampleSpec(prompt=np.asarray(ids, dtype=np.int64), max_tokens=max_tokens,
                           temperature=temperature, seed=seed, stop_tokens=handle.eos_token_ids)
         rid, _ = self.svc.sample(sampler_id, next(self._sample_seq), spec)
@@ -104,4 +103,4 @@ class Playground:
         seq = value.sequences[0]
         tokens = [int(t) for t in seq.tokens]
         return Completion(model, handle.name, ids, tokens,
-                          tokenizer.decode(tokens, skip_special_tokens=True), str(seq.stop_reason))
+                          handle.sampler.decode(tokens), str(seq.stop_reason))

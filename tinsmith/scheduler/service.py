@@ -22,9 +22,11 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 
+from prometheus_client import Counter
+
 from tinsmith.config import ServerSettings
+from tinsmith.engine.backend import TrainWork
 from tinsmith.engine.budget import padded_tokens
-from tinsmith.engine.engine import TrainWork
 from tinsmith.engine.export import peft_files
 from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.validation import check_data, check_sample
@@ -38,7 +40,7 @@ from tinsmith.scheduler.limits import (
     check_stored_room,
 )
 from tinsmith.scheduler.models import ModelHandle, load_model
-from tinsmith.scheduler.ordering import SeqGate
+from tinsmith.scheduler.ordering import RETRY_GRACE_S, GapPolicy, SeqGate
 from tinsmith.scheduler.paths import CheckpointRef, check_name, parse_path, ref_from_checkpoint_id
 from tinsmith.scheduler.playground import Playground
 from tinsmith.scheduler.signing import UrlSigner
@@ -76,7 +78,7 @@ class SamplerState:
     sampler_id: str
     handle: ModelHandle
     model_path: str | None  # tinker path it samples, None for the base model or ephemeral
-    adapter_key: str | None  # the engine's sampler-adapter key; None = base model
+    adapter_key: str | None  # its key in the sampling backend; None = base model
     storage_key: str | None  # where to reload its files from; None = not reloadable
     issued: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
     owner: str | None = None  # None for ephemeral ones: their session's owner is theirs
@@ -130,9 +132,9 @@ class Service:
             held=sum(r.gate.waiting() for r in runs if r.handle is h),
             training_runs=sum(r.handle is h for r in runs),
             sampling_sessions=sum(s.handle is h for s in samplers),
-            resident_runs=h.engine.runs.resident,
-            run_spills=h.engine.runs.spills,
-            run_restores=h.engine.runs.restores,
+            resident_runs=h.trainer.stats().resident_runs,
+            run_spills=h.trainer.stats().run_spills,
+            run_restores=h.trainer.stats().run_restores,
         ) for name, h in self.models.items()}
 
     # ----- lookups ------------------------------------------------------------------------
@@ -270,7 +272,7 @@ class Service:
             raise UserError("LoRA config trains nothing: enable train_mlp, train_attn or train_unembed")
 
         def work(run_id: str) -> dict[str, object]:
-            handle.engine.create_run(run_id, lora)
+            handle.trainer.create_run(run_id, lora)
             return {"model_id": run_id, "type": "create_model"}
 
         return self._new_run(session_id, model_seq_id, handle, lora, user_metadata,
@@ -317,27 +319,78 @@ class Service:
         Returns the request id, a future owned by the run's owner. Over the owner's
         concurrent-request limit it raises TooManyRequests (429) and consumes nothing, except
         for the seq_id the run's held requests wait for: that one always passes, so the
-        limit can never wedge a run whose requests arrived out of order."""
+        limit can never wedge a run whose requests arrived out of order. A request that
+        fails `validate` consumes its seq_id (its future holds the error, for retries)."""
         max_pending = self.keys.limits(r.owner).max_concurrent
         with self._lock:
-            previous = r.gate.issued(seq_id)
+            gate = self._gate(r)
+            previous = gate.issued(seq_id)
             if previous is not None:
                 return previous  # a retried submission: same request, same result
-            r.gate.check_new(seq_id)
-            if seq_id == r.gate.next_seq and r.gate.waiting():
+            gate.check_new(seq_id)
+            if seq_id == gate.next_seq and gate.waiting():
                 max_pending = None
             rid = self.futures.create(kind, r.owner, max_pending)
             try:
                 if validate is not None:
                     validate()
+                job = lambda: r.handle.worker.submit(rid, work, kind, tokens, owner=r.run_id, pack=pack)
+                gate.submit(seq_id, rid, job, _call)  # raises if skipped meanwhile
             except UserError as e:
                 self.metrics.rejected(r.base_model, kind)
                 self.futures.set_error(rid, str(e), "user")
-                r.gate.submit(seq_id, rid, None, _call)
+                gate.reject(seq_id, str(e), rid)
                 raise
-            job = lambda: r.handle.worker.submit(rid, work, kind, tokens, owner=r.run_id, pack=pack)
-            r.gate.submit(seq_id, rid, job, _call)
         return rid
+
+    def _gate(self, r: RunState) -> SeqGate:
+        """Run `r`'s SeqGate, with this server's gap policy (seq_gap_timeout_s) bound on
+        first use. Call with self._lock held."""
+        if r.gate.policy.name != r.run_id:
+            timeout = self.settings.seq_gap_timeout_s
+            r.gate.policy = GapPolicy(
+                timeout if timeout and timeout > 0 else None,
+                retry_grace_s=max(RETRY_GRACE_S, timeout or 0.0), name=r.run_id,
+                on_skip=lambda seqs, waited: self._gap_skipped(r, seqs, waited))
+        return r.gate
+
+    def _visible_run(self, run_id: str, caller: Caller) -> RunState | None:
+        r = self.runs.get(run_id)
+        return r if r is not None and caller.sees(r.owner) else None
+
+    def reject_seq(self, run_id: str, seq_id: int, reason: str, caller: Caller = OPEN) -> bool:
+        """Consume `seq_id` of run `run_id` for a request refused before it was queued (the
+        api layer calls this for every 4xx it gives a request it could read model_id and
+        seq_id from), so the run's later requests do not wait for it. Nothing happens for
+        a run the caller may not see, or a seq_id already used; returns whether it consumed."""
+        r = self._visible_run(run_id, caller)
+        if r is None:
+            return False
+        with self._lock:
+            return self._gate(r).reject(seq_id, reason)
+
+    def defer_seq(self, run_id: str, seq_id: int, caller: Caller = OPEN) -> None:
+        """`seq_id` of run `run_id` was refused with a status the SDK retries with the same
+        seq_id (429, 5xx): it is in flight, so the run's gaps get the longer retry grace."""
+        r = self._visible_run(run_id, caller)
+        if r is not None:
+            with self._lock:
+                self._gate(r).defer(seq_id)
+
+    @cached_property
+    def _skipped_seqs(self) -> Counter:
+        """Created on the first skip (the sweeper thread is its only caller)."""
+        return Counter("tinsmith_skipped_seq_ids", "seq_ids a training run's requests stopped "
+                       "waiting for after seq_gap_timeout_s (numbered by the client, never sent)",
+                       ["model"], registry=self.metrics.registry)
+
+    def _gap_skipped(self, r: RunState, seqs: list[range], waited: float) -> None:
+        n = sum(len(g) for g in seqs)
+        log.warning("training run %s: skipped seq_id(s) %s after later requests waited %.1f s "
+                    "for them (seq_gap_timeout_s); a late arrival of one gets a 400",
+                    r.run_id, ", ".join(f"{g.start}" if len(g) == 1 else f"{g.start}-{g.stop - 1}"
+                                        for g in seqs), waited)
+        self._skipped_seqs.labels(model=r.base_model).inc(n)
 
     def forward_backward(
         self, run_id: str, seq_id: int, data: Sequence[DatumIn], loss_fn: str,
@@ -362,7 +415,7 @@ class Service:
         kind = "forward" if forward_only else "forward_backward"
 
         def run_pass(works: list[TrainWork]) -> list[object]:  # the works of every run in the pass
-            outs = h.engine.forward_backward_many(works, forward_only=forward_only)
+            outs = h.trainer.forward_backward_many(works, forward_only=forward_only)
             if not forward_only:
                 for w, out in zip(works, outs):
                     if not isinstance(out, Exception):
@@ -370,8 +423,8 @@ class Service:
             return outs  # type: ignore[return-value]
 
         def split(work: TrainWork, budget: int) -> Generator[None, None, object]:  # one big request
-            out = yield from h.engine.forward_backward_chunked(work, forward_only=forward_only,
-                                                               budget=budget)
+            out = yield from h.trainer.forward_backward_chunked(work, forward_only=forward_only,
+                                                                budget=budget)
             if not forward_only:
                 self.history.record(work.run_id, kind, out.metrics)
             return out
@@ -390,7 +443,7 @@ class Service:
                 raise UserError("AdamParams need eps > 0, weight_decay >= 0 and grad_clip_norm >= 0")
 
         def work() -> object:
-            metrics = r.handle.engine.optim_step(run_id, adam)
+            metrics = r.handle.trainer.optim_step(run_id, adam)
             self.db.touch_run(run_id)
             self.history.record(run_id, "optim_step", metrics)
             return {"metrics": metrics, "type": "optim_step"}
@@ -419,7 +472,7 @@ class Service:
                 raise UserError(
                     f"checkpoint {ref.tinker_path} already exists; pass overwrite=True to replace it"
                 )
-            files = r.handle.engine.export_run(run_id, r.base_model, include_optimizer=kind == "weights")
+            files = r.handle.trainer.export_run(run_id, r.base_model, include_optimizer=kind == "weights")
             if kind == "external_weights":
                 files = peft_files(files)
             # The size is known before writing: past the owner's max_stored_bytes nothing is written.
@@ -450,7 +503,7 @@ class Service:
         sampler_id = f"{session_id}:sample:{sampling_session_seq_id}"
 
         def work() -> object:
-            r.handle.engine.snapshot_sampler(sampler_id, run_id)
+            r.handle.sampler.put_snapshot(sampler_id, r.handle.trainer.snapshot(run_id))
             with self._lock:  # in memory only: ephemeral samplers do not survive a restart
                 self.samplers[sampler_id] = SamplerState(sampler_id, r.handle, None, sampler_id, None,
                                                          owner=r.owner)
@@ -479,7 +532,7 @@ class Service:
 
         def load(run_id: str) -> object:
             files = self.store.get(ckpt.storage_key)
-            self.runs[run_id].lora = handle.engine.load_run(run_id, files, with_optimizer=optimizer)
+            self.runs[run_id].lora = handle.trainer.load_run(run_id, files, with_optimizer=optimizer)
             return {"model_id": run_id, "path": path, "type": "load_weights"}
 
         if model_id is not None:  # legacy: into an existing run, ordered by seq_id
@@ -587,7 +640,7 @@ class Service:
                         out = e
                 done(out)
 
-            h.engine.start_sample(s.adapter_key, spec, loader, finish)
+            h.sampler.start_sample(s.adapter_key, spec, loader, finish)
 
         def tokens(out: object) -> int:  # prompt once per sample, plus what was generated
             assert isinstance(out, SampleOut)

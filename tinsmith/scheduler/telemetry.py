@@ -15,6 +15,7 @@ its engine worker thread is alive, and the metadata database answers a trivial q
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -204,6 +205,15 @@ class _ScrapeCollector(Collector):
         for model in models:
             busy.add_metric([model], m.busy_fraction(model))
         yield busy
+        peak = GaugeMetricFamily(
+            "tinsmith_device_memory_peak_bytes",
+            "Peak GPU memory allocated by this server process since it started "
+            "(torch.cuda.max_memory_allocated summed over its GPUs; 0 on a CPU)",
+            labels=["model"])
+        peak_bytes = device_memory_peak_bytes()
+        for model in models:
+            peak.add_metric([model], peak_bytes)
+        yield peak
         if m._snapshot is None:
             return
         snap = m._snapshot()
@@ -229,6 +239,15 @@ class _ScrapeCollector(Collector):
             moves.add_metric([model, "out"], s.run_spills)
             moves.add_metric([model, "in"], s.run_restores)
         yield from (depth, runs, samplers, resident, moves)
+
+
+def device_memory_peak_bytes() -> int:
+    """torch.cuda.max_memory_allocated of this process, summed over its GPUs; 0 when it has
+    not used CUDA (a CPU server). Never imports torch or initialises CUDA itself."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    return sum(int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count()))
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from tinsmith.engine.backend import Stepper
 from tinsmith.scheduler.futures import FutureStore
 from tinsmith.scheduler.telemetry import Outcome, ServerMetrics
 from tinsmith.types import UserError
@@ -52,18 +52,6 @@ Start = Callable[[Callable[[object], None]], None]
 ADMISSIONS_PER_STEP = 32
 
 
-class Stepper(Protocol):
-    """The model's continuous work: the engine's decoding requests."""
-
-    @property
-    def pending(self) -> bool: ...
-
-    @property
-    def rows(self) -> int: ...  # sequences the next step advances
-
-    def step(self) -> None: ...
-
-
 @dataclass(frozen=True)
 class Pack:
     """How a job may share an engine pass with other queued jobs of the same `kind`."""
@@ -73,7 +61,7 @@ class Pack:
     item: object  # the job's work, handed to `run`
     run: Callable[[list[object]], list[object]]  # one pass: a result or exception per item
     # A job bigger than the pass budget: `split(item, budget)` computes it in micro-batches,
-    # yielding after each, and returns its result (see Engine.forward_backward_chunked).
+    # yielding after each, and returns its result (see TrainingBackend.forward_backward_chunked).
     split: Callable[[object, int], Generator[None, None, object]] | None = None
 
 

@@ -17,9 +17,11 @@ from tinker.types import (
 from tinsmith.api.auth import CallerDep
 from tinsmith.api.codecs import decode_forward_backward
 from tinsmith.api.deps import future_response, service
+from tinsmith.api.seq_guard import SeqRoute
 from tinsmith.types import AdamSpec, LoraSpec, UserError
 
-router = APIRouter(prefix="/api/v1")
+# Every refusal of a request that names (model_id, seq_id) consumes that seq_id (seq_guard).
+router = APIRouter(prefix="/api/v1", route_class=SeqRoute)
 
 
 @router.post("/create_model")

@@ -41,10 +41,11 @@ class LossBatch:
         """Concatenate per-datum logprobs and inputs (every datum has the same input keys)."""
         keys = inputs[0].keys() if inputs else ()
         lengths = torch.tensor([lp.shape[0] for lp in lps], dtype=torch.long)
+        lp = torch.cat(lps)
         return cls(
-            lp=torch.cat(lps),
+            lp=lp,
             inputs={k: torch.cat([d[k] for d in inputs]) for k in keys},
-            datum=torch.repeat_interleave(torch.arange(len(lps)), lengths),
+            datum=torch.repeat_interleave(torch.arange(len(lps)), lengths).to(lp.device),
             num_datums=len(lps),
         )
 

@@ -1,87 +1,40 @@
-"""The engine of one base model: training runs and samplers as adapters on one runner.
-
-Everything that touches tensors for a base model goes through here, always from the
-model's single worker thread (the class is not thread-safe by design). Training runs and
-sampler snapshots are separate adapters: a sampler never shares tensors with a live run,
-so later training steps cannot change what an existing sampler returns.
+"""The exact local training backend: runs as LoRA adapters on one ModelRunner.
 
 Training runs live in a RunPool (pool.py): beyond `max_resident_runs`, idle runs are spilled
-to disk bit-exactly and restored on use. Sampler adapters are cached (LRU,
-`max_sampler_adapters`); ones that came from a stored checkpoint are reloaded on demand,
-ephemeral ones (from save_weights_and_get_sampling_client) are spilled to disk when evicted
-and restored from there (the newest MAX_SPILLED_SAMPLERS of them). Sampling is continuous
-(see sampler.py): `start_sample` admits a request and `step` advances every request in
-flight; a slot stays attached while a request decodes with it (pinned), even if the cache
-evicts or replaces its key meanwhile.
+to disk bit-exactly and restored on use. Everything here runs on the model's single worker
+thread (the class is not thread-safe by design), except `stats`, which metrics read.
+Results cross to the CPU once, as NumPy arrays, in `_loss`.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
-import uuid
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tinsmith.engine.adapter import Adapter
+from tinsmith.engine.backend import TrainingStats, TrainWork
 from tinsmith.engine.budget import micro_batches
 from tinsmith.engine.checkpoint import adapter_from_files, adapter_to_files
 from tinsmith.engine.losses import LossBatch, LossRegistry, LossSpec
-from tinsmith.engine.pool import RunPool, read_spill, write_spill
+from tinsmith.engine.pool import RunPool
 from tinsmith.engine.runner import ModelRunner
-from tinsmith.engine.sampler import OnDone, Sampler
-from tinsmith.types import (
-    AdamSpec,
-    DatumIn,
-    FwdBwdOut,
-    LoraSpec,
-    NotFound,
-    SampleOut,
-    SampleSpec,
-    UserError,
-)
-
-FilesLoader = Callable[[], Mapping[str, bytes]]
-# Unsaved samplers (save_weights_and_get_sampling_client) evicted from memory are kept on disk
-# up to this many, newest first; at rank 32 on the bundled model that is about 1.3 GB.
-MAX_SPILLED_SAMPLERS = 64
+from tinsmith.types import AdamSpec, FwdBwdOut, LoraSpec, UserError
 
 
-@dataclass(frozen=True)
-class TrainWork:
-    """One forward or forward_backward request of one run."""
+class LocalTrainer:
+    """A TrainingBackend (backend.py) on a runner shared with the LocalSampler."""
 
-    run_id: str
-    data: Sequence[DatumIn]
-    loss_fn: str
-    config: Mapping[str, float]
-
-
-class Engine:
     def __init__(
-        self, runner: ModelRunner, tokenizer, losses: LossRegistry, max_sampler_adapters: int = 16,
-        *, spill_dir: Path | None = None, max_resident_runs: int = 1 << 30,
+        self, runner: ModelRunner, losses: LossRegistry, spill_dir: Path,
+        max_resident_runs: int = 1 << 30,
     ) -> None:
         self.runner = runner
         self.losses = losses
-        self.sampler = Sampler(runner, tokenizer)
-        spill_dir = spill_dir or Path(tempfile.gettempdir()) / f"tinsmith-spill-{uuid.uuid4().hex}"
-        self.runs = RunPool(runner, spill_dir, max_resident_runs)  # made at the first spill
-        self._samplers: OrderedDict[str, tuple[Adapter, int]] = OrderedDict()
-        self._max_samplers = max_sampler_adapters
-        self._ephemeral: set[str] = set()  # sampler keys with no stored files (snapshots)
-        self._spilled: OrderedDict[str, Path] = OrderedDict()  # ephemeral samplers moved to disk
-        self._pins: Counter[int] = Counter()  # sampler slot -> requests decoding with it
-        self._unpinned_detach: set[int] = set()  # slots to detach once their last request ends
+        self.runs = RunPool(runner, spill_dir, max_resident_runs)  # spill_dir made at the first spill
 
-    # ----- training runs ----------------------------------------------------------------
     def create_run(self, run_id: str, spec: LoraSpec) -> None:
         try:
             adapter = Adapter.create(spec, self.runner.layers)
@@ -219,7 +172,8 @@ class Engine:
         with torch.set_grad_enabled(not forward_only):
             keys = {*spec.required_inputs, *spec.optional_inputs, *spec.server_inputs}
             inputs = [
-                {k: torch.as_tensor(v, dtype=lp.dtype) for k, v in d.inputs.items() if k in keys}
+                {k: torch.as_tensor(v, dtype=lp.dtype, device=lp.device)
+                 for k, v in d.inputs.items() if k in keys}
                 for d, lp in zip(work.data, lps)
             ]
             loss, metrics = spec.fn(LossBatch.from_datums(lps, inputs), {**spec.config, **work.config})
@@ -237,7 +191,8 @@ class Engine:
                 "(e.g. sampler logprobs far below the learner's make exp(lp - logprobs) overflow)"
             )
         metrics = {**metrics, "loss:sum": value}
-        outputs = [{"logprobs": lp.detach().numpy().astype(np.float32, copy=False)} for lp in lps]
+        # The one crossing to the CPU: float32 logprobs, wherever and in whatever dtype they were.
+        outputs = [{"logprobs": lp.detach().float().cpu().numpy()} for lp in lps]
         return loss, FwdBwdOut(outputs=outputs, metrics=metrics)
 
     def optim_step(self, run_id: str, adam: AdamSpec) -> dict[str, float]:
@@ -257,98 +212,10 @@ class Engine:
         self._put_run(run_id, adapter)
         return adapter.spec
 
-    # ----- samplers ---------------------------------------------------------------------
-    def snapshot_sampler(self, key: str, run_id: str) -> None:
-        """Freeze the run's current weights as sampler adapter `key` (in memory only)."""
+    def snapshot(self, run_id: str) -> Adapter:
+        """The run's current weights as a detached adapter (no grad, no optimizer)."""
         adapter, _ = self._run(run_id)
-        self._ephemeral.add(key)
-        self._put_sampler(key, adapter.clone_frozen())
+        return adapter.clone_frozen()
 
-    def _put_sampler(self, key: str, adapter: Adapter) -> None:
-        old = self._samplers.pop(key, None)
-        if old is not None:
-            self._release(old[1])
-        self._samplers[key] = (adapter, self.runner.attach(adapter))
-        while len(self._samplers) > self._max_samplers:
-            old_key, (old_adapter, slot) = self._samplers.popitem(last=False)
-            if old_key in self._ephemeral:  # nothing to reload it from: keep it on disk
-                files = adapter_to_files(old_adapter, self.runner.name, include_optimizer=False)
-                self._spilled[old_key] = write_spill(self.runs.spill_dir, files)
-                while len(self._spilled) > MAX_SPILLED_SAMPLERS:
-                    gone, folder = self._spilled.popitem(last=False)
-                    self._ephemeral.discard(gone)
-                    shutil.rmtree(folder, ignore_errors=True)
-            self._release(slot)
-
-    def _release(self, slot: int) -> None:
-        """Detach a sampler slot now, or when the last request decoding with it ends."""
-        if self._pins[slot] > 0:
-            self._unpinned_detach.add(slot)
-        else:
-            self.runner.detach(slot)
-
-    def _unpin(self, slot: int) -> None:
-        self._pins[slot] -= 1
-        if self._pins[slot] <= 0:
-            del self._pins[slot]
-            if slot in self._unpinned_detach:
-                self._unpinned_detach.discard(slot)
-                self.runner.detach(slot)
-
-    def _sampler_slot(self, key: str | None, load: FilesLoader | None) -> int | None:
-        if key is None:
-            return None
-        entry = self._samplers.get(key)
-        if entry is None and key in self._spilled:
-            load = partial(read_spill, self._spilled.pop(key))
-        if entry is None:
-            if load is None:
-                raise NotFound(
-                    f"sampler weights {key!r} are gone (the server keeps the newest "
-                    f"{self._max_samplers + MAX_SPILLED_SAMPLERS} unsaved samplers); save them "
-                    "with save_weights_for_sampler(name) to keep them"
-                )
-            try:
-                adapter = adapter_from_files(load(), self.runner.layers, load_optimizer=False)
-            except ValueError as e:
-                raise UserError(f"cannot load sampler weights: {e}") from e
-            self._put_sampler(key, adapter.clone_frozen())
-            entry = self._samplers[key]
-        self._samplers.move_to_end(key)
-        return entry[1]
-
-    def start_sample(
-        self, key: str | None, spec: SampleSpec, load: FilesLoader | None, on_done: OnDone
-    ) -> None:
-        """Admit a sampling request with sampler adapter `key` (None = base model; `load`
-        fetches its files if it is not cached). `on_done` gets the output, or the exception,
-        from this call or a later `step()`. Errors of the request itself raise here."""
-        slot = self._sampler_slot(key, load)
-        if slot is None:
-            self.sampler.admit(None, spec, on_done)
-            return
-        self._pins[slot] += 1
-
-        def finish(out: SampleOut | BaseException) -> None:
-            self._unpin(slot)
-            on_done(out)
-
-        try:
-            self.sampler.admit(slot, spec, finish)
-        except BaseException:
-            self._unpin(slot)
-            raise
-
-    @property
-    def pending(self) -> bool:
-        """True while sampling requests are decoding: `step()` has work."""
-        return self.sampler.pending
-
-    @property
-    def rows(self) -> int:
-        """Sequences decoding: what the next `step()` advances."""
-        return self.sampler.live_rows
-
-    def step(self) -> None:
-        """One decoding step of every sampling request in flight."""
-        self.sampler.step()
+    def stats(self) -> TrainingStats:
+        return TrainingStats(self.runs.resident, self.runs.spills, self.runs.restores)

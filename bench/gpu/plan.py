@@ -1,0 +1,62 @@
+"""What the GPU check measures: models, shapes, step counts and time budgets, one `Plan`.
+
+`GPU` is the real check (an H200, bf16); `TINY` runs the very same code on a CPU with tiny
+shapes in about a minute, so the CPU test suite can dry-run it (tests/test_gpu_check.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Shape = tuple[int, int]  # (datums, tokens per datum)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    device: str  # the `tinsmith serve --device` value, also where the plain arm runs
+    dtype: str  # the `tinsmith serve --dtype` value, also the plain arm's base dtype
+    small: str  # B1-B3
+    big: str  # B4
+    b1: Shape  # one run, SDK pipelined vs plain PEFT
+    b2_runs: int  # concurrent vs sequential small runs
+    b2: Shape
+    b3_runs: int  # MFU of packed concurrent runs
+    b3: Shape
+    b4: Shape  # the big model's large batch (plain PEFT runs out of memory)
+    b4_mem: Shape  # the big model's peak-memory comparison
+    warmup: int  # untimed steps first (compilation, caches)
+    steps: int  # timed steps
+    big_steps: int  # timed steps on the big model
+    matmul_n: int  # the bf16 matmul roofline's size
+    rank: int = 32
+    phase_budget_s: dict[str, float] = field(default_factory=dict)
+    min_phase_s: float = 20.0  # a phase with less time left than this is skipped
+
+
+GPU = Plan(
+    name="gpu", device="cuda", dtype="bfloat16",
+    small="synthetic/llama-3.2-1b", big="synthetic/llama-3.1-8b",
+    b1=(8, 512), b2_runs=8, b2=(2, 64), b3_runs=4, b3=(8, 512), b4=(32, 512), b4_mem=(8, 512),
+    warmup=2, steps=5, big_steps=3, matmul_n=8192,
+    phase_budget_s={"matmul": 40, "plain-small": 60, "server-small": 150, "server-big": 120,
+                    "plain-big": 90, "server-small-exact": 80},
+)
+
+TINY = Plan(
+    name="tiny", device="cpu", dtype="float32",
+    small="synthetic/tiny-llama", big="synthetic/tiny-llama",
+    b1=(2, 16), b2_runs=4, b2=(2, 16), b3_runs=2, b3=(2, 16), b4=(4, 16), b4_mem=(2, 16),
+    warmup=1, steps=2, big_steps=2, matmul_n=256, rank=8,
+    phase_budget_s={"matmul": 30, "plain-small": 40, "server-small": 60, "server-big": 60,
+                    "plain-big": 40, "server-small-exact": 60},
+    min_phase_s=5.0,
+)
+
+PLANS = {p.name: p for p in (GPU, TINY)}
+
+# The phases in order of importance: when time runs short the last ones are skipped.
+# Each runs in its own process (bench.py), so GPU memory starts empty and a phase that
+# overruns its budget is killed, server included.
+PHASES = ("matmul", "plain-small", "server-small", "server-big", "plain-big", "server-small-exact")
+OPTIONAL = {"server-small-exact"}  # only with bench.py --exact-packing

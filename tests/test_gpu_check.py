@@ -1,0 +1,79 @@
+"""The GPU check (bench/gpu/) dry-runs on the CPU: `run.sh` with TINSMITH_GPU_CHECK_DRY=1
+runs the GPU tests with TINSMITH_TEST_DEVICE=cpu and the bench with tiny shapes, through the
+same code as on the GPU machine, and must print the table with every row. Also: the wheel
+collector's shell is valid and its package picker leaves the image's packages behind
+(nothing is downloaded here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = ROOT / "bench" / "gpu"
+ROWS = ("GPU tests", "B1 1 run", "B2 ", "B2 fairness", "B3 MFU", "B4 ", "peak GPU memory",
+        "B1-exact", "B2-exact")
+
+
+@pytest.mark.parametrize("script", ["collect_wheels.sh", "run.sh"])
+def test_scripts_parse(script: str) -> None:
+    subprocess.run(["bash", "-n", str(GPU / script)], check=True)
+
+
+def test_pick_wheels_skips_the_image(tmp_path: Path) -> None:
+    """tinker needs httpx[http2] and transformers: httpx and transformers are in the image and
+    stay there, but h2 (only the extra needs it) travels, and transformers' needs do not."""
+    def item(name: str, version: str, *requires: str) -> dict:
+        return {"metadata": {"name": name, "version": version, "requires_dist": list(requires)}}
+
+    report = {"install": [
+        item("tinker", "0.38.0", "httpx[http2]<1,>=0.23.0", "transformers", "pydantic<3"),
+        item("httpx", "0.28.1", "anyio", "h2<5,>=3; extra == 'http2'"),
+        item("h2", "4.3.0", "hpack<5,>=4.1"),
+        item("hpack", "4.1.0"),
+        item("anyio", "4.9.0"),
+        item("transformers", "5.23.0", "kernels", "tokenizers"),
+        item("kernels", "0.9.0"), item("tokenizers", "0.22.0"),
+        item("pydantic", "2.14.4", "typing-extensions>=4.16", "tomli; python_version < '3.11'"),
+        item("typing_extensions", "4.16.0"), item("tomli", "2.0.0"),
+        item("psycopg", "3.2.0"),
+    ]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    (tmp_path / "top.txt").write_text("tinker==0.38.*\npsycopg\n")
+    env = {**os.environ, "FORCE_CARRY": "typing-extensions", "SKIP": "torch psycopg"}
+    subprocess.run([sys.executable, str(GPU / "pick_wheels.py"), str(tmp_path / "report.json"),
+                    str(tmp_path / "top.txt"), str(tmp_path / "pins.txt")], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    pins = (tmp_path / "pins.txt").read_text().split()
+    assert sorted(pins) == ["h2==4.3.0", "hpack==4.1.0", "pydantic==2.14.4", "tinker==0.38.0",
+                            "typing_extensions==4.16.0"]
+
+
+def test_run_sh_dry_run_prints_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "TINSMITH_GPU_CHECK_DRY": "1", "PYTHON": sys.executable, "OUT": str(out),
+           "TMPDIR": str(tmp_path)}
+    env.pop("TINSMITH_TEST_DEVICE", None)
+    proc = subprocess.run(["bash", str(GPU / "run.sh")], check=False, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    table = (out / "table.txt").read_text()
+    assert table in proc.stdout
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    for row in ROWS:
+        assert any(row in line for line in lines), f"no {row!r} row in:\n{table}"
+    assert len(lines) == 1 + 9, table  # header + rows
+    # Every figure measured, but the GPU's memory and the optional --exact-packing phase.
+    for line in lines:
+        assert "n/a" not in line or "no GPU" in line or "not asked" in line, table
+    assert "5 passed" in lines[1], table
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert all(r["status"] == "ok" for r in records if r["kind"] == "phase"), records
+    assert {p.name for p in out.iterdir()} == {"run.log", "table.txt", "results.jsonl", "servers.log"}

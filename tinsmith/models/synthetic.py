@@ -1,0 +1,187 @@
+"""Synthetic models: the real architectures and shapes with seeded random weights, no download.
+
+`synthetic/<model>` names a published model's exact architecture (its config.json shapes:
+hidden size, MLP width, layers, attention and KV heads, head_dim, vocabulary, tied or untied
+embeddings, RoPE theta and scaling) for benchmarks and GPU checks on a machine with no model
+hub. Its prepared folder holds
+
+- `config.json` and `generation_config.json`, with BOS/EOS ids of the bundled tokenizer;
+- a byte-level tokenizer with the family's special tokens and a chat template
+  (byte_tokenizer.py), so renderers and `apply_chat_template` work;
+- `synthetic.json` (`{"seed": 0, ...}`), the marker; and no weight files.
+
+The runner builds such a folder's model with `AutoModelForCausalLM.from_config` directly on
+its device, in its dtype, after seeding torch with the marker's seed: random weights of the
+real shapes in seconds (an 8B model on a GPU included). The same seed gives the same weights
+on one device type and torch version; a CPU and a GPU draw different numbers.
+
+The model's vocabulary (e.g. 128256) is much larger than the tokenizer's (256 bytes plus a
+few special tokens): the embedding and unembedding have their real shapes, which is what a
+benchmark measures, and ids beyond the tokenizer are never produced by it. A sampled id with
+no token decodes to nothing.
+
+The `synthetic/tiny-*` models (hidden 64, 2 layers, vocabulary 512) are for CPU tests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tinsmith.models import byte_tokenizer
+from tinsmith.models.catalog import ModelSpec
+
+MARKER = "synthetic.json"  # the file the runner looks for (engine/runner.py SYNTHETIC_MARKER)
+PREFIX = "synthetic/"
+DEFAULT_SEED = 0
+
+# Llama 3.1 / 3.2 RoPE scaling, as published (rope_type "llama3").
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA32_ROPE = {**_LLAMA31_ROPE, "factor": 32.0}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model's architecture: the HF model_type, config.json fields, and tokenizer style."""
+
+    model_type: str
+    config: dict[str, Any]  # config.json fields, as keyword arguments of the config class
+    style: str  # a byte_tokenizer.STYLES key
+    source: str  # the published model whose config.json these fields are ("" for tiny ones)
+
+
+# The published shapes, from each model's config.json on the Hugging Face Hub (written here
+# from those files; fields not listed take the transformers defaults, which match them).
+def _shape(model_type: str, style: str, source: str, **config: Any) -> Shape:
+    return Shape(model_type, config, style, source)
+
+
+SHAPES: dict[str, Shape] = {
+    "llama-3.2-1b": _shape(
+        "llama", "llama3", "meta-llama/Llama-3.2-1B",
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+        rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE, max_position_embeddings=131072,
+        rms_norm_eps=1e-5),
+    "llama-3.2-3b": _shape(
+        "llama", "llama3", "meta-llama/Llama-3.2-3B",
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
+        rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE, max_position_embeddings=131072,
+        rms_norm_eps=1e-5),
+    "llama-3.1-8b": _shape(
+        "llama", "llama3", "meta-llama/Llama-3.1-8B",
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+        rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE, max_position_embeddings=131072,
+        rms_norm_eps=1e-5),
+    # Qwen2 / 2.5: biases on q/k/v are part of the architecture (no config field).
+    "qwen2.5-0.5b": _shape(
+        "qwen2", "chatml", "Qwen/Qwen2.5-0.5B",
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+        max_position_embeddings=32768, max_window_layers=24, use_sliding_window=False,
+        rms_norm_eps=1e-6),
+    "qwen2.5-7b": _shape(
+        "qwen2", "chatml", "Qwen/Qwen2.5-7B",
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rope_theta=1000000.0,
+        max_position_embeddings=131072, max_window_layers=28, use_sliding_window=False,
+        rms_norm_eps=1e-6),
+    # Qwen3: head_dim is set on its own (128, not hidden / heads for 0.6B), q/k RMS norms
+    # (q_norm, k_norm) are part of the architecture, no attention biases.
+    "qwen3-0.6b": _shape(
+        "qwen3", "chatml", "Qwen/Qwen3-0.6B",
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+        rope_theta=1000000.0, max_position_embeddings=40960, attention_bias=False,
+        max_window_layers=28, use_sliding_window=False, rms_norm_eps=1e-6),
+    "qwen3-8b": _shape(
+        "qwen3", "chatml", "Qwen/Qwen3-8B",
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+        rope_theta=1000000.0, max_position_embeddings=40960, attention_bias=False,
+        max_window_layers=36, use_sliding_window=False, rms_norm_eps=1e-6),
+    # Tiny, for CPU tests: one tied and one untied head; tiny-qwen3's head_dim (32) is not
+    # hidden / heads (16), as in Qwen3-0.6B.
+    "tiny-llama": _shape(
+        "llama", "llama3", "",
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, rope_theta=500000.0,
+        max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "tiny-qwen2": _shape(
+        "qwen2", "chatml", "",
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, rope_theta=1000000.0,
+        max_position_embeddings=4096, use_sliding_window=False, rms_norm_eps=1e-6),
+    "tiny-qwen3": _shape(
+        "qwen3", "chatml", "",
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=False,
+        rope_theta=1000000.0, max_position_embeddings=4096, rms_norm_eps=1e-6),
+}
+
+
+def is_synthetic(model_dir: Path) -> bool:
+    """A prepared synthetic folder: the marker file and no `*.safetensors` weights (a folder
+    that has weights is loaded from them, marker or not), the runner's own test."""
+    model_dir = Path(model_dir)
+    return (model_dir / MARKER).is_file() and not any(model_dir.glob("*.safetensors"))
+
+
+def synthetic_seed(model_dir: Path) -> int:
+    """The seed to draw the folder's random weights from (torch.manual_seed before from_config)."""
+    info = json.loads((Path(model_dir) / MARKER).read_text())
+    return int(info.get("seed", DEFAULT_SEED))
+
+
+def config_for(key: str):
+    """The transformers config of `synthetic/<key>`, with the bundled tokenizer's token ids."""
+    from transformers import AutoConfig
+
+    shape = SHAPES[key]
+    style = byte_tokenizer.STYLES[shape.style]
+    # Qwen's configs use <|endoftext|> as BOS id though its tokenizer adds no BOS.
+    bos = byte_tokenizer.token_id(style, style.bos or style.pad)
+    eos = [byte_tokenizer.token_id(style, t) for t in style.stop]
+    return AutoConfig.for_model(shape.model_type, **shape.config, bos_token_id=bos,
+                                eos_token_id=eos)
+
+
+def write_folder(key: str, out_dir: Path, seed: int = DEFAULT_SEED) -> None:
+    """Write the prepared folder of `synthetic/<key>` (config, tokenizer, marker; no weights)."""
+    from transformers import GenerationConfig
+
+    shape = SHAPES[key]
+    style = byte_tokenizer.STYLES[shape.style]
+    config = config_for(key)
+    config.architectures = [config.__class__.__name__.replace("Config", "ForCausalLM")]
+    config.save_pretrained(out_dir)
+    GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=byte_tokenizer.token_id(style, style.pad),
+    ).save_pretrained(out_dir)
+    tokenizer = byte_tokenizer.build_tokenizer(style, int(config.max_position_embeddings))
+    tokenizer.save_pretrained(out_dir)
+    marker = {"seed": seed, "name": PREFIX + key, "shapes_of": shape.source or None,
+              "tokenizer": f"byte-level, {len(tokenizer)} tokens ({shape.style} special tokens)"}
+    (out_dir / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _spec(key: str) -> ModelSpec:
+    shape = SHAPES[key]
+    what = (f"the shapes of {shape.source}" if shape.source
+            else f"a tiny {shape.model_type} for CPU tests")
+    return ModelSpec(
+        name=PREFIX + key,
+        description=f"synthetic: {what}, seeded random weights, byte tokenizer (no download)",
+        folder_name=f"synthetic--{key}",
+        build=lambda _cache_dir, out_dir: write_folder(key, out_dir),
+    )
+
+
+SPECS: list[ModelSpec] = [_spec(key) for key in SHAPES]
