@@ -301,3 +301,29 @@ def test_grouped_advantages_skip_flat_groups() -> None:
     assert mixed == 1
     assert picked == [(2, -1.0), (3, 1.0)]  # group 0 and 2 are flat, group 1 is centred
     assert grouped_advantages([], 4) == ([], 0)
+
+
+def test_grpo_datums_lay_out_prompt_and_sample_as_rl_loop_does() -> None:
+    """One datum per sample of a mixed group, prompt positions carrying 0 and 0: the same
+    datum as the flat rl_loop's `rl_datum`; flat groups give none."""
+    from types import SimpleNamespace
+
+    from tinsmith.cookbook.rl import grpo_datums
+    from tinsmith.recipes.rl_loop import rl_datum
+
+    long, short = (SimpleNamespace(tokens=[4, 5], logprobs=[-0.5, -2.0]),
+                   SimpleNamespace(tokens=[6], logprobs=[-1.0]))
+    samples = [([1, 2, 3], long), ([1, 2, 3], short), ([7, 8], long), ([7, 8], short)]
+    data, n_sampled, mixed = grpo_datums(samples, [1.0, 0.0, 2.0, 2.0], group_size=2)
+    assert n_sampled == [2, 1] and mixed == 1 and len(data) == 2
+    d = data[0].loss_fn_inputs
+    assert data[0].model_input.to_ints() == [1, 2, 3, 4]
+    assert d["target_tokens"].tolist() == [2, 3, 4, 5]
+    assert d["logprobs"].tolist() == [0.0, 0.0, -0.5, -2.0]
+    assert d["advantages"].tolist() == [0.0, 0.0, 0.5, 0.5]
+    for datum, (prompt, seq), a in zip(data, samples, [0.5, -0.5]):
+        want = rl_datum(prompt, seq.tokens, seq.logprobs, a)
+        assert datum.model_input == want.model_input
+        for key in ("target_tokens", "logprobs", "advantages"):
+            assert datum.loss_fn_inputs[key].tolist() == want.loss_fn_inputs[key].tolist()
+    assert grpo_datums(samples[2:], [2.0, 2.0], group_size=2) == ([], [], 0)

@@ -7,9 +7,12 @@ Browser tests skip when Chromium or Playwright is missing, unless TINSMITH_REQUI
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
+import re
 import shutil
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,7 +182,105 @@ def test_playground_matches_the_sdk_in_one_session(keyed_server: KeyedServer,
                              sampling_params=params).result().sequences[0].tokens
         assert first[model] == list(want) and want
     ov = httpx.get(f"{url}/api/v1/dashboard/overview", headers=a).json()
-    assert sum("dashboard" in s["tags"] for s in ov["sessions"]) == 1  # reused, not piled up
+    (mine,) = [s for s in ov["sessions"] if "dashboard" in s["tags"]]  # reused, not piled up
+    assert mine["status"] == "active" and mine["last_heartbeat_at"] > mine["created_at"]
+
+
+def test_playground_offers_own_sampler_checkpoints(keyed_server: KeyedServer,
+                                                   trained: dict[str, object]) -> None:
+    url = keyed_server.url
+
+    def offered(who: str) -> list[str]:
+        return httpx.get(f"{url}/api/v1/dashboard/overview",
+                         headers=keyed_server.headers(who)).json()["sampler_checkpoints"]
+
+    assert trained["sampler_a"] in offered("a")
+    assert trained["state_a"] not in offered("a")  # training state: not for sampling
+    assert trained["sampler_b"] not in offered("a") and trained["sampler_a"] not in offered("b")
+    assert offered("admin") == []  # an admin's own: none, not everyone's
+
+
+def test_playground_samples_a_checkpoint_saved_again(keyed_server: KeyedServer) -> None:
+    """A sampler path deleted and saved again (newer weights) is sampled with the new weights,
+    as the SDK samples it: the playground makes a fresh sampling session for it."""
+    url, a = keyed_server.url, keyed_server.headers("a")
+    sc = tinker.ServiceClient(base_url=url, api_key=keyed_server.key("a"))
+    tc = sc.create_lora_training_client(base_model=TINY, rank=2)
+    tok = tc.get_tokenizer()
+    data = [text_datum(tok, s) for s in SENTENCES]
+    params = types.SamplingParams(max_tokens=10, temperature=1.0, seed=3)
+
+    def play(path: str) -> list[int]:
+        r = httpx.post(f"{url}/api/v1/dashboard/sample", headers=a, timeout=60,
+                       json={"model": path, "prompt": PROMPT, "max_tokens": 10,
+                             "temperature": 1.0, "seed": 3})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    def sdk(path: str) -> list[int]:
+        return list(sc.create_sampling_client(model_path=path).sample(
+            prompt=types.ModelInput.from_ints(tok.encode(PROMPT)), num_samples=1,
+            sampling_params=params).result().sequences[0].tokens)
+
+    path = tc.save_weights_for_sampler("again").result().path
+    before = play(path)
+    assert before == sdk(path)
+    rest = tinker.RestClient(base_url=url, api_key=keyed_server.key("a"))
+    rest.delete_checkpoint(tc.model_id, "sampler_weights/again").result()
+    r = httpx.post(f"{url}/api/v1/dashboard/sample", headers=a, json={"model": path, "prompt": "x"})
+    assert r.status_code == 404  # deleted: not sampled from a cached session
+    for _ in range(4):
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    assert tc.save_weights_for_sampler("again").result().path == path
+    after = play(path)
+    assert after == sdk(path)
+    assert after != before  # the new weights, not the engine's cached old ones
+
+
+def test_sessions_end_when_heartbeats_stop(keyed_server: KeyedServer, monkeypatch) -> None:
+    """A session whose client stops heartbeating shows as ended after MISSED_HEARTBEATS
+    intervals (shortened here), as active again when a heartbeat comes, and finished once
+    finished."""
+    from tinsmith.api.routes import dashboard
+
+    url, b = keyed_server.url, keyed_server.headers("b")
+
+    def status(sid: str) -> str:
+        ov = httpx.get(f"{url}/api/v1/dashboard/overview", headers=b).json()
+        return next(s["status"] for s in ov["sessions"] if s["session_id"] == sid)
+
+    monkeypatch.setattr(dashboard, "SDK_HEARTBEAT_S", 1.0)
+    r = httpx.post(f"{url}/api/v1/create_session", headers=b,
+                   json={"tags": ["quiet"], "user_metadata": None, "sdk_version": "test"})
+    sid = r.json()["session_id"]
+    assert status(sid) == "active"
+    time.sleep(dashboard.MISSED_HEARTBEATS * 1.0 + 0.5)
+    assert status(sid) == "ended"
+    httpx.post(f"{url}/api/v1/session_heartbeat", headers=b, json={"session_id": sid})
+    assert status(sid) == "active"
+    httpx.post(f"{url}/api/v1/sessions/{sid}/finish", headers=b, json={})
+    assert status(sid) == "finished"
+
+
+def test_heartbeat_interval_is_the_sdks() -> None:
+    """SDK_HEARTBEAT_S is the SDK's own heartbeat period, read from its source."""
+    from tinker.lib import internal_client_holder
+
+    from tinsmith.api.routes import dashboard
+
+    source = inspect.getsource(internal_client_holder.InternalClientHolder._session_heartbeat)
+    period = re.search(r"SESSION_HEARTBEAT_PERIOD_SEC = (\d+)", source)
+    assert period is not None and int(period.group(1)) == dashboard.SDK_HEARTBEAT_S
+
+
+def test_favicon_is_served(keyed_server: KeyedServer) -> None:
+    for path in ("/favicon.ico", "/dashboard/favicon.svg"):
+        r = httpx.get(f"{keyed_server.url}{path}")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/svg+xml", path
+        assert r.text.startswith("<svg")
+    page = httpx.get(f"{keyed_server.url}/dashboard").text
+    assert '<link rel="icon" href="/dashboard/favicon.svg"' in page
 
 
 def test_history_is_bounded() -> None:
@@ -222,6 +323,8 @@ def test_dashboard_in_chromium(browser, keyed_server: KeyedServer, trained: dict
     page = ctx.new_page()
     requested: list[str] = []
     page.on("request", lambda req: requested.append(req.url))
+    missing: list[str] = []  # 404s: the favicon used to be one on every load
+    page.on("response", lambda resp: resp.status == 404 and missing.append(resp.url))
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     run_a, run_b = str(trained["run_a"]), str(trained["run_b"])
@@ -270,7 +373,11 @@ def test_dashboard_in_chromium(browser, keyed_server: KeyedServer, trained: dict
     assert {"adapter_model.safetensors", "adapter_config.json"} <= names, names
     assert saved.suffix == ".zip"
 
-    # Playground: the same completion as the SDK's sample with the same seed.
+    # Playground: the base model and the key's own sampler checkpoints, nothing else.
+    options = page.locator("#pg-model option").evaluate_all("os => os.map(o => o.value)")
+    assert options[0] == TINY and str(trained["sampler_a"]) in options
+    assert str(trained["sampler_b"]) not in options and str(trained["state_a"]) not in options
+    # The same completion as the SDK's sample with the same seed.
     page.select_option("#pg-model", str(trained["sampler_a"]))
     page.fill("#pg-prompt", PROMPT)
     page.fill("#pg-max-tokens", "12")
@@ -299,6 +406,9 @@ def test_dashboard_in_chromium(browser, keyed_server: KeyedServer, trained: dict
     assert trained["state_a"] not in paths and trained["sampler_a"] in paths
 
     assert _loopback_only(requested) == [], requested
+    assert missing == []
+    statuses = page.locator("#sessions tbody tr td:last-child").all_inner_texts()
+    assert "active" in statuses, statuses  # the playground's session, heartbeated by playing
     assert any("/api/v1/dashboard/overview" in u for u in requested)
     assert errors == []
     ctx.close()

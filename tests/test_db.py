@@ -1,15 +1,24 @@
-"""Tests of the metadata store (tinsmith.storage.db) on a real SQLite file."""
+"""Tests of the metadata store (tinsmith.storage: db, models, queries) on a real SQLite file."""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import IntegrityError, StatementError
 
-from tinsmith.storage.db import CheckpointRow, MetadataStore, RunRow, SamplerRow, SessionRow
+from tinsmith.storage.db import (
+    ApiKeyRow,
+    CheckpointRow,
+    MetadataStore,
+    RunRow,
+    SamplerRow,
+    SessionRow,
+)
 
 LORA = {"rank": 8, "seed": 1, "train_mlp": True, "train_attn": True, "train_unembed": False,
         "alpha": 16}
@@ -29,9 +38,9 @@ def store(db_path: Path):
 
 def _ckpt(store: MetadataStore, run: str, name: str, kind: str = "training", **kw):
     folder = "weights" if kind == "training" else "sampler_weights"
-    args = dict(checkpoint_type=kind, tinker_path=f"tinker://{run}/{folder}/{name}",
-                storage_key=f"runs/{run}/{folder}/{name}", size_bytes=123, base_model="tiny",
-                lora=LORA)
+    args = {"checkpoint_type": kind, "tinker_path": f"tinker://{run}/{folder}/{name}",
+            "storage_key": f"runs/{run}/{folder}/{name}", "size_bytes": 123,
+            "base_model": "tiny", "lora": LORA}
     args.update(kw)
     return store.upsert_checkpoint(run, f"{folder}/{name}", **args)
 
@@ -175,7 +184,7 @@ def test_expired_checkpoints(store: MetadataStore) -> None:
     plus2 = timezone(timedelta(hours=2))
     assert [c.checkpoint_id for c in store.expired_checkpoints(
         datetime(2030, 1, 1, 2, 30, tzinfo=plus2))] == ["weights/a"]
-    with pytest.raises(Exception):
+    with pytest.raises(StatementError, match="naive datetime"):
         store.expired_checkpoints(datetime(2030, 1, 1))  # naive datetimes are refused
 
 
@@ -221,9 +230,48 @@ def test_data_survives_reopen(db_path: Path) -> None:
         s2.close()
 
 
+def test_rows_are_frozen_and_follow_the_models(store: MetadataStore) -> None:
+    from sqlalchemy import inspect
+
+    from tinsmith.storage.models import ApiKeyModel, CheckpointModel, RunModel
+
+    run = store.add_run("r", session_id="s", base_model="tiny", lora=LORA)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.owner = "k"  # type: ignore[misc]
+    names = [f.name for f in dataclasses.fields(RunRow)]
+    assert names == [c.key for c in inspect(RunModel).columns]
+    # Columns that stay in the store: a checkpoint's surrogate id, a key's hash.
+    assert [f.name for f in dataclasses.fields(CheckpointRow)] == [
+        c.key for c in inspect(CheckpointModel).columns if c.key != "id"]
+    assert "key_hash" not in {f.name for f in dataclasses.fields(ApiKeyRow)}
+    assert len(dataclasses.fields(ApiKeyRow)) == len(inspect(ApiKeyModel).columns) - 1
+
+
+def test_open_existing_makes_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "tinsmith.db"
+    with pytest.raises(FileNotFoundError, match="no metadata database at"):
+        MetadataStore.open_existing(f"sqlite:///{missing}")
+    assert not missing.parent.exists()
+    with pytest.raises(FileNotFoundError):
+        MetadataStore.open_existing("sqlite://")
+
+
+def test_open_existing_reads_while_a_writer_is_open(store: MetadataStore, db_path: Path) -> None:
+    store.add_session("s1", tags=[], user_metadata={})
+    reader = MetadataStore.open_existing(f"sqlite:///{db_path}")
+    try:
+        assert [s.session_id for s in reader.list_sessions()] == ["s1"]
+        store.add_session("s2", tags=[], user_metadata={})  # the writer is not blocked
+        assert [s.session_id for s in reader.list_sessions()] == ["s2", "s1"]
+        with pytest.raises(Exception, match="readonly"):
+            reader.heartbeat("s1")
+    finally:
+        reader.close()
+
+
 def test_duplicate_ids_are_rejected(store: MetadataStore) -> None:
     store.add_run("r", session_id="s", base_model="tiny", lora=LORA, user_metadata=None)
-    with pytest.raises(Exception):
+    with pytest.raises(IntegrityError):
         store.add_run("r", session_id="s", base_model="tiny", lora=LORA, user_metadata=None)
     assert store.list_runs(10, 0)[1] == 1
 

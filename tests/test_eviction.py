@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 import tinsmith
 from tinsmith.engine.backend import TrainWork
+from tinsmith.engine.checkpoint import optimizer_state_dict
 from tinsmith.engine.local import local_backends
 from tinsmith.engine.losses import LossRegistry
 from tinsmith.engine.runner import ModelRunner
@@ -58,7 +59,7 @@ def _work(run: str, step: int) -> TrainWork:
 def _state(engine: LocalTrainer, run: str) -> list[torch.Tensor]:
     adapter = engine._run(run)[0]
     out = [p.detach().clone() for p in adapter.parameters()]
-    out += [v.clone() for v in adapter.optimizer_state_dict().values()]
+    out += [v.clone() for v in optimizer_state_dict(adapter).values()]
     return out
 
 

@@ -24,11 +24,13 @@ import numpy as np
 import pytest
 import tinker
 import torch
-from conftest import SENTENCES, TINY, KeyedServer, logprobs_of, text_datum
+from conftest import API_KEY, SENTENCES, TINY, KeyedServer, ServeProcess, logprobs_of, text_datum
 from tinker import types
 
 from tinsmith.cli import main as tinsmith_cli
 from tinsmith.models import resolve_model_dir
+from tinsmith.scheduler.paths import parse_path
+from tinsmith.storage.files import CheckpointStore
 
 PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 
@@ -208,3 +210,77 @@ def test_signed_urls_expire() -> None:
     good = signer.sign("r", "weights/a", "f", signer.expiry())
     assert signer.valid("r", "weights/a", "f", good.expires, good.signature)
     assert not UrlSigner(ttl_s=60).valid("r", "weights/a", "f", good.expires, good.signature)
+
+
+def test_signing_secret_is_made_once_and_kept_private(tmp_path: Path) -> None:
+    from tinsmith.scheduler.signing import SECRET_FILE, UrlSigner, stored_secret
+
+    signed = UrlSigner.stored(tmp_path, ttl_s=60).sign("r", "weights/a", "f", int(time.time()) + 60)
+    assert stored_secret(tmp_path) == stored_secret(tmp_path)
+    assert (tmp_path / SECRET_FILE).stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [SECRET_FILE]  # no temporary file left
+    again = UrlSigner.stored(tmp_path, ttl_s=60)  # as after a restart
+    assert again.valid("r", "weights/a", "f", signed.expires, signed.signature)
+    (tmp_path / SECRET_FILE).write_bytes(b"short")
+    with pytest.raises(ValueError, match="32-byte signing secret"):
+        stored_secret(tmp_path)
+
+
+def _stored_file(data_dir: Path, path: str, name: str) -> bytes:
+    return CheckpointStore(str(data_dir / "checkpoints")).get(parse_path(path).storage_key)[name]
+
+
+def test_downloads_stream_the_stored_file(
+    service_client: tinker.ServiceClient, rest_client: tinker.RestClient, tokenizer,
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A signed download is sent in chunks from the file on disk, never read whole."""
+    from tinsmith.api.routes import downloads
+    from tinsmith.scheduler.service import Service
+
+    def whole(*_: object) -> bytes:
+        raise AssertionError("a local checkpoint file was read whole")
+
+    sent: list[int] = []
+
+    def chunks(f):
+        for chunk in real_chunks(f):
+            sent.append(len(chunk))
+            yield chunk
+
+    real_chunks = downloads._chunks
+    monkeypatch.setattr(Service, "read_checkpoint_file", whole)
+    monkeypatch.setattr(downloads, "_chunks", chunks)
+    monkeypatch.setattr(downloads, "CHUNK_BYTES", 4096)
+    tc, _ = _trained(service_client, tokenizer, steps=1)
+    path = tc.save_weights_external("streamed").result().path
+    url = rest_client.get_external_weights_urls(path).result().urls["adapter_model.safetensors"]
+    with httpx.stream("GET", url, timeout=30) as r:
+        assert r.status_code == 200
+        body = r.read()
+    stored = _stored_file(data_dir, path, "adapter_model.safetensors")
+    assert body == stored and int(r.headers["content-length"]) == len(stored)
+    assert len(sent) > 1 and max(sent) == 4096 and sum(sent) == len(stored)
+
+
+def test_signed_urls_survive_a_restart(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    server = ServeProcess(tmp_path, ["--data-dir", str(data_dir), "--models", TINY])
+    try:
+        server.start()
+        sc = tinker.ServiceClient(base_url=server.url, api_key=API_KEY)
+        tc = sc.create_lora_training_client(base_model=TINY, rank=2)
+        path = tc.save_weights_external("kept").result().path
+        rest = tinker.RestClient(base_url=server.url, api_key=API_KEY)
+        urls = rest.get_external_weights_urls(path).result().urls
+        before = {name: httpx.get(url, timeout=30).content for name, url in urls.items()}
+        server.stop()
+        server.start()  # same port, same data dir
+        for name, url in urls.items():
+            r = httpx.get(url, timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.content == before[name] == _stored_file(data_dir, path, name)
+        bad = httpx.get(urls["adapter_config.json"].replace("signature=", "signature=0"))
+        assert bad.status_code == 403
+    finally:
+        server.stop()

@@ -56,3 +56,35 @@ def test_delivered_results_expire() -> None:
     store.create("b")  # creation purges expired entries
     with pytest.raises(KeyError):
         asyncio.run(store.wait(rid, 0.01))
+
+
+def test_undelivered_results_expire_but_pending_ones_wait_until_done() -> None:
+    store = FutureStore(keep_after_delivery_s=3600.0, keep_undelivered_s=0.0)
+    finished, pending = store.create("a"), store.create("b")
+    store.set_result(finished, 1)
+    time.sleep(0.01)
+    store.create("c")  # purges: `finished` was never delivered and is past its keep time
+    with pytest.raises(KeyError):
+        asyncio.run(store.wait(finished, 0.01))
+    assert asyncio.run(store.wait(pending, 0.01)) == (False, None, None)  # pending: kept
+    store.set_result(pending, 2)
+    store.create("d")  # done now, and long past its keep time
+    with pytest.raises(KeyError):
+        asyncio.run(store.wait(pending, 0.01))
+
+
+def test_expiry_bookkeeping_holds_only_what_is_kept() -> None:
+    store = FutureStore(keep_after_delivery_s=0.0)
+
+    async def cycles() -> None:
+        for i in range(500):
+            rid = store.create("a")
+            store.set_result(rid, i)
+            assert await store.wait(rid, 1) == (True, i, None)
+
+    asyncio.run(cycles())
+    time.sleep(0.01)
+    last = store.create("z")
+    # Delivered results left both the store and its expiry queues; only `last` remains.
+    assert list(store._entries) == [last]
+    assert not store._by_delivery and list(store._undelivered) == [last]

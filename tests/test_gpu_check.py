@@ -61,7 +61,7 @@ def test_run_sh_dry_run_prints_every_row(tmp_path: Path) -> None:
            "TMPDIR": str(tmp_path)}
     env.pop("TINSMITH_TEST_DEVICE", None)
     proc = subprocess.run(["bash", str(GPU / "run.sh")], check=False, cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=1000)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     table = (out / "table.txt").read_text()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import tinker
+import uvicorn
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -38,6 +39,9 @@ from tinker import types
 
 import tinsmith
 from tinsmith.cli import main as cli_main
+from tinsmith.config import ServerSettings
+from tinsmith.embedded import serve
+from tinsmith.storage import db as storage_db
 from tinsmith.storage.db import (
     MetadataStore,
     SchemaError,
@@ -247,6 +251,52 @@ def test_failed_upgrade_changes_nothing(db_url: str) -> None:
     assert "api_keys" not in tables and "alembic_version" not in tables
     assert "owner" not in {c["name"] for c in insp.get_columns("checkpoints")}
     insp_engine.dispose()
+
+
+def test_open_existing_reads_without_migrating_or_writing(db_url: str) -> None:
+    """`MetadataStore.open_existing` (the CLI's listings): an older or newer schema is refused
+    and left as it was; one at head is read, and cannot be written through it."""
+    _make_pre_migration_db(db_url)
+    with pytest.raises(SchemaError, match=r"revision '0001', older than.*tinsmith db upgrade"):
+        MetadataStore.open_existing(db_url)
+    assert (_state(db_url).current, _state(db_url).recorded) == ("0001", False)
+    MetadataStore(db_url).close()
+    db = MetadataStore.open_existing(db_url)
+    try:
+        assert [r.training_run_id for r in db.list_runs()[0]] == ["run-old"]
+        assert db.list_all_checkpoints()[1] == 1 and not db.has_api_keys()
+        with pytest.raises(Exception, match="(?i)read-only|readonly"):
+            db.add_run("run-new", session_id="sess-old", base_model=TINY, lora=LORA)
+        assert db.get_run("run-new") is None
+    finally:
+        db.close()
+    engine = create_db_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(SchemaError, match=r"revision '9999'.*newer Tinsmith"):
+        MetadataStore.open_existing(db_url)
+
+
+def test_open_existing_refuses_an_empty_database(db_url: str) -> None:
+    engine = create_db_engine(db_url)
+    engine.connect().close()  # SQLite: the file exists now, empty
+    engine.dispose()
+    with pytest.raises(SchemaError, match="no Tinsmith tables"):
+        MetadataStore.open_existing(db_url)
+    assert _state(db_url).current is None
+
+
+def test_serve_opens_and_migrates_the_database_once(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exposure check and the service share one store (it used to be opened twice)."""
+    upgraded: list[str] = []
+    real = storage_db.upgrade_schema
+    monkeypatch.setattr(storage_db, "upgrade_schema",
+                        lambda engine: upgraded.append(str(engine.url)) or real(engine))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
+    serve(ServerSettings(data_dir=tmp_path, models=(TINY,), port=0))
+    assert upgraded == [f"sqlite:///{tmp_path / 'tinsmith.db'}"]
 
 
 # A process that imports the store, says it is ready, waits for "go", then opens the database.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from tinker import types
 
 from tinsmith.cookbook import arithmetic, hyperparams
 from tinsmith.cookbook.recipe import parse_config
+from tinsmith.cookbook.rl import grpo_datums
 from tinsmith.recipes import math_rl
 
 RL_KEYS = {"step", "reward", "correct", "format", "mixed_groups", "response_len", "num_datums",
@@ -107,8 +109,9 @@ def test_kl_penalty_shifts_advantages_by_the_logprob_gap() -> None:
             return Done(types.ForwardBackwardOutput(loss_fn_output_type="cross_entropy",
                                                     loss_fn_outputs=outs, metrics={}))
 
-    datum = math_rl.rl_datum([1, 2, 3], [4, 5], [-0.5, -2.0], 0.25)
-    [out], mean_gap = math_rl.with_kl_penalty(Ref(), [datum], [2], kl_coeff=0.5)
+    seq = SimpleNamespace(tokens=[4, 5], logprobs=[-0.5, -2.0])  # advantages +-0.25:
+    (datum, _), n_sampled, _ = grpo_datums([([1, 2, 3], seq)] * 2, [1.0, 0.5], group_size=2)
+    [out], mean_gap = math_rl.with_kl_penalty(Ref(), [datum], n_sampled[:1], kl_coeff=0.5)
     advantages = out.loss_fn_inputs["advantages"].to_numpy()
     # prompt positions untouched; sampled: 0.25 - 0.5 * (lq - (-1))
     assert advantages.tolist() == pytest.approx([0.0, 0.0, 0.25 - 0.25, 0.25 + 0.5])

@@ -23,7 +23,7 @@ from tinsmith.config import DEFAULT_MODEL
 from tinsmith.cookbook.datasets import MultiStepEnv
 from tinsmith.cookbook.recipe import training_client
 from tinsmith.cookbook.renderers import TrainOn
-from tinsmith.cookbook.rl import run_episodes
+from tinsmith.cookbook.rl import run_episodes, transcript_datum
 from tinsmith.recipes import multi_agent as ma
 
 KEYS = {"step", "reward", "solved", "turns", "invalid_guesses", "mixed_groups",
@@ -80,24 +80,9 @@ def test_reward_values() -> None:
     assert ma.reward(True, 2, 4) == pytest.approx(1.05)
 
 
-def test_transcript_tokens_match_the_rendered_conversation() -> None:
-    from transformers import AutoTokenizer
-
-    from tinsmith.models.catalog import resolve_model_dir
-
-    renderer = ma.get_renderer(AutoTokenizer.from_pretrained(resolve_model_dir(TINY)))
-    before = [{"role": "user", "content": "guess"}]
-    reply = {"role": "assistant", "content": "8"}
-    after = [*before, reply, {"role": "user", "content": "higher"}]
-    prompt = renderer.build_generation_prompt(before)
-    sampled = renderer.tokenizer.encode("8", add_special_tokens=False) + renderer.stop_sequences()
-    extra = renderer.observation_tokens(before, after, ended=True)
-    assert prompt + sampled + extra == renderer.build_generation_prompt(after)
-    cut = renderer.observation_tokens(before, after, ended=False)
-    assert cut == renderer.stop_sequences() + extra  # the end-of-turn marker is inserted
-
-    datum = ma.transcript_datum([1, 2, 3, 4, 5], [0, 0, -0.5, 0, -1.0],
-                                [False, False, True, False, True], 0.5)
+def test_transcript_datum_trains_only_the_sampled_tokens() -> None:
+    datum = transcript_datum([1, 2, 3, 4, 5], [0, 0, -0.5, 0, -1.0],
+                             [False, False, True, False, True], 0.5)
     assert datum.loss_fn_inputs["target_tokens"].tolist() == [2, 3, 4, 5]
     assert datum.loss_fn_inputs["logprobs"].tolist() == [0.0, -0.5, 0.0, -1.0]
     assert datum.loss_fn_inputs["advantages"].tolist() == [0.0, 0.5, 0.0, 0.5]

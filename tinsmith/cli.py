@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from tinsmith import cli_limits
@@ -28,6 +29,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         device=getattr(args, "device", "auto"),
         dtype=getattr(args, "dtype", "auto"),
         exact_packing=getattr(args, "exact_packing", None),
+        pack_linger_ms=getattr(args, "pack_linger_ms", None),
         max_resident_adapters=getattr(args, "max_resident_adapters", None),
         seq_gap_timeout_s=getattr(args, "seq_gap_timeout", ServerSettings.seq_gap_timeout_s),
         debug_slow_writes_s=float(os.environ.get("TINSMITH_DEBUG_SLOW_WRITES_S") or 0),
@@ -36,7 +38,9 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default="tinsmith-data", help="metadata DB and checkpoints")
+    p.add_argument("--data-dir", default=str(ServerSettings.data_dir),
+                   help="metadata DB and checkpoints (default: ./%(default)s in the current folder, "
+                        "the same for every command)")
     p.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite in data dir)")
     p.add_argument("--storage-url", default=None, help="checkpoint store (default: <data-dir>/checkpoints)")
 
@@ -84,10 +88,66 @@ def _db(args: argparse.Namespace):
                                         database_url=args.database_url).resolved_database_url())
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """`1 checkpoint`, `2 checkpoints`, `0 training runs`."""
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
+_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def format_bytes(n: int | None) -> str:
+    """A size in binary units, one decimal: `512 B`, `65.2 MiB`. The dashboard's fmtBytes
+    (tinsmith/api/dashboard/app.js) is the same function, so both show the same text;
+    tests/test_cli.py runs the two side by side."""
+    if n is None:
+        return "–"
+    x, i = float(n), 0
+    while x >= 1024 and i < len(_BYTE_UNITS) - 1:
+        x, i = x / 1024, i + 1
+    if i == 0:
+        return f"{n} B"
+    # JavaScript's toFixed(1): the exact binary value rounded, ties away from zero.
+    return f"{Decimal(x).quantize(Decimal('0.1'), rounding=ROUND_HALF_UP)} {_BYTE_UNITS[i]}"
+
+
+def _where(args: argparse.Namespace) -> tuple[str, bool]:
+    """Where a listing reads metadata (the data dir, or the --database-url without its
+    password), and whether there is a database there to read."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(ServerSettings(data_dir=Path(args.data_dir),
+                                database_url=args.database_url).resolved_database_url())
+    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:"):
+        return u.render_as_string(hide_password=True), True
+    if args.database_url:
+        return u.database, Path(u.database).is_file()
+    return str(Path(args.data_dir).resolve()), Path(u.database).is_file()
+
+
+def _existing_db(args: argparse.Namespace):
+    """The metadata store to list from, or None (after saying so) when there is none: a
+    listing never creates a data dir or a database."""
+    where, exists = _where(args)
+    if exists:
+        return _db(args)
+    hint = ("" if args.data_dir != str(ServerSettings.data_dir) or args.database_url else
+            f": `tinsmith serve` keeps its data in ./{ServerSettings.data_dir} of the folder it "
+            "was started in; run this there, or pass --data-dir")
+    print(f"tinsmith: no Tinsmith data in {where}{hint}", file=sys.stderr)
+    return None
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from tinsmith.scheduler.access import ApiKeys
 
-    db = _db(args)
+    open_note = "no API keys: the server is open (tinsmith keys create makes one)"
+    if args.action == "list" and not _where(args)[1]:  # no database yet: nothing to create
+        print(open_note)
+        return 0
+    db = _db(args) if args.action == "create" else _existing_db(args)
+    if db is None:
+        return 1
     try:
         keys = ApiKeys(db)
         if args.action == "create":
@@ -114,8 +174,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return 0
         rows = keys.list()
         active = sum(r.revoked_at is None for r in rows)
-        print(f"{len(rows)} API keys ({active} active)" if rows else
-              "no API keys: the server is open (tinsmith keys create makes one)")
+        print(f"{plural(len(rows), 'API key')} ({active} active)" if rows else open_note)
         for r in rows:
             state = f"revoked {r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "active"
             if not r.revoked_at and r.expires_at and r.expires_at <= datetime.now(UTC):
@@ -129,8 +188,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    rows, total = _db(args).list_runs(args.limit, 0)
-    print(f"{total} training runs")
+    db = _existing_db(args)
+    if db is None:
+        return 1
+    try:
+        rows, total = db.list_runs(args.limit, 0)
+    finally:
+        db.close()
+    print(f"{plural(total, 'training run')} in {_where(args)[0]}"
+          + (f" (the newest {len(rows)} shown)" if len(rows) < total else ""))
     for r in rows:
         print(f"{r.training_run_id:36s} {r.base_model:36s} rank {r.lora.get('rank')}  "
               f"last used {r.last_request_time:%Y-%m-%d %H:%M}"
@@ -161,7 +227,16 @@ def cmd_checkpoint_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    db = _db(args)
+    db = _existing_db(args)
+    if db is None:
+        return 1
+    try:
+        return _checkpoints(args, db)
+    finally:
+        db.close()
+
+
+def _checkpoints(args: argparse.Namespace, db) -> int:
     if args.delete:
         from tinsmith.scheduler.paths import parse_path
         from tinsmith.storage.checkpoints import remove_checkpoint
@@ -177,9 +252,10 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         print(f"deleted {args.delete}")
         return 0
     rows, total = db.list_all_checkpoints(args.limit, 0)
-    print(f"{total} checkpoints")
+    print(f"{plural(total, 'checkpoint')} in {_where(args)[0]}"
+          + (f" (the newest {len(rows)} shown)" if len(rows) < total else ""))
     for c in rows:
-        print(f"{c.tinker_path:70s} {c.checkpoint_type:8s} {c.size_bytes / 1e6:8.1f} MB  "
+        print(f"{c.tinker_path:70s} {c.checkpoint_type:8s} {format_bytes(c.size_bytes):>10s}  "
               f"{c.created_at:%Y-%m-%d %H:%M}" + (f"  owner {c.owner}" if c.owner else ""))
     return 0
 
@@ -248,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-packing", action=argparse.BooleanOptionalAction, default=None,
                    help="packed passes bitwise equal to each request alone (default: on a CPU "
                         "only; on a GPU the base GEMMs are shared, equal within float tolerance)")
+    p.add_argument("--pack-linger-ms", type=float, default=None,
+                   help="how long a small training pass may wait for runs that were just in "
+                        "one (default: 10 on a GPU, 0 on a CPU)")
     p.add_argument("--pass-tokens", type=int, default=None,
                    help="tokens one training pass may hold (default: from free memory)")
     p.add_argument("--max-resident-adapters", type=int, default=None,

@@ -42,12 +42,21 @@ class ServerSettings:
     """Packed passes compute every request's products on its own block, bitwise equal to the
     request alone (slower on a GPU). None: on a CPU only, where it costs nothing measurable;
     False shares the base GEMMs across requests (equal within float tolerance)."""
+    pack_linger_ms: float | None = None
+    """How long a small training pass may wait for runs that were just in a pass and have
+    nothing queued (they are between a result and their next request), so they share it
+    instead of needing a pass of their own. None: 10 ms on a GPU, where a small pass costs
+    about the same whatever it holds; 0 (never wait) on a CPU, where a pass's cost grows
+    with what it holds."""
     pass_tokens: int | None = None
     """Padded tokens (rows x longest row) one training pass may hold: what a pass packs from
     different runs' requests, and the micro-batch size a bigger request is split into.
     None derives it per model from the memory free at load time (engine/budget.py)."""
-    pass_memory_fraction: float = 0.25
-    """With `pass_tokens` None: the share of free memory one pass's activations may take."""
+    pass_memory_fraction: float | None = None
+    """With `pass_tokens` None: the share of free memory one pass's activations may take.
+    None: 0.25 on a CPU (where a pass is capped at 1024 tokens anyway), 0.5 on a GPU, where
+    a pass split into micro-batches costs an extra forward and the estimate is already about
+    1.2x what a bf16 pass measured (docs/gpu.md)."""
     max_resident_adapters: int | None = None
     """Training runs per model kept in memory; idle runs beyond it are spilled to
     `<data_dir>/spill` (weights, gradients, optimizer state, bit-exact) and restored on use.

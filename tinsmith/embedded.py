@@ -104,15 +104,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(settings: ServerSettings) -> bool:
+def check_exposure(settings: ServerSettings, db: MetadataStore | None = None) -> bool:
     """Whether the server has API keys. Without any, warn loudly that it is open, and
-    refuse (ValueError) to listen beyond loopback unless `settings.allow_open`."""
-    db = MetadataStore(settings.resolved_database_url())
-    try:
-        keyed = ApiKeys(db).enabled()
-    finally:
-        db.close()
-    if keyed:
+    refuse (ValueError) to listen beyond loopback unless `settings.allow_open`. `db`: the
+    server's open store (else the database is opened, and closed, for this check)."""
+    if db is None:
+        db = MetadataStore(settings.resolved_database_url())
+        try:
+            return check_exposure(settings, db)
+        finally:
+            db.close()
+    if ApiKeys(db).enabled():
         log.info("API keys exist: every request needs a valid X-API-Key")
         return True
     if not is_loopback(settings.host) and not settings.allow_open:
@@ -132,12 +134,17 @@ def check_exposure(settings: ServerSettings) -> bool:
 
 def serve(settings: ServerSettings, log_level: str = "info") -> None:
     """Run the server in the foreground until interrupted."""
-    keyed = check_exposure(settings)
-    svc = Service(settings)
+    db = MetadataStore(settings.resolved_database_url())  # opened (and migrated) once, here
+    try:
+        keyed = check_exposure(settings, db)
+        svc = Service(settings, db)
+    except BaseException:
+        db.close()
+        raise
     url = f"http://{settings.host}:{settings.port}"
     key = "<your tml- key>" if keyed else "tml-local"
     print(f"Tinsmith serving {', '.join(settings.models)} on {url}\n"
-          f"  TINKER_BASE_URL={url} TINKER_API_KEY={key} python your_loop.py", flush=True)
+          f"  TINKER_BASE_URL={url} TINKER_API_KEY={key} .venv/bin/python your_loop.py", flush=True)
     try:
         uvicorn.Server(_uvicorn_config(svc, settings.host, settings.port, log_level)).run()
     finally:

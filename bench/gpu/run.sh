@@ -33,8 +33,8 @@ export TINSMITH_CACHE="$WORK/cache"   # prepared (synthetic) model folders: fres
 say() { printf '[run.sh +%4ds] %s\n' $((SECONDS - START)) "$*"; }
 
 if [[ "$DRY" == 1 ]]; then
-    TEST_BUDGET_S=${TEST_BUDGET_S:-90}
-    BENCH_BUDGET_S=${BENCH_BUDGET_S:-150}
+    TEST_BUDGET_S=${TEST_BUDGET_S:-240}
+    BENCH_BUDGET_S=${BENCH_BUDGET_S:-600}
     BENCH_MODE=(--tiny)
     export TINSMITH_TEST_DEVICE=${TINSMITH_TEST_DEVICE:-cpu}
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

@@ -30,8 +30,9 @@ def create_app(svc: Service) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_middleware(BodyLimit, max_bytes=svc.settings.max_body_bytes)
     # Everything but the health probes and the dashboard's static files needs a valid API
-    # key once the server has keys.
-    for r in (session.router, training.router, sampling.router, futures.router, rest.router,
+    # key once the server has keys. Routes are matched in order and no two paths overlap:
+    # the per-step ones (retrieve_future, forward_backward, optim_step) come first.
+    for r in (futures.router, training.router, sampling.router, session.router, rest.router,
               dashboard.router, downloads.router):
         app.include_router(r, dependencies=[Depends(current_caller)])
     app.include_router(health.router)

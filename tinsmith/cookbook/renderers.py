@@ -46,6 +46,7 @@ class Renderer(ABC):
     """Turns conversations into tokens/weights and sampled tokens back into a message."""
 
     _add_special_tokens = False  # whether tokenizing adds BOS etc. (templates write them)
+    _marker: str  # the end-of-turn text that ends an assistant message
 
     def __init__(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "is_fast", False):
@@ -106,24 +107,22 @@ class Renderer(ABC):
                    for ts, te in offsets]
         return tokens, weights
 
-    def observation_tokens(self, before: list[Message], after: list[Message], ended: bool) -> list[int]:
-        """Tokens that follow a sampled assistant reply in a multi-turn episode.
+    def observation_tokens(self, before: list[Message], new: list[Message], ended: bool) -> list[int]:
+        """Tokens that follow a sampled assistant reply in a multi-turn episode: the rest of
+        the reply's footer, the `new` (user / tool) messages and the assistant turn opener.
 
-        `before` is the conversation the reply was sampled for; `after` is `before` plus the
-        reply plus the new (user / tool) messages. Returns the rendering of `after` with its
-        generation prompt, less that of `before` and of the reply up to its end-of-turn
-        marker; when sampling was cut off before the marker (`ended` False) the marker is
-        kept, so the transcript stays exactly what the template renders.
+        `before` is the conversation the reply was sampled for. When sampling was cut off
+        before the end-of-turn marker (`ended` False) the whole footer is returned, marker
+        included. The reply itself is never rendered (a placeholder stands in for it), so
+        the next turn's input is the previous input + the sampled tokens, exactly as
+        sampled, + these: no text is re-encoded, whatever the sampled tokens decode to (the
+        hosted cookbook's multi-turn environments build observations the same way).
         """
-        prev, full = self.build_generation_prompt(before), self.build_generation_prompt(after)
-        if full[: len(prev)] != prev:
-            raise ValueError("the chat template is not prefix-stable across turns")
-        rest, stops = full[len(prev):], self.stop_sequences()
-        for j in range(len(rest)):
-            if rest[j] in stops or any(isinstance(s, str) and s in self.tokenizer.decode(rest[: j + 1])
-                                       for s in stops):
-                return rest[j + 1:] if ended else rest[j:]
-        raise ValueError("no end-of-turn marker after the assistant reply")
+        reply = {"role": "assistant", "content": _SENTINEL}
+        text = self._prompt_text([*before, reply, *new]).partition(_SENTINEL)[2]
+        if ended:  # the sampled tokens end with the marker: only what follows it is missing
+            text = text.partition(self._marker)[2]
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def build_generation_prompt(self, messages: list[Message]) -> list[int]:
         """Tokens of the conversation followed by the assistant turn opener."""
@@ -226,6 +225,7 @@ class PlainRenderer(Renderer):
     """
 
     _add_special_tokens = True
+    _marker = "\n"
 
     def _render(self, messages: list[Message]) -> tuple[str, list[tuple[int, int, int]]]:
         text, spans = "", []

@@ -1,12 +1,14 @@
-"""Pieces the RL-style recipes share: group advantages, episode datums, the policy-gradient
-step, reference logprobs, a KL penalty to a reference model, and the multi-turn rollout.
+"""Pieces the RL-style recipes share: their sampling config fields, group advantages and
+GRPO datums, the policy-gradient step, reference logprobs, a KL penalty to a reference
+model, and the multi-turn rollout.
 
 `policy_step` sends forward_backward and optim_step before waiting for either (the server
 runs them in order, with no round trip between) and returns the server's policy metrics
 under short names. `forward_logprobs` reads the logprobs a client gives each datum's
 targets, for reference-model terms (DPO's reference, a KL penalty to the base model). `run_episodes`
 plays `MultiStepEnv`s turn by turn into `Episode`s, one token transcript each, which
-`transcript_datum` turns into a datum.
+`transcript_datum` turns into a datum. `grpo_datums` (single-turn samples) and
+`episode_datums` (episodes) centre a step's rewards in each group and make its datums.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tinker
 from tinker import types
 
 from tinsmith.cookbook.datasets import Conversation, MultiStepEnv
+from tinsmith.cookbook.recipe import RecipeConfig
 from tinsmith.cookbook.renderers import Renderer
 
 TRAIN_SEED_STRIDE = 1_000_003
@@ -30,6 +33,37 @@ TRAIN_SEED_STRIDE = 1_000_003
 # Server metrics (docs/losses.md) logged by the recipes, under these names.
 SERVER_METRICS = {"ratio:mean": "ratio", "kl_sampler:mean": "kl_sampler",
                   "clip_fraction:mean": "clip_fraction"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupConfig(RecipeConfig):
+    """The fields of a GRPO-style recipe: groups of samples per prompt, and how to sample."""
+
+    learning_rate: float | None = None  # type: ignore[assignment]
+    """Adam learning rate (constant). None: the hyperparams LoRA rate * sqrt(batch_size / 32)."""
+    batch_size: int = 8
+    """Problems (groups) per step."""
+    group_size: int = 8
+    """Samples (answers, episodes) per problem; advantages are centred within each group."""
+    max_tokens: int = 128
+    """Longest reply sampled (in a multi-turn episode: per turn), in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of training samples."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultiTurnConfig(GroupConfig):
+    """A multi-turn GRPO recipe's fields: a turn limit, and a warm start on scripted episodes
+    (`tinsmith.recipes.chat_sl.warm_start`)."""
+
+    max_turns: int = 3
+    """Policy turns per episode at most."""
+    sft_steps: int = 0
+    """Warm start: supervised steps on scripted episodes before RL (0: none)."""
+    sft_examples: int = 64
+    """Scripted episodes for the warm start (drawn apart from the RL ones)."""
+    sft_learning_rate: float | None = None
+    """Warm-start peak learning rate (None: the recommended LoRA rate, as in chat_sl)."""
 
 
 def policy_step(client: tinker.TrainingClient, data: list[types.Datum], adam: types.AdamParams,
@@ -76,6 +110,25 @@ def transcript_datum(tokens: Sequence[int], logprobs: Sequence[float], sampled: 
         "target_tokens": list(tokens[1:]),
         "logprobs": np.where(mask, np.asarray(logprobs[1:], np.float32), 0.0).astype(np.float32),
         "advantages": np.where(mask, advantage, 0.0).astype(np.float32)})
+
+
+def grpo_datums(samples: Sequence[tuple[Sequence[int], Any]], rewards: Sequence[float],
+                group_size: int) -> tuple[list[types.Datum], list[int], int]:
+    """A step's single-turn samples as datums. `samples` are (prompt, sampled sequence with
+    tokens and logprobs) pairs with their `rewards`, laid out group after group. One datum
+    per sample of each group with a spread of rewards (`grouped_advantages`), its prompt and
+    tokens in one transcript (`transcript_datum`). Returns the datums, how many sampled
+    tokens end each (for `with_kl_penalty`) and how many groups had a spread."""
+    picked, mixed = grouped_advantages(rewards, group_size)
+    data_D: list[types.Datum] = []
+    n_sampled_D: list[int] = []
+    for i, advantage in picked:
+        prompt, seq = samples[i]
+        tokens, n = [*prompt, *seq.tokens], len(seq.tokens)
+        data_D.append(transcript_datum(tokens, [0.0] * len(prompt) + list(seq.logprobs),
+                                       [False] * len(prompt) + [True] * n, advantage))
+        n_sampled_D.append(n)
+    return data_D, n_sampled_D, mixed
 
 
 def reference_client(service: tinker.ServiceClient, model_name: str) -> tinker.TrainingClient:
@@ -148,6 +201,15 @@ class Episode:
         self.sampled += [logprobs is not None] * len(tokens)
 
 
+def episode_datums(episodes: Sequence[Episode], group_size: int) -> tuple[list[types.Datum], int]:
+    """A step's episodes, laid out group after group, as datums: one per episode of each
+    group with a spread of returns, its whole transcript (`transcript_datum`); and how many
+    groups had a spread."""
+    picked, mixed = grouped_advantages([e.reward for e in episodes], group_size)
+    return [transcript_datum(episodes[i].tokens, episodes[i].logprobs, episodes[i].sampled, a)
+            for i, a in picked], mixed
+
+
 def run_episodes(sampler: tinker.SamplingClient, renderer: Renderer, envs: Sequence[MultiStepEnv],
                  *, seed: int, max_tokens: int, temperature: float) -> list[Episode]:
     """Play every env to its end (its observations are messages), all advancing one turn at
@@ -156,7 +218,8 @@ def run_episodes(sampler: tinker.SamplingClient, renderer: Renderer, envs: Seque
     episode is sampled with seed `seed + 1_000 * t + i` (distinct for up to 1,000 episodes).
     A turn's input is exactly the previous turn's input + its sampled tokens + the
     observation's tokens (`Renderer.observation_tokens`), so an episode's `tokens` are the
-    very sequence that was sampled from: no re-rendering."""
+    very sequence that was sampled from: the sampled tokens are never decoded and encoded
+    again (they need not survive that), and earlier turns are never re-rendered."""
     episodes = []
     for env in envs:
         messages = env.initial_observation()
@@ -177,8 +240,7 @@ def run_episodes(sampler: tinker.SamplingClient, renderer: Renderer, envs: Seque
                 e.info = info
             else:
                 assert not isinstance(obs, str) and obs is not None
-                after = [*e.messages, message, *obs]
-                e.extend(renderer.observation_tokens(e.messages, after, ended))
-                e.messages = after
+                e.extend(renderer.observation_tokens(e.messages, obs, ended))
+                e.messages = [*e.messages, message, *obs]
         turn += 1
     return episodes

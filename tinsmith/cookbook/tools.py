@@ -98,15 +98,32 @@ class ToolEnv:
     """Show one worked episode (`example`) before the question: a small model copies it."""
     turns: int = 0
     tool_calls: int = 0
+    tag: ClassVar[str] = ""
+    """A call is `<tag>ARGUMENT</tag>`."""
     system_prompt: ClassVar[str] = ""
     example: ClassVar[list[dict[str, str]]] = []
 
     def question(self) -> str:
         raise NotImplementedError
 
-    def reply(self, text: str) -> str | None:
-        """The tool's reply to the call in `text` (None: no call); counts good calls."""
+    def call(self, argument: str) -> tuple[str, bool]:
+        """The tool's reply to a call with `argument`, and whether the call was a good one;
+        ValueError for a bad argument."""
         raise NotImplementedError
+
+    def reply(self, text: str) -> str | None:
+        """The tool's reply to the first call in `text` (None: no call; `error: ...` for a
+        bad one); counts good calls."""
+        argument = find_call(text, self.tag)
+        if argument is None:
+            return None
+        try:
+            answer, good = self.call(argument)
+        except ValueError as e:
+            return f"error: {e}"
+        if good:
+            self.tool_calls += 1
+        return answer
 
     def grade(self, text: str) -> tuple[float, dict[str, float]]:
         raise NotImplementedError
@@ -149,6 +166,7 @@ class CalculatorEnv(ToolEnv):
     """An arithmetic word problem with a calculator tool (module docstring)."""
 
     problem: Problem
+    tag: ClassVar[str] = "calc"
     system_prompt: ClassVar[str] = (
         "Solve the math word problem. You may use a calculator: write <calc>EXPRESSION</calc> "
         "(numbers and + - * / ( ) only) and stop; the result comes back in a tool message. "
@@ -164,16 +182,8 @@ class CalculatorEnv(ToolEnv):
     def question(self) -> str:
         return self.problem.question
 
-    def reply(self, text: str) -> str | None:
-        expr = find_call(text)
-        if expr is None:
-            return None
-        try:
-            value = format_number(calculate(expr))
-        except ValueError as e:
-            return f"error: {e}"
-        self.tool_calls += 1
-        return value
+    def call(self, argument: str) -> tuple[str, bool]:
+        return format_number(calculate(argument)), True
 
     def grade(self, text: str) -> tuple[float, dict[str, float]]:
         return grade(text, self.problem.answer)
@@ -189,6 +199,7 @@ class SearchEnv(ToolEnv):
     problem: LookupProblem
     index: SearchIndex
     k: int = 3
+    tag: ClassVar[str] = "search"
     system_prompt: ClassVar[str] = (
         "Answer the question about a fictional world; you cannot know the answer without "
         "looking it up. Search the knowledge base: write <search>QUERY</search> (a few "
@@ -205,18 +216,11 @@ class SearchEnv(ToolEnv):
     def question(self) -> str:
         return self.problem.question
 
-    def reply(self, text: str) -> str | None:
-        query = find_call(text, "search")
-        if query is None:
-            return None
-        try:
-            hits = self.index.search(query, self.k)
-        except ValueError as e:
-            return f"error: {e}"
+    def call(self, argument: str) -> tuple[str, bool]:
+        hits = self.index.search(argument, self.k)
         if not hits:
-            return "no results"
-        self.tool_calls += 1
-        return "\n".join(f"[{doc.id}] {_cut(doc.text)}" for doc, _ in hits)
+            return "no results", False
+        return "\n".join(f"[{doc.id}] {_cut(doc.text)}" for doc, _ in hits), True
 
     def grade(self, text: str) -> tuple[float, dict[str, float]]:
         return grade_lookup(text, self.problem.answer)

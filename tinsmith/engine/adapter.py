@@ -6,11 +6,13 @@ Gradients therefore land only in the adapter whose rows produced them.
 
 Initialisation follows PEFT's default (A ~ kaiming-uniform(a=sqrt(5)), B = 0), drawn
 from a generator seeded by `LoraSpec.seed`, so a given seed gives the same adapter.
+How an adapter is named and stored in files (PEFT's format) is engine/checkpoint.py's.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -24,8 +26,6 @@ from tinsmith.engine.lora import (
     leaf_name,
 )
 from tinsmith.types import AdamSpec, LoraSpec
-
-PEFT_PREFIX = "base_model.model."
 
 
 def target_leaves(spec: LoraSpec, model_type: str | None = None) -> tuple[str, ...]:
@@ -133,14 +133,21 @@ class Adapter:
         """Clip (global norm), apply AdamW, zero the gradients. Returns optimizer metrics."""
         params = self.parameters()
         grads = [p.grad for p in params if p.grad is not None]
+        on_gpu = bool(grads) and grads[0].is_cuda
         if grads:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            # On a GPU one multi-tensor kernel for every tensor's norm (hundreds of launches
+            # otherwise); on a CPU today's per-tensor norms, so results stay bitwise the same.
+            norms = torch._foreach_norm(grads) if on_gpu else [torch.linalg.vector_norm(g) for g in grads]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(norms)))  # the step's one sync
         else:
             grad_norm = 0.0
         if adam.grad_clip_norm > 0 and grad_norm > adam.grad_clip_norm:
             coef = adam.grad_clip_norm / (grad_norm + 1e-6)
-            for g in grads:
-                g.mul_(coef)
+            if on_gpu:
+                torch._foreach_mul_(grads, coef)
+            else:
+                for g in grads:
+                    g.mul_(coef)
         if self.optimizer is None:
             self.optimizer = _adamw(params)
         for group in self.optimizer.param_groups:
@@ -153,78 +160,24 @@ class Adapter:
         self.num_steps += 1
         return {"grad_norm:mean": grad_norm, "learning_rate:mean": adam.learning_rate}
 
-    # ----- state in PEFT naming -------------------------------------------------------
-    def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors named as PEFT saves them (`adapter_model.safetensors`)."""
-        out: dict[str, torch.Tensor] = {}
-        for path, w in self.weights.items():
-            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = w.A.detach().cpu().contiguous()
-            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = w.B.detach().cpu().contiguous()
-        return out
-
-    def optimizer_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adam moments in the same naming, with `.exp_avg` / `.exp_avg_sq` suffixes, plus step."""
-        out: dict[str, torch.Tensor] = {}
+    # ----- optimizer state ------------------------------------------------------------
+    def adam_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        """AdamW's state of one factor (`step`, `exp_avg`, `exp_avg_sq`) where its kernel
+        keeps it; empty before the first optimizer step."""
         if self.optimizer is None:
-            return out
-        for path, w in self.weights.items():
-            for factor, p in (("lora_A", w.A), ("lora_B", w.B)):
-                st = self.optimizer.state.get(p)
-                if not st:
-                    continue
-                key = f"{PEFT_PREFIX}{path}.{factor}.weight"
-                out[f"{key}.exp_avg"] = st["exp_avg"].cpu().contiguous()
-                out[f"{key}.exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
-                out[f"{key}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
-        return out
+            return {}
+        return self.optimizer.state.get(param) or {}
 
-    def load_optimizer_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if not state:
-            return
-        params = self.parameters()
-        self.optimizer = _adamw(params)
-        for path, w in self.weights.items():
-            for factor, p in (("lora_A", w.A), ("lora_B", w.B)):
-                key = f"{PEFT_PREFIX}{path}.{factor}.weight"
-                if f"{key}.exp_avg" not in state:
-                    continue
-                self.optimizer.state[p] = {
-                    "step": _step_for(state[f"{key}.step"].reshape(()), p),
-                    "exp_avg": state[f"{key}.exp_avg"].to(p.device, copy=True),
-                    "exp_avg_sq": state[f"{key}.exp_avg_sq"].to(p.device, copy=True),
-                }
-
-    @classmethod
-    def from_peft_state_dict(
-        cls, spec: LoraSpec, tensors: dict[str, torch.Tensor], layers: dict[str, MultiLoraLinear]
-    ) -> Adapter:
-        """Rebuild an adapter from PEFT-named tensors; shapes are checked against the model."""
-        scale = spec.alpha / spec.rank
-        weights: dict[str, LoraWeights] = {}
-        for path, layer in layers.items():
-            a = tensors.get(f"{PEFT_PREFIX}{path}.lora_A.weight")
-            b = tensors.get(f"{PEFT_PREFIX}{path}.lora_B.weight")
-            if a is None or b is None:
-                continue
-            if tuple(a.shape) != (spec.rank, layer.in_features) or tuple(b.shape) != (
-                layer.out_features,
-                spec.rank,
-            ):
-                raise ValueError(
-                    f"checkpoint tensor shapes for {path} do not fit this base model "
-                    f"(A {tuple(a.shape)}, B {tuple(b.shape)})"
-                )
-            dev = layer.weight.device
-            weights[path] = LoraWeights(
-                a.to(dev, torch.float32, copy=True).requires_grad_(),
-                b.to(dev, torch.float32, copy=True).requires_grad_(), scale,
-            )
-        if not weights:
-            raise ValueError("checkpoint holds no LoRA tensors for this base model")
-        return cls(spec, weights)
-
-    def num_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+    def set_adam_state(self, states: Mapping[torch.Tensor, Mapping[str, torch.Tensor]]) -> None:
+        """A fresh AdamW holding `states` (per factor: `step`, `exp_avg`, `exp_avg_sq`, on any
+        device), copied to where its kernel keeps them; factors left out start fresh."""
+        self.optimizer = _adamw(self.parameters())
+        for p, st in states.items():
+            self.optimizer.state[p] = {
+                "step": _step_for(st["step"], p),
+                "exp_avg": st["exp_avg"].to(p.device, copy=True),
+                "exp_avg_sq": st["exp_avg_sq"].to(p.device, copy=True),
+            }
 
 
 def _adamw(params: list[torch.Tensor]) -> torch.optim.AdamW:

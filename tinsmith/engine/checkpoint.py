@@ -11,8 +11,10 @@ lives):
   `LoraSpec` (seed and train_* flags included), the number of optimizer steps taken, the
   base model name and the format version.
 - `optimizer.safetensors` (only when saved with the optimizer): AdamW moments and step
-  counts in the same naming (see `Adapter.optimizer_state_dict`); empty when no optimizer
-  step was taken yet.
+  counts in the same naming (`<factor name>.exp_avg` / `.exp_avg_sq` / `.step`); empty when
+  no optimizer step was taken yet.
+
+Everything about names and files lives here; `Adapter` holds only tensors and training.
 
 Reading also accepts a plain PEFT LoRA folder (no `tinsmith.json`): the spec is derived
 from `adapter_config.json`, as long as it describes a LoRA that Tinsmith computes the same
@@ -28,11 +30,12 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from tinsmith.engine.adapter import PEFT_PREFIX, Adapter, target_leaves
+from tinsmith.engine.adapter import Adapter, target_leaves
 from tinsmith.engine.lora import (
     ATTN_TARGETS,
     MLP_TARGETS,
     UNEMBED_TARGETS,
+    LoraWeights,
     MultiLoraLinear,
     leaf_name,
 )
@@ -43,6 +46,47 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 TINSMITH_FILE = "tinsmith.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+PEFT_PREFIX = "base_model.model."
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+# ----- PEFT tensor names ----------------------------------------------------------------
+def peft_key(path: str, factor: str) -> str:
+    """The name PEFT saves factor `"A"` or `"B"` of the layer at `path` under."""
+    return f"{PEFT_PREFIX}{path}.lora_{factor}.weight"
+
+
+def split_peft_key(key: str) -> tuple[str, str] | None:
+    """(layer path, `"A"` or `"B"`) of a PEFT LoRA factor's name; None for any other name."""
+    path, _, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+    if not key.startswith(PEFT_PREFIX) or factor not in ("A.weight", "B.weight"):
+        return None
+    return path, factor[0]
+
+
+def _named_factors(adapter: Adapter) -> list[tuple[str, torch.Tensor]]:
+    """(PEFT name, tensor) of every factor: per layer A then B, in the adapter's order."""
+    return [(peft_key(path, f), t) for path, w in adapter.weights.items()
+            for f, t in (("A", w.A), ("B", w.B))]
+
+
+def peft_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The factors on the CPU, named as PEFT saves them (`adapter_model.safetensors`)."""
+    return {key: t.detach().cpu().contiguous() for key, t in _named_factors(adapter)}
+
+
+def optimizer_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """AdamW's moments and step counts on the CPU, named `<factor name>.exp_avg` /
+    `.exp_avg_sq` / `.step` (a float32 [1]); empty before the first optimizer step."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in _named_factors(adapter):
+        st = adapter.adam_state(t)
+        if not st:
+            continue
+        for moment in _MOMENTS:
+            out[f"{key}.{moment}"] = st[moment].cpu().contiguous()
+        out[f"{key}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+    return out
 
 
 # ----- writing ------------------------------------------------------------------------
@@ -79,7 +123,7 @@ def adapter_to_files(
 ) -> dict[str, bytes]:
     """Serialise an adapter (and, if asked, its AdamW state) into checkpoint files."""
     files = {
-        WEIGHTS_FILE: safetensors.torch.save(adapter.peft_state_dict(), metadata={"format": "pt"}),
+        WEIGHTS_FILE: safetensors.torch.save(peft_state_dict(adapter), metadata={"format": "pt"}),
         CONFIG_FILE: _json_bytes(_peft_config(adapter, base_model)),
     }
     info = {
@@ -92,7 +136,7 @@ def adapter_to_files(
     }
     files[TINSMITH_FILE] = _json_bytes(info)
     if include_optimizer:
-        state = adapter.optimizer_state_dict()  # empty before the first optim_step
+        state = optimizer_state_dict(adapter)  # empty before the first optim_step
         files[OPTIMIZER_FILE] = safetensors.torch.save(state, metadata={"format": "pt"})
     return files
 
@@ -189,7 +233,7 @@ def adapter_from_files(
         raise ValueError(f"checkpoint LoRA rank must be >= 1, got {spec.rank}")
     complete = TINSMITH_FILE in files  # our own checkpoints hold every layer the spec trains
     tensors = _lora_tensors(_tensors(files, WEIGHTS_FILE), spec, layers, complete=complete)
-    adapter = Adapter.from_peft_state_dict(spec, tensors, layers)  # checks shapes
+    adapter = _adapter_from_tensors(spec, tensors, layers)  # checks shapes
     if TINSMITH_FILE in files:
         steps = _json_file(files, TINSMITH_FILE).get("num_steps", 0)
         if not isinstance(steps, int) or steps < 0:
@@ -198,8 +242,47 @@ def adapter_from_files(
     if load_optimizer and OPTIMIZER_FILE in files:
         state = _tensors(files, OPTIMIZER_FILE)
         _check_optimizer_state(adapter, state)
-        adapter.load_optimizer_state_dict(state)
+        _load_optimizer_state(adapter, state)
     return adapter
+
+
+def _load_optimizer_state(adapter: Adapter, state: Mapping[str, torch.Tensor]) -> None:
+    """Give `adapter` the AdamW state of `optimizer_state_dict`'s naming (none if empty)."""
+    if not state:
+        return
+    adapter.set_adam_state({
+        t: {"step": state[f"{key}.step"].reshape(()),
+            **{moment: state[f"{key}.{moment}"] for moment in _MOMENTS}}
+        for key, t in _named_factors(adapter) if f"{key}.exp_avg" in state
+    })
+
+
+def _adapter_from_tensors(spec: LoraSpec, tensors: Mapping[str, torch.Tensor],
+                          layers: Mapping[str, MultiLoraLinear]) -> Adapter:
+    """An adapter of PEFT-named factors, each in float32 on its layer's device; shapes are
+    checked against the model."""
+    scale = spec.alpha / spec.rank
+    weights: dict[str, LoraWeights] = {}
+    for path, layer in layers.items():
+        a, b = tensors.get(peft_key(path, "A")), tensors.get(peft_key(path, "B"))
+        if a is None or b is None:
+            continue
+        if tuple(a.shape) != (spec.rank, layer.in_features) or tuple(b.shape) != (
+            layer.out_features,
+            spec.rank,
+        ):
+            raise ValueError(
+                f"checkpoint tensor shapes for {path} do not fit this base model "
+                f"(A {tuple(a.shape)}, B {tuple(b.shape)})"
+            )
+        dev = layer.weight.device
+        weights[path] = LoraWeights(
+            a.to(dev, torch.float32, copy=True).requires_grad_(),
+            b.to(dev, torch.float32, copy=True).requires_grad_(), scale,
+        )
+    if not weights:
+        raise ValueError("checkpoint holds no LoRA tensors for this base model")
+    return Adapter(spec, weights)
 
 
 def _lora_tensors(
@@ -226,10 +309,10 @@ def _lora_tensors(
             if tensor.shape != base.shape or not torch.equal(tensor, base.to("cpu", tensor.dtype)):
                 raise ValueError(f"{WEIGHTS_FILE}: {key!r} differs from this base model's weight")
             continue
-        path, _, factor = name.rpartition(".lora_")
-        if not key.startswith(PEFT_PREFIX) or factor not in ("A.weight", "B.weight"):
+        named = split_peft_key(key)
+        if named is None:
             raise ValueError(f"{WEIGHTS_FILE}: unexpected tensor {key!r} (not a PEFT LoRA factor)")
-        factors.setdefault(path, set()).add(factor)
+        factors.setdefault(named[0], set()).add(named[1])
         out[key] = tensor
     leaves = set(target_leaves(spec))
     wanted = [p for p in layers if leaf_name(p) in leaves] if complete else []
@@ -250,12 +333,10 @@ def _lora_tensors(
 
 def _check_optimizer_state(adapter: Adapter, state: Mapping[str, torch.Tensor]) -> None:
     expected: dict[str, tuple[int, ...]] = {}
-    for path, w in adapter.weights.items():
-        for factor, p in (("lora_A", w.A), ("lora_B", w.B)):
-            key = f"{PEFT_PREFIX}{path}.{factor}.weight"
-            expected[f"{key}.exp_avg"] = tuple(p.shape)
-            expected[f"{key}.exp_avg_sq"] = tuple(p.shape)
-            expected[f"{key}.step"] = (1,)
+    for key, t in _named_factors(adapter):
+        for moment in _MOMENTS:
+            expected[f"{key}.{moment}"] = tuple(t.shape)
+        expected[f"{key}.step"] = (1,)
     for key, tensor in state.items():
         if key not in expected:
             raise ValueError(f"{OPTIMIZER_FILE}: unexpected tensor {key!r}")
@@ -266,5 +347,5 @@ def _check_optimizer_state(adapter: Adapter, state: Mapping[str, torch.Tensor]) 
             )
     for key in state:
         base = key.rsplit(".", 1)[0]
-        if not all(f"{base}.{s}" in state for s in ("exp_avg", "exp_avg_sq", "step")):
+        if not all(f"{base}.{s}" in state for s in (*_MOMENTS, "step")):
             raise ValueError(f"{OPTIMIZER_FILE}: incomplete Adam state for {base!r}")

@@ -20,8 +20,13 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from tinsmith.engine.adapter import PEFT_PREFIX
-from tinsmith.engine.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_lora_spec
+from tinsmith.engine.checkpoint import (
+    CONFIG_FILE,
+    PEFT_PREFIX,
+    WEIGHTS_FILE,
+    read_lora_spec,
+    split_peft_key,
+)
 
 PEFT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -52,11 +57,10 @@ def lora_deltas(files: Mapping[str, bytes]) -> dict[str, torch.Tensor]:
     tensors = safetensors.torch.load(peft_files(files)[WEIGHTS_FILE])
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        name = key.removeprefix(PEFT_PREFIX)
-        path, _, factor = name.rpartition(".lora_")
-        if key.startswith(PEFT_PREFIX) and factor in ("A.weight", "B.weight"):
-            factors.setdefault(path, {})[factor[0]] = tensor.float()
-        elif ".base_layer." not in name:  # PEFT may store an lm_head's base weight: unchanged
+        named = split_peft_key(key)
+        if named is not None:
+            factors.setdefault(named[0], {})[named[1]] = tensor.float()
+        elif ".base_layer." not in key.removeprefix(PEFT_PREFIX):  # lm_head's base: unchanged
             raise ValueError(f"{WEIGHTS_FILE}: unexpected tensor {key!r}")
     scale = spec.alpha / spec.rank
     out = {}

@@ -138,7 +138,3 @@ def family_for(model_type: str, linear_leaves: Iterable[str] | None = None) -> F
         f"{', '.join(sorted(FAMILIES))}. Add its attention/MLP/unembedding leaf names to "
         "FAMILIES in tinsmith/engine/families.py"
     )
-
-
-def is_known(model_type: str) -> bool:
-    return model_type.lower() in FAMILIES

@@ -20,6 +20,7 @@ Anything else is a UserError saying where Tinsmith looked and how to fix it.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,14 +53,6 @@ def _catalog() -> dict[str, ModelSpec]:
 
 def known_models() -> list[ModelSpec]:
     return list(_catalog().values())
-
-
-def is_known(name: str) -> bool:
-    from tinsmith.models.local import find_local
-
-    if name in _catalog() or (Path(name) / "config.json").is_file():
-        return True
-    return find_local(name) is not None
 
 
 def _not_found(name: str) -> UserError:
@@ -109,15 +102,11 @@ def resolve_model_dir(name: str, cache_dir: Path | None = None) -> Path:
         if not (out / "READY").is_file():
             tmp = out.with_name(out.name + ".partial")
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             spec.build(cache, tmp)
             (tmp / "READY").write_text("ok\n")
             if out.exists():
-                import shutil
-
                 shutil.rmtree(out)
             tmp.rename(out)
     return out

@@ -53,6 +53,7 @@ from tinsmith.cookbook.recipe import (
     training_client,
 )
 from tinsmith.cookbook.renderers import TrainOn, get_renderer, to_datum
+from tinsmith.cookbook.rl import MultiTurnConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,12 +173,11 @@ def sft_stage(cfg: RecipeConfig, service: tinker.ServiceClient,
     return str(train(sub, service, conversations())["checkpoint"]["state_path"])
 
 
-def warm_start(cfg: Any, service: tinker.ServiceClient,
+def warm_start(cfg: MultiTurnConfig, service: tinker.ServiceClient,
                demonstrations: Callable[[], list[Conversation]]) -> str | None:
-    """An RL recipe's warm start. `cfg` is its RecipeConfig with `sft_steps` and
-    `sft_learning_rate` keys: with sft_steps > 0, `sft_stage` on scripted `demonstrations()`
-    (every assistant turn trained); returns the training state RL starts from, or None when
-    there is no warm start."""
+    """A multi-turn RL recipe's warm start: with cfg.sft_steps > 0, `sft_stage` on scripted
+    `demonstrations()` (every assistant turn trained); returns the training state RL starts
+    from, or None when there is no warm start."""
     if cfg.sft_steps <= 0:
         return None
     return sft_stage(cfg, service, demonstrations, steps=cfg.sft_steps, batch_size=8,

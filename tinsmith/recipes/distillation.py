@@ -162,8 +162,8 @@ def teacher_messages(cfg: Config, messages: list[Message]) -> list[Message]:
 
 def teacher_client(cfg: Config, service: tinker.ServiceClient) -> tinker.SamplingClient:
     if cfg.teacher_path:
-        return service.create_sampling_client(model_path=cfg.teacher_path)
-    return service.create_sampling_client(base_model=cfg.teacher_model or cfg.model_name)
+        return service.create_sampling_client(model_path=cfg.teacher_path).result()
+    return service.create_sampling_client(base_model=cfg.teacher_model or cfg.model_name).result()
 
 
 def topk_datum(prompt: list[int], response: list[int],

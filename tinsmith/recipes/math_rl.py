@@ -64,7 +64,6 @@ from tinker import types
 from tinsmith.cookbook.arithmetic import Problem, grade, make_problems, problem_messages
 from tinsmith.cookbook.hyperparams import rl_lr_for_batch
 from tinsmith.cookbook.recipe import (
-    RecipeConfig,
     end_step,
     open_logger,
     recommended_lora_lr,
@@ -75,32 +74,22 @@ from tinsmith.cookbook.recipe import (
 from tinsmith.cookbook.renderers import Renderer, get_renderer
 from tinsmith.cookbook.rl import (
     TRAIN_SEED_STRIDE,
-    grouped_advantages,
+    GroupConfig,
+    grpo_datums,
     policy_step,
     reference_client,
     sample_prompts,
     with_kl_penalty,
 )
 from tinsmith.cookbook.transcripts import Episode, write_html_transcripts
-from tinsmith.recipes.rl_loop import rl_datum
 
 REFERENCE_BATCH = 32
 """Problems per step that the hyperparams LoRA learning rate is taken to be tuned for."""
 EVAL_SEED = 987_654_321_987
 """Seed of the held-out problems: beyond seed * 1_000_003 + step for any seed < 987_000."""
 @dataclass(frozen=True, kw_only=True)
-class Config(RecipeConfig):
+class Config(GroupConfig):
     log_path: str = "runs/math_rl"
-    learning_rate: float | None = None  # type: ignore[assignment]
-    """Adam learning rate (constant). None: the hyperparams LoRA rate * sqrt(batch_size / 32)."""
-    batch_size: int = 8
-    """Problems per step."""
-    group_size: int = 8
-    """Answers sampled per problem; advantages are centred within each group."""
-    max_tokens: int = 128
-    """Longest answer sampled, in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature for training samples (evaluation is greedy)."""
     difficulty: Literal["easy", "medium", "hard"] = "easy"
     """Problem difficulty (see tinsmith.cookbook.arithmetic)."""
     fewshot: bool = True
@@ -121,7 +110,7 @@ class Config(RecipeConfig):
     """Sampled episodes written to each transcripts page."""
 
 
-def learning_rate(cfg: Config) -> float:
+def learning_rate(cfg: GroupConfig) -> float:
     """`cfg.learning_rate`, or the hyperparams LoRA rate scaled to the batch (module docstring)."""
     if cfg.learning_rate is not None:
         return cfg.learning_rate
@@ -193,10 +182,7 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
                         messages=[*messages_P[p], {"role": "assistant", "content": text}],
                         reward=reward, title=f"step {step}, problem {p}, sample {g}",
                         metrics={**info, "answer": problem.answer}))
-        picked, mixed_groups = grouped_advantages(rewards, cfg.group_size)
-        data_D = [rl_datum(list(samples[i][0]), list(samples[i][1].tokens),
-                           list(samples[i][1].logprobs), a) for i, a in picked]
-        n_sampled_D = [len(samples[i][1].tokens) for i, _ in picked]
+        data_D, n_sampled_D, mixed_groups = grpo_datums(samples, rewards, cfg.group_size)
 
         metrics = {"reward": float(np.mean(rewards)), "correct": float(np.mean(correct)),
                    "format": float(np.mean(formatted)),

@@ -65,7 +65,6 @@ from tinker import types
 
 from tinsmith.cookbook.datasets import Conversation, StepResult
 from tinsmith.cookbook.recipe import (
-    RecipeConfig,
     end_step,
     open_logger,
     run,
@@ -75,10 +74,10 @@ from tinsmith.cookbook.recipe import (
 from tinsmith.cookbook.renderers import Renderer, get_renderer
 from tinsmith.cookbook.rl import (
     TRAIN_SEED_STRIDE,
-    grouped_advantages,
+    MultiTurnConfig,
+    episode_datums,
     policy_step,
     run_episodes,
-    transcript_datum,
 )
 from tinsmith.recipes import chat_sl
 from tinsmith.recipes.math_rl import learning_rate
@@ -88,30 +87,17 @@ Responder = Callable[[int, int], str]  # (hidden number, guess) -> one of ANSWER
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config(RecipeConfig):
+class Config(MultiTurnConfig):
+    """A group is `group_size` games with one hidden number; a turn is one guess."""
+
     log_path: str = "runs/multi_agent"
-    learning_rate: float | None = None  # type: ignore[assignment]
-    """Adam learning rate (constant). None: the hyperparams LoRA rate * sqrt(batch_size / 32)."""
-    batch_size: int = 8
-    """Hidden numbers (groups) per step."""
-    group_size: int = 8
-    """Games played per hidden number; advantages are centred within each group."""
     max_tokens: int = 16
-    """Longest guesser reply per turn, in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature of the guesser."""
+    max_turns: int = 6
+    sft_steps: int = 10
     max_number: int = 16
     """The hidden number is drawn from [1, max_number]."""
-    max_turns: int = 6
-    """Guesses allowed per game."""
     responder: Literal["rules", "model"] = "rules"
     """Who answers higher/lower/correct: the rule-based player or the (corrected) base model."""
-    sft_steps: int = 10
-    """Warm start: supervised steps on scripted binary-search games before RL (0: none)."""
-    sft_examples: int = 64
-    """Scripted games for the warm start (their hidden numbers have draws of their own)."""
-    sft_learning_rate: float | None = None
-    """Warm-start peak learning rate (None: the recommended LoRA rate, as in chat_sl)."""
 
 
 def parse_guess(text: str) -> int | None:
@@ -224,7 +210,7 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     renderer = get_renderer(training.get_tokenizer())
     lr = learning_rate(cfg)
     adam = types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8)
-    responder = (ModelResponder(service.create_sampling_client(base_model=cfg.model_name),
+    responder = (ModelResponder(service.create_sampling_client(base_model=cfg.model_name).result(),
                                 renderer, cfg.seed) if cfg.responder == "model" else None)
     logger = open_logger(cfg, start_step, "multi_agent", lr=lr)
     metrics: dict[str, float] = {}
@@ -240,11 +226,9 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         games = run_episodes(sampler, renderer, envs,
                              seed=(cfg.seed * TRAIN_SEED_STRIDE + step) * 100_000,
                              max_tokens=cfg.max_tokens, temperature=cfg.temperature)
-        rewards = [game.reward for game in games]
-        picked, mixed_groups = grouped_advantages(rewards, cfg.group_size)
-        data_D = [transcript_datum(games[i].tokens, games[i].logprobs, games[i].sampled, a)
-                  for i, a in picked]
-        metrics = {"reward": float(np.mean(rewards)), "mixed_groups": mixed_groups / cfg.batch_size,
+        data_D, mixed_groups = episode_datums(games, cfg.group_size)
+        metrics = {"reward": float(np.mean([game.reward for game in games])),
+                   "mixed_groups": mixed_groups / cfg.batch_size,
                    **{k: float(np.mean([game.info[k] for game in games]))
                       for k in ("solved", "turns", "invalid_guesses")},
                    "transcript_len": float(np.mean([len(game.tokens) for game in games])),

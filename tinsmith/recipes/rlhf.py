@@ -71,7 +71,7 @@ from tinsmith.cookbook.renderers import Renderer, get_renderer, to_datum
 from tinsmith.cookbook.rl import (
     TRAIN_SEED_STRIDE,
     forward_logprobs,
-    grouped_advantages,
+    grpo_datums,
     policy_step,
     sample_prompts,
     with_kl_penalty,
@@ -79,7 +79,6 @@ from tinsmith.cookbook.rl import (
 from tinsmith.cookbook.transcripts import Episode, write_html_transcripts
 from tinsmith.recipes import chat_sl
 from tinsmith.recipes.dpo import builtin_pairs, pair_steps
-from tinsmith.recipes.rl_loop import rl_datum
 
 JUDGE_TEMPLATE = ("Here is a conversation and a reply to it.\n\n{conversation}\n\n"
                   "Reply: {reply}\n\nIs the reply helpful and polite? Answer yes or no.")
@@ -224,10 +223,7 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
 
         # One datum per reply of each group, with the group-centred score as advantage.
         samples = [(tokens, seq) for tokens, seqs in zip(tokens_P, seqs_PG) for seq in seqs]
-        picked, mixed_groups = grouped_advantages(rewards, cfg.group_size)
-        data_D = [rl_datum(list(samples[i][0]), list(samples[i][1].tokens),
-                           list(samples[i][1].logprobs), a) for i, a in picked]
-        n_sampled_D = [len(samples[i][1].tokens) for i, _ in picked]
+        data_D, n_sampled_D, mixed_groups = grpo_datums(samples, rewards, cfg.group_size)
         metrics = {"reward": float(np.mean(rewards)),
                    "response_len": float(np.mean([len(s.tokens) for g in seqs_PG for s in g])),
                    "mixed_groups": mixed_groups / len(prompts_P), "num_datums": len(data_D)}

@@ -62,7 +62,6 @@ from tinker import types
 
 from tinsmith.cookbook.arithmetic import make_problems
 from tinsmith.cookbook.recipe import (
-    RecipeConfig,
     end_step,
     open_logger,
     run,
@@ -72,10 +71,10 @@ from tinsmith.cookbook.recipe import (
 from tinsmith.cookbook.renderers import get_renderer
 from tinsmith.cookbook.rl import (
     TRAIN_SEED_STRIDE,
-    grouped_advantages,
+    MultiTurnConfig,
+    episode_datums,
     policy_step,
     run_episodes,
-    transcript_datum,
 )
 from tinsmith.cookbook.search_index import SearchIndex, knowledge_base, make_lookup_problems
 from tinsmith.cookbook.tools import CalculatorEnv, SearchEnv, ToolEnv
@@ -84,20 +83,11 @@ from tinsmith.recipes.math_rl import learning_rate
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config(RecipeConfig):
+class Config(MultiTurnConfig):
+    """A group is `group_size` episodes of one problem."""
+
     log_path: str = "runs/tool_use"
-    learning_rate: float | None = None  # type: ignore[assignment]
-    """Adam learning rate. None: the hyperparams LoRA rate * sqrt(batch_size / 32)."""
-    batch_size: int = 8
-    """Problems per step."""
-    group_size: int = 8
-    """Episodes per problem; advantages are centred within each group."""
-    max_turns: int = 3
-    """Assistant turns per episode at most."""
     max_tokens: int = 96
-    """Longest assistant turn sampled, in tokens."""
-    temperature: float = 1.0
-    """Sampling temperature."""
     tool: Literal["calculator", "search"] = "calculator"
     """The environment: word problems with a calculator, or questions with a search index."""
     difficulty: Literal["easy", "medium", "hard"] = "medium"
@@ -106,12 +96,6 @@ class Config(RecipeConfig):
     """Documents in a search reply, tool=search."""
     fewshot: bool = True
     """Show one worked episode (a call, its reply, a boxed answer) before each question."""
-    sft_steps: int = 0
-    """Warm start: supervised steps on scripted correct episodes before RL (0: none)."""
-    sft_examples: int = 64
-    """Scripted episodes for the warm start (problems apart from the RL ones)."""
-    sft_learning_rate: float | None = None
-    """Warm-start peak learning rate (None: the recommended LoRA rate, as in chat_sl)."""
 
 
 DEMO_SEED = 555_555_555_555
@@ -145,7 +129,7 @@ def warm_start(cfg: Config, service: tinker.ServiceClient) -> str | None:
 def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
     training, start_step = training_client(service, cfg, init_state=warm_start(cfg, service))
     renderer = get_renderer(training.get_tokenizer())
-    lr = learning_rate(cfg)  # type: ignore[arg-type]
+    lr = learning_rate(cfg)
     adam = types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8)
     logger = open_logger(cfg, start_step, "tool_use", lr=lr)
     metrics: dict[str, float] = {}
@@ -156,9 +140,7 @@ def train(cfg: Config, service: tinker.ServiceClient) -> dict[str, Any]:
         seed = cfg.seed * TRAIN_SEED_STRIDE + step
         episodes = run_episodes(sampler, renderer, make_envs(cfg, seed), seed=seed * 100_000,
                                 max_tokens=cfg.max_tokens, temperature=cfg.temperature)
-        picked, mixed = grouped_advantages([e.reward for e in episodes], cfg.group_size)
-        data_D = [transcript_datum(episodes[i].tokens, episodes[i].logprobs, episodes[i].sampled,
-                                   a) for i, a in picked]
+        data_D, mixed = episode_datums(episodes, cfg.group_size)
         metrics = {"reward": float(np.mean([e.reward for e in episodes])),
                    **{k: float(np.mean([e.info[k] for e in episodes]))
                       for k in ("correct", "format", "tool_calls", "turns")},

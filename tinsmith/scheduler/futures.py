@@ -4,6 +4,9 @@ A future is created on the event loop when a request is accepted, completed from
 engine's worker thread, and read by `retrieve_future` polls that may arrive many times
 (poll iterations, retries after a client time-out). Results therefore stay readable for
 `keep_after_delivery_s` after their first delivery and `keep_undelivered_s` otherwise.
+Expired entries are dropped when a request is created, from two queues in time order (by
+delivery, and by creation for the undelivered ones), so creating a request looks only at
+what expired, never at every entry kept.
 
 Thread safety: all state is guarded by one lock; waiters are asyncio futures woken with
 `call_soon_threadsafe`, so completion from any thread wakes the loop at once (no polling).
@@ -20,7 +23,7 @@ import itertools
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -67,6 +70,10 @@ class FutureStore:
         self._keep_after_delivery_s = keep_after_delivery_s
         self._keep_undelivered_s = keep_undelivered_s
         self._pending: Counter[str | None] = Counter()  # owner -> futures not yet completed
+        # Expiry bookkeeping (see _purge_locked), both in time order:
+        self._by_delivery: deque[tuple[float, str]] = deque()  # (first delivery, id)
+        self._undelivered: OrderedDict[str, float] = OrderedDict()  # id -> created, oldest first
+        self._overdue: set[str] = set()  # pending past keep_undelivered_s: dropped once done
 
     def create(self, kind: str, owner: str | None = None, max_pending: int | None = None) -> str:
         """A new pending request, retrievable by `owner` (an API key id) or an admin.
@@ -77,7 +84,9 @@ class FutureStore:
             self._pending[owner] += 1
             self._purge_locked(time.monotonic())
             rid = f"{self._prefix}{next(self._ids)}"
-            self._entries[rid] = _Entry(kind=kind, created=time.monotonic(), owner=owner)
+            created = time.monotonic()
+            self._entries[rid] = _Entry(kind=kind, created=created, owner=owner)
+            self._undelivered[rid] = created
             return rid
 
     def set_result(self, rid: str, value: object) -> None:
@@ -128,20 +137,34 @@ class FutureStore:
         with self._lock:
             if e.delivered_at is None:
                 e.delivered_at = time.monotonic()
+                self._by_delivery.append((e.delivered_at, rid))
+                if e.delivered_at + self._keep_after_delivery_s <= e.created + self._keep_undelivered_s:
+                    self._undelivered.pop(rid, None)  # it expires by delivery first
             return True, e.value, e.error
 
     def _purge_locked(self, now: float) -> None:
-        stale = [
-            rid
-            for rid, e in self._entries.items()
-            if e.done
-            and (
-                (e.delivered_at is not None and now - e.delivered_at > self._keep_after_delivery_s)
-                or now - e.created > self._keep_undelivered_s
-            )
-        ]
-        for rid in stale:
-            del self._entries[rid]
+        """Drop the completed entries past their keep time: `keep_after_delivery_s` after
+        their first delivery, or `keep_undelivered_s` after their creation. A pending entry
+        never expires; one pending past `keep_undelivered_s` goes once it completes."""
+        by_delivery, undelivered = self._by_delivery, self._undelivered
+        while by_delivery and now - by_delivery[0][0] > self._keep_after_delivery_s:
+            rid = by_delivery.popleft()[1]
+            self._entries.pop(rid, None)
+            undelivered.pop(rid, None)
+        while undelivered:
+            rid, created = next(iter(undelivered.items()))
+            if now - created <= self._keep_undelivered_s:
+                break
+            del undelivered[rid]
+            e = self._entries.get(rid)
+            if e is not None and e.done:
+                del self._entries[rid]
+            elif e is not None:
+                self._overdue.add(rid)
+        if self._overdue:
+            for rid in [r for r in self._overdue if r not in self._entries or self._entries[r].done]:
+                self._overdue.discard(rid)
+                self._entries.pop(rid, None)
 
     def fail_all_pending(self, message: str) -> None:
         with self._lock:

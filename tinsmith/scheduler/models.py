@@ -65,8 +65,11 @@ def load_model(
     trainer, sampler = local_backends(
         runner, tokenizer, losses, max_sampler_adapters=settings.max_sampler_adapters,
         spill_dir=spill_dir, max_resident_runs=resident)
+    linger_ms = (settings.pack_linger_ms if settings.pack_linger_ms is not None
+                 else 10.0 if runner.device.type == "cuda" else 0.0)
+    fraction = settings.pass_memory_fraction or (0.5 if runner.device.type == "cuda" else 0.25)
     pass_tokens = settings.pass_tokens or pass_token_budget(
-        runner.config, free, settings.pass_memory_fraction, runner.model.device.type)
+        runner.config, free, fraction, runner.device.type)
     log.info("serving %s from %s on %s in %s (%s packing); a training pass holds up to %d "
              "tokens, %d training runs stay resident", name, model_dir, runner.device,
              str(runner.dtype).removeprefix("torch."),
@@ -76,7 +79,7 @@ def load_model(
         model_dir=model_dir,
         trainer=trainer,
         sampler=sampler,
-        worker=EngineWorker(name, futures, sampler, pass_tokens=pass_tokens),
+        worker=EngineWorker(name, futures, sampler, pass_tokens=pass_tokens, linger_s=linger_ms / 1e3),
         vocab_size=runner.vocab_size,
         max_context=runner.max_context,
         arch=runner.arch,

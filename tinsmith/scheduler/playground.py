@@ -2,7 +2,10 @@
 sampler checkpoint, through the service's ordinary sampling path.
 
 Each caller (API key) gets one dashboard session and one sampling session per model it
-samples, made on first use and reused, so playing does not pile up sessions. The model's
+samples, made on first use and reused, so playing does not pile up sessions; each completion
+heartbeats the session, as the SDK does while a client lives, so the dashboard shows it
+active while it is played with. A checkpoint path saved anew (deleted, then saved again
+under the same name) gets a fresh sampling session, with the new weights. The model's
 sampling backend tokenizes the prompt as the SDK's tokenizer does (`tokenizer.encode(text)`)
 and sampling stops at the model's EOS tokens, as the SDK's default `stop`, so a seeded
 request answers exactly what `SamplingClient.sample` answers for the same prompt and seed.
@@ -14,6 +17,7 @@ import dataclasses
 import itertools
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,7 +50,8 @@ class Playground:
         self.svc = svc
         self._lock = threading.Lock()
         self._sessions: dict[str | None, str] = {}  # caller's key id -> its dashboard session
-        self._samplers: dict[tuple[str | None, str], str] = {}  # (key id, model) -> sampler id
+        # (key id, model) -> (sampler id, when the checkpoint was saved; None: a base model)
+        self._samplers: dict[tuple[str | None, str], tuple[str, datetime | None]] = {}
         self._seq = itertools.count()  # sampling_session_seq_id: unique in this process's sessions
         self._sample_seq = itertools.count()  # sample seq_id: unique per sampler of this process
 
@@ -62,24 +67,25 @@ class Playground:
         return sid
 
     def _sampler(self, caller: Caller, model: str) -> str:
+        saved = None
         if model.startswith(PREFIX):
-            self.svc.checkpoint(parse_path(model), caller)  # deleted or someone else's: 404
+            saved = self.svc.checkpoint(parse_path(model), caller).created_at  # else 404
             base_model, model_path = None, model
         else:
             self.svc.model(model)  # unknown model: 400 naming the served ones
             base_model, model_path = model, None
         key = (caller.owner, model)
         with self._lock:
-            sampler_id = self._samplers.get(key)
-        if sampler_id is None:
-            session_id = self._session(caller)
-            with self._lock:
-                seq = next(self._seq)
-            sampler_id = self.svc.create_sampling_session(
-                session_id=session_id, sampling_session_seq_id=seq, base_model=base_model,
-                model_path=model_path, caller=caller)
-            with self._lock:
-                sampler_id = self._samplers.setdefault(key, sampler_id)
+            cached = self._samplers.get(key)
+        if cached is not None and cached[1] == saved:
+            return cached[0]
+        with self._lock:
+            seq = next(self._seq)
+        sampler_id = self.svc.create_sampling_session(
+            session_id=self._session(caller), sampling_session_seq_id=seq, base_model=base_model,
+            model_path=model_path, caller=caller)
+        with self._lock:
+            self._samplers[key] = (sampler_id, saved)
         return sampler_id
 
     async def complete(self, caller: Caller, *, model: str, prompt: str, max_tokens: int,
@@ -89,6 +95,7 @@ class Playground:
         if len(prompt) > MAX_PROMPT_CHARS:
             raise UserError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
         sampler_id = self._sampler(caller, model)
+        self.svc.heartbeat(self._session(caller), caller)
         handle = self.svc.sampler(sampler_id, caller).handle
         ids = handle.sampler.encode(prompt)
         spec = SampleSpec(prompt=np.asarray(ids, dtype=np.int64), max_tokens=max_tokens,

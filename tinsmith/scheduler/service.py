@@ -89,16 +89,16 @@ def _now() -> datetime:
 
 
 class Service:
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, db: MetadataStore | None = None) -> None:
         self.settings = settings
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-        self.db = MetadataStore(settings.resolved_database_url())
+        self.db = db or MetadataStore(settings.resolved_database_url())  # close() closes it too
         self.store = CheckpointStore(settings.resolved_storage_url(),
                                      slow_write_s=settings.debug_slow_writes_s)
         for line in self.store.recover():  # what a crash left mid-write
             log.warning("checkpoint store: %s", line)
         self.futures = FutureStore()
-        self.signer = UrlSigner(settings.download_url_ttl_s)  # checkpoint-file download URLs
+        self.signer = UrlSigner.stored(settings.data_dir, settings.download_url_ttl_s)
         self.losses = LossRegistry.load(settings.loss_modules)
         self.stability = StabilityRecords(max_tokens=settings.stability_max_tokens)
         self.metrics = ServerMetrics(self._metrics_snapshot)
@@ -578,7 +578,10 @@ class Service:
         ckpt = self.checkpoint(ref, caller)
         if base_model is not None and base_model != ckpt.base_model:
             raise UserError(f"{model_path} was trained on {ckpt.base_model!r}, not {base_model!r}")
-        return SamplerState(sampler_id, self.model(ckpt.base_model), model_path, ref.tinker_path,
+        # The engine caches adapters by this key: a path saved again (a new row, a fresh
+        # created_at) is a new key, so new sampling sessions get the new weights.
+        key = f"{ref.tinker_path}@{ckpt.created_at.isoformat()}"
+        return SamplerState(sampler_id, self.model(ckpt.base_model), model_path, key,
                             ckpt.storage_key, owner=owner)
 
     def sampler(self, sampler_id: str, caller: Caller | None = None) -> SamplerState:

@@ -50,6 +50,9 @@ Start = Callable[[Callable[[object], None]], None]
 # Admissions (each a prefill) taken back to back before a decoding step: requests that arrive
 # together decode together, and a burst of new requests cannot stall the decoding ones long.
 ADMISSIONS_PER_STEP = 32
+# A run counts as expected by a lingering pass (EngineWorker._linger) this long after its
+# last pass of that kind.
+RECENT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -82,12 +85,17 @@ class _Job:
 class EngineWorker:
     def __init__(
         self, name: str, futures: FutureStore, stepper: Stepper | None = None,
-        pass_tokens: int = 1024,
+        pass_tokens: int = 1024, linger_s: float = 0.0,
     ) -> None:
         self.name = name
         self._futures = futures
         self._stepper = stepper
         self.pass_tokens = pass_tokens
+        # How long a small pass may wait for runs that were just in a pass of its kind and
+        # have nothing queued (they are most likely between their result and their next
+        # request); 0 = never wait. See _linger.
+        self.linger_s = linger_s
+        self._recent: dict[str, dict[str | None, float]] = {}  # kind -> run -> last pass time
         self._metrics: ServerMetrics | None = None  # see attach_metrics
         self._jobs: deque[_Job | None] = deque()  # None = close
         self._cv = threading.Condition()
@@ -141,6 +149,9 @@ class EngineWorker:
                 while not self._jobs and not decoding:
                     self._cv.wait()
                 jobs = self._take() if self._jobs else []
+                if self.linger_s > 0 and len(jobs) >= 1 and jobs[0] is not None \
+                        and jobs[0].pack is not None and jobs[0].chunks is None:
+                    self._linger(jobs)  # type: ignore[arg-type]
             if jobs and jobs[0] is None:
                 return
             if len(jobs) > 1:
@@ -164,20 +175,55 @@ class EngineWorker:
             first.chunks = first.pack.split(first.pack.item, self.pass_tokens)
             return [first]
         taken = [first]
-        budget = self.pass_tokens - first.pack.tokens
-        owners = {first.owner}  # runs with a job in the pass or still waiting ahead in the queue
+        self._fill(taken)
+        return taken
+
+    def _fill(self, taken: list[_Job]) -> None:
+        """Move the queued jobs that can join the pass `taken` into it (call with the lock):
+        same kind, within the budget, at most one per run, never one that waits behind an
+        earlier queued job of its run."""
+        kind = taken[0].pack.kind  # type: ignore[union-attr]
+        budget = self.pass_tokens - sum(j.pack.tokens for j in taken)  # type: ignore[union-attr]
+        owners = {j.owner for j in taken}  # runs in the pass or still waiting ahead in the queue
         for job in list(self._jobs):
             if job is None:
                 break
             fits = (job.pack is not None and job.chunks is None
-                    and job.pack.kind == first.pack.kind and job.pack.tokens <= budget)
+                    and job.pack.kind == kind and job.pack.tokens <= budget)
             if fits and job.owner not in owners:
                 self._jobs.remove(job)
                 taken.append(job)
                 budget -= job.pack.tokens  # type: ignore[union-attr]
             if job.owner is not None:
                 owners.add(job.owner)
-        return taken
+
+    def _linger(self, taken: list[_Job]) -> None:
+        """Let a small pass wait, at most `linger_s`, for the runs that were in a pass of its
+        kind within the last RECENT_S and have nothing queued now: on a GPU a small pass
+        costs about the same whatever it holds, and a client turns its previous result into
+        its next request within milliseconds, so a short wait saves a whole pass. Never
+        waits for a run that is not expected, or once the pass is half its budget; other
+        queued work keeps its order (call with the lock; the wait releases it)."""
+        kind = taken[0].pack.kind  # type: ignore[union-attr]
+        recent = self._recent.setdefault(kind, {})
+        now = time.monotonic()
+        for owner, seen in list(recent.items()):
+            if now - seen > RECENT_S:
+                del recent[owner]
+        deadline = now + self.linger_s
+        while True:
+            present = {j.owner for j in taken} | {j.owner for j in self._jobs if j is not None}
+            tokens = sum(j.pack.tokens for j in taken)  # type: ignore[union-attr]
+            left = deadline - time.monotonic()
+            if not set(recent) - present or tokens * 2 >= self.pass_tokens or left <= 0:
+                break
+            self._cv.wait(left)
+            if any(j is None for j in self._jobs):  # closing: go now
+                break
+            self._fill(taken)
+        now = time.monotonic()
+        for j in taken:
+            recent[j.owner] = now
 
     def _run_pass(self, jobs: list[_Job]) -> None:
         """Compute packed jobs in one `Pack.run` call; if the shared pass itself fails, each

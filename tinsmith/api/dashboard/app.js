@@ -4,7 +4,7 @@
 
 const KEY_STORAGE = "tinsmith.apiKey";
 const REFRESH_MS = 3000;
-const state = { runId: null, models: [] };
+const state = { runId: null };
 
 const $ = (sel) => document.querySelector(sel);
 
@@ -45,9 +45,11 @@ function fmtNum(x, digits = 4) {
   if (Number.isInteger(x) && Math.abs(x) < 1e6) return String(x);
   return Math.abs(x) >= 1e4 || (Math.abs(x) < 1e-3 && x !== 0) ? x.toExponential(2) : x.toPrecision(digits);
 }
+// Binary units, one decimal: the same text as `tinsmith checkpoints` (tinsmith.cli.format_bytes;
+// tests/test_cli.py runs the two side by side).
 function fmtBytes(n) {
   if (n === null || n === undefined) return "–";
-  const units = ["B", "KiB", "MiB", "GiB"];
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
   let i = 0;
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
   return `${i ? n.toFixed(1) : n} ${units[i]}`;
@@ -103,7 +105,7 @@ async function refreshEngine() {
 // ----- sessions and runs --------------------------------------------------------------------
 async function refreshOverview() {
   const data = await getJson("/api/v1/dashboard/overview");
-  state.models = data.models;
+  refreshPlaygroundModels([...data.models, ...data.sampler_checkpoints]);
   const runs = data.training_runs;
   $("#runs-empty").hidden = runs.length > 0;
   $("#runs tbody").replaceChildren(...runs.map((r) => {
@@ -119,7 +121,9 @@ async function refreshOverview() {
     el("td", {}, el("code", {}, s.session_id)), el("td", {}, s.display_name || ""),
     el("td", {}, (s.tags || []).join(", ")), el("td", {}, fmtTime(s.created_at)),
     el("td", {}, fmtTime(s.last_heartbeat_at)),
-    el("td", {}, s.finished_at ? `finished (${s.finish_reason || ""})` : "active"))));
+    el("td", {}, el("span", { class: s.status === "active" ? "badge live" : "badge" },
+      s.status === "finished" ? `finished (${s.finish_reason || ""})`
+        : s.status === "ended" ? "ended (no heartbeat)" : s.status)))));
 }
 
 // ----- a run: curves and checkpoints --------------------------------------------------------
@@ -212,14 +216,12 @@ async function remove(runId, c) {
   if (!confirm(`Delete checkpoint ${c.tinker_path}? Its files are removed for good.`)) return;
   const ckpt = c.checkpoint_id.split("/").map(encodeURIComponent).join("/");
   await api(`/api/v1/training_runs/${encodeURIComponent(runId)}/checkpoints/${ckpt}`, { method: "DELETE" });
-  await Promise.all([refreshRun(), refreshPlaygroundModels()]);
+  await Promise.all([refreshRun(), refreshOverview()]);
 }
 
 // ----- playground ---------------------------------------------------------------------------
-async function refreshPlaygroundModels() {
-  const data = await getJson("/api/v1/checkpoints?limit=100");
-  const choices = [...state.models, ...data.checkpoints
-    .filter((c) => c.checkpoint_type === "sampler").map((c) => c.tinker_path)];
+// `choices`: the served base models, then the caller's own sampler checkpoints.
+function refreshPlaygroundModels(choices) {
   const select = $("#pg-model");
   const current = select.value;
   const have = [...select.options].map((o) => o.value);
@@ -264,7 +266,7 @@ function showError(e) {
 async function refresh() {
   try {
     await refreshOverview();
-    await Promise.all([refreshEngine(), refreshRun(), refreshPlaygroundModels()]);
+    await Promise.all([refreshEngine(), refreshRun()]);
     $("#status").textContent = `updated ${new Date().toLocaleTimeString()}`;
     document.body.dataset.loaded = "1";
   } catch (e) {

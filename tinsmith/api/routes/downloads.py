@@ -6,24 +6,31 @@ checkpoint the caller may see: of any kind here, though the SDK asks only for
 external_weights. The URLs point at `GET /api/v1/checkpoint_files/...` on `public_router`,
 which needs no API key: the signature is the permission (tinsmith.scheduler.signing).
 `PUT .../ttl` (set_checkpoint_ttl) is what the SDK's `tinker checkpoint download` calls too.
+A file is sent in chunks straight from a local store's disk, never whole in memory.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import BinaryIO
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from tinsmith.api.auth import CallerDep
 from tinsmith.api.deps import service
-from tinsmith.scheduler.paths import ref_from_checkpoint_id
-from tinsmith.types import UserError
+from tinsmith.scheduler.paths import CheckpointRef, ref_from_checkpoint_id
+from tinsmith.scheduler.service import Service
+from tinsmith.types import NotFound, UserError
 
 router = APIRouter(prefix="/api/v1")
 public_router = APIRouter(prefix="/api/v1")
 FILES_PATH = "checkpoint_files"
+CHUNK_BYTES = 1 << 20
 
 
 class TtlRequest(BaseModel):
@@ -54,12 +61,41 @@ async def set_ttl(run_id: str, checkpoint_id: str, req: TtlRequest, request: Req
 
 
 @public_router.get(f"/{FILES_PATH}/{{run_id}}/{{kind}}/{{name}}/{{file_name}}")
-async def checkpoint_file(run_id: str, kind: str, name: str, file_name: str, expires: int,
-                          signature: str, request: Request) -> Response:
+def checkpoint_file(run_id: str, kind: str, name: str, file_name: str, expires: int,
+                    signature: str, request: Request) -> Response:
+    """One checkpoint file (a plain `def`: reading the store blocks)."""
     svc = service(request)
     ref = ref_from_checkpoint_id(run_id, f"{kind}/{name}")
     if not svc.signer.valid(run_id, ref.checkpoint_id, file_name, expires, signature):
         raise UserError("this download URL is invalid or has expired; ask for new URLs "
                         "(get_external_weights_urls)", 403)
-    data = svc.read_checkpoint_file(ref, file_name)
-    return Response(data, media_type="application/octet-stream")
+    f = _open_local(svc, ref, file_name)
+    if f is None:  # an object store: read whole, as the store reads it consistently
+        return Response(svc.read_checkpoint_file(ref, file_name),
+                        media_type="application/octet-stream")
+    size = os.fstat(f.fileno()).st_size
+    return StreamingResponse(_chunks(f), media_type="application/octet-stream",
+                             headers={"Content-Length": str(size)})
+
+
+def _open_local(svc: Service, ref: CheckpointRef, name: str) -> BinaryIO | None:
+    """The file opened from a local store's disk (`<root>/<key>/<name>`, storage/files.py),
+    or None for an object store. An opened file is one whole version of it: a checkpoint's
+    files are published by renaming their folder, never written in place."""
+    store = svc.store
+    if not store.local:
+        return None
+    key = svc.checkpoint(ref).storage_key
+    missing = NotFound(f"checkpoint {ref.tinker_path} has no file {name!r}")
+    try:
+        if name not in store.sizes(key):
+            raise missing
+        return open(os.path.join(store.root, key, name), "rb")  # closed by _chunks
+    except FileNotFoundError as e:  # deleted (or replaced) meanwhile
+        raise missing from e
+
+
+def _chunks(f: BinaryIO) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(CHUNK_BYTES):
+            yield chunk

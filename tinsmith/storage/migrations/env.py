@@ -1,4 +1,4 @@
-"""Alembic environment: online migrations over the connection that tinsmith.storage.db
+"""Alembic environment: online migrations over the connection that tinsmith.storage.migrate
 passes in `config.attributes["connection"]`, already inside a transaction (so Alembic
 opens none of its own and the whole upgrade commits or rolls back at once)."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from tinsmith.storage.db import migration_options, target_metadata
+from tinsmith.storage.migrate import migration_options
+from tinsmith.storage.models import target_metadata
 
 connection: Connection | None = context.config.attributes.get("connection")
 if connection is None:
