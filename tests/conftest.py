@@ -16,7 +16,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +82,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(url: str, proc: subprocess.Popen, log: Callable[[], str], timeout: float = 180) -> None:
+    """Poll `url`/readyz until the server answers 200; fail with `log()` if the process
+    exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, log()
+        assert time.monotonic() < deadline, "server did not come up:\n" + log()
+        time.sleep(0.1)
+
+
 class ServeProcess:
     """`python -m tinsmith.cli serve` in a subprocess on a fixed port: started (again) on
     demand, stopped or killed with any signal; each start logs to `<log_dir>/server-<n>.log`."""
@@ -100,16 +115,7 @@ class ServeProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tinsmith.cli", "serve", "--port", str(self.port), *self.args],
                 stdout=log, stderr=subprocess.STDOUT, env={**self.env, **extra_env})
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < deadline, "server did not come up:\n" + self.log()
-            time.sleep(0.1)
+        wait_until_up(self.url, self.proc, self.log)
 
     def log(self) -> str:
         return (self.log_dir / f"server-{self.starts}.log").read_text(errors="replace")[-4000:]

@@ -9,12 +9,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import TINY
+from conftest import TINY, wait_until_up
 
 from tinsmith.cli import format_bytes, main
 
@@ -54,16 +52,7 @@ def test_serve_then_user_script(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/v1/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, server.stdout.read()
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_until_up(f"http://127.0.0.1:{port}", server, lambda: server.stdout.read())
         env = dict(os.environ, TINKER_BASE_URL=f"http://127.0.0.1:{port}", TINKER_API_KEY="tml-local")
         user = subprocess.run([sys.executable, "-c", USER_SCRIPT], env=env, capture_output=True,
                               text=True, timeout=300)

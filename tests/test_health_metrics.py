@@ -119,12 +119,13 @@ def test_readyz_names_the_failing_check(tmp_path: Path, monkeypatch: pytest.Monk
     # tinsmith.local yields only the URL: capture the Service it builds to break it from inside.
     made: list[Service] = []
 
-    class CapturedService(Service):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-            made.append(self)
+    build = tinsmith.embedded.build_service
 
-    monkeypatch.setattr(tinsmith.embedded, "Service", CapturedService)
+    def captured(*args: object, **kwargs: object) -> Service:
+        made.append(build(*args, **kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    monkeypatch.setattr(tinsmith.embedded, "build_service", captured)
     with tinsmith.local(models=[TINY], data_dir=tmp_path) as url:
         svc = made[0]
         assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200

@@ -25,13 +25,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import TINY, free_port
+from conftest import TINY, free_port, wait_until_up
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 README_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -102,16 +100,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str
     server = subprocess.Popen([_program(argv[0]), *argv[1:]], cwd=folder, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/v1/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, server.stdout.read()
-            assert time.monotonic() < deadline, "the README's server did not come up"
-            time.sleep(0.2)
+        wait_until_up(f"http://127.0.0.1:{port}", server, lambda: server.stdout.read())
         yield folder, port
     finally:
         server.send_signal(signal.SIGINT)

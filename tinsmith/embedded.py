@@ -26,6 +26,7 @@ import uvicorn
 from tinsmith.api.app import create_app
 from tinsmith.config import DEFAULT_MODEL, ServerSettings
 from tinsmith.scheduler.access import ApiKeys, NewKey
+from tinsmith.scheduler.build import build_service
 from tinsmith.scheduler.service import Service
 from tinsmith.storage.db import MetadataStore
 
@@ -61,7 +62,7 @@ def local(
 
             data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tinsmith-"))
         cfg = ServerSettings(data_dir=Path(data_dir), models=tuple(models), port=0, **settings)  # type: ignore[arg-type]
-        svc = Service(cfg)
+        svc = build_service(cfg)
         stack.callback(svc.close)
         if not svc.keys.enabled():
             log.info("embedded Tinsmith server is open (no API keys); it listens on loopback only")
@@ -137,7 +138,7 @@ def serve(settings: ServerSettings, log_level: str = "info") -> None:
     db = MetadataStore(settings.resolved_database_url())  # opened (and migrated) once, here
     try:
         keyed = check_exposure(settings, db)
-        svc = Service(settings, db)
+        svc = build_service(settings, db)
     except BaseException:
         db.close()
         raise

@@ -16,7 +16,9 @@ from tinsmith.api.deps import service
 from tinsmith.scheduler.access import HEADER, Caller
 
 
-async def current_caller(request: Request) -> Caller:
+def current_caller(request: Request) -> Caller:
+    """A plain `def`: a key the cache does not hold is read from the database, so FastAPI
+    runs this in its threadpool, off the event loop."""
     return service(request).authenticate(request.headers.get(HEADER))
 
 

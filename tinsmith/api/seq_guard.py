@@ -23,12 +23,14 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from tinsmith.api.codecs import seq_address
 from tinsmith.api.deps import service
 from tinsmith.scheduler.access import HEADER
+from tinsmith.scheduler.service import Service
 from tinsmith.types import UserError
 
 log = logging.getLogger("tinsmith.api")
@@ -55,9 +57,15 @@ async def settle_seq(request: Request, exc: Exception, *, proto: bool) -> None:
     address = seq_address(body, proto=proto)
     if address is None:
         return
-    svc = service(request)
+    await run_in_threadpool(_settle, service(request), request.headers.get(HEADER), address,
+                            status, reason)
+
+
+def _settle(svc: Service, api_key: str | None, address: tuple[str, int], status: int,
+            reason: str) -> None:
+    """The blocking half of settle_seq (authentication may read the database)."""
     try:
-        caller = svc.authenticate(request.headers.get(HEADER))
+        caller = svc.authenticate(api_key)
     except UserError:
         return  # no valid key: it may not touch any run
     model_id, seq_id = address

@@ -30,10 +30,11 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol, TypeVar
 
 from tinsmith.scheduler.limits import Limits
 from tinsmith.storage.db import ApiKeyRow, MetadataStore
-from tinsmith.types import UserError
+from tinsmith.types import NotFound, UserError
 
 log = logging.getLogger("tinsmith.access")
 KEY_PREFIX = "tml-"
@@ -67,6 +68,27 @@ class Caller:
 
 
 OPEN = Caller(None, admin=True, name="open")
+
+
+class Owned(Protocol):
+    @property
+    def owner(self) -> str | None: ...
+
+
+T = TypeVar("T", bound=Owned)
+
+
+def sees(caller: Caller | None, thing: Owned | None) -> bool:
+    """Whether `thing` exists for `caller`; no caller (the server itself) sees everything."""
+    return thing is not None and (caller is None or caller.sees(thing.owner))
+
+
+def visible(thing: T | None, caller: Caller | None, missing: str) -> T:
+    """`thing` if `caller` may see it, else NotFound(`missing`): what a caller may not see
+    answers exactly as what does not exist."""
+    if thing is None or not sees(caller, thing):
+        raise NotFound(missing)
+    return thing
 
 
 class Unauthorized(UserError):

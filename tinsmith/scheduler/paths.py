@@ -1,4 +1,8 @@
-"""tinker:// checkpoint paths and checkpoint names.
+"""The id scheme, and tinker:// checkpoint paths and checkpoint names.
+
+Ids follow the hosted service's scheme, which the SDK relies on: training run
+`<session>:train:<model_seq_id>`, sampler `<session>:sample:<seq>`, sampled sequence
+`<sampler>:<seq_id>:<i>`.
 
 `tinker://<training_run_id>/<kind>/<name>` with kind `weights` (save_state: weights and
 optimizer state), `sampler_weights` (save_weights_for_sampler: weights only) or
@@ -14,8 +18,27 @@ from dataclasses import dataclass
 from tinsmith.types import UserError
 
 PREFIX = "tinker://"
+_SESSION_END = re.compile(":(?:train|sample):")
 KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def run_id(session_id: str, model_seq_id: int) -> str:
+    return f"{session_id}:train:{model_seq_id}"
+
+
+def sampler_id(session_id: str, sampling_session_seq_id: int) -> str:
+    return f"{session_id}:sample:{sampling_session_seq_id}"
+
+
+def sequence_ids(sampler: str, seq_id: int, num_samples: int) -> list[str]:
+    """The ids of the sequences one sample request returns."""
+    return [f"{sampler}:{seq_id}:{i}" for i in range(num_samples)]
+
+
+def session_of(any_id: str) -> str:
+    """The session a run, sampler or sampled-sequence id names."""
+    return _SESSION_END.split(any_id, maxsplit=1)[0]
 
 
 @dataclass(frozen=True)

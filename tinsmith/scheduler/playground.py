@@ -13,21 +13,22 @@ request answers exactly what `SamplingClient.sample` answers for the same prompt
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from tinsmith.scheduler.access import Caller
-from tinsmith.scheduler.paths import PREFIX, parse_path
+from tinsmith.scheduler.futures import FutureStore
+from tinsmith.scheduler.paths import PREFIX, CheckpointRef, parse_path
+from tinsmith.scheduler.served import ModelHandle
+from tinsmith.storage.db import CheckpointRow
 from tinsmith.types import SampleOut, SampleSpec, UserError
-
-if TYPE_CHECKING:
-    from tinsmith.scheduler.service import Service
 
 MAX_PROMPT_CHARS = 20_000
 
@@ -45,8 +46,29 @@ class Completion:
         return dataclasses.asdict(self)
 
 
+class _Sampler(Protocol):
+    handle: ModelHandle
+
+
+class SamplingService(Protocol):
+    """What the playground uses of the service (tinsmith.scheduler.service.Service)."""
+
+    futures: FutureStore
+
+    def create_session(self, *, tags: list[str], user_metadata: None, display_name: str,
+                       project_id: None, sdk_version: None, caller: Caller) -> str: ...
+    def checkpoint(self, ref: CheckpointRef, caller: Caller | None = None) -> CheckpointRow: ...
+    def model(self, name: str) -> ModelHandle: ...
+    def create_sampling_session(self, *, session_id: str, sampling_session_seq_id: int,
+                                base_model: str | None, model_path: str | None,
+                                caller: Caller) -> str: ...
+    def heartbeat(self, session_id: str, caller: Caller) -> None: ...
+    def sampler(self, sampler_id: str, caller: Caller | None = None) -> _Sampler: ...
+    def sample(self, sampler_id: str, seq_id: int, spec: SampleSpec) -> tuple[str, list[str]]: ...
+
+
 class Playground:
-    def __init__(self, svc: Service) -> None:
+    def __init__(self, svc: SamplingService) -> None:
         self.svc = svc
         self._lock = threading.Lock()
         self._sessions: dict[str | None, str] = {}  # caller's key id -> its dashboard session
@@ -94,13 +116,9 @@ class Playground:
             raise UserError("prompt is empty: type some text to complete")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise UserError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-        sampler_id = self._sampler(caller, model)
-        self.svc.heartbeat(self._session(caller), caller)
-        handle = self.svc.sampler(sampler_id, caller).handle
-        ids = handle.sampler.encode(prompt)
-        spec = SampleSpec(prompt=np.asarray(ids, dtype=np.int64), max_tokens=max_tokens,
-                          temperature=temperature, seed=seed, stop_tokens=handle.eos_token_ids)
-        rid, _ = self.svc.sample(sampler_id, next(self._sample_seq), spec)
+        # The service's calls read the database: off the event loop.
+        rid, handle, ids = await asyncio.to_thread(self._start, caller, model, prompt,
+                                                   max_tokens, temperature, seed)
         done = False
         while not done:
             done, value, error = await self.svc.futures.wait(rid, 30.0, caller)
@@ -111,3 +129,15 @@ class Playground:
         tokens = [int(t) for t in seq.tokens]
         return Completion(model, handle.name, ids, tokens,
                           handle.sampler.decode(tokens), str(seq.stop_reason))
+
+    def _start(self, caller: Caller, model: str, prompt: str, max_tokens: int,
+               temperature: float, seed: int | None) -> tuple[str, ModelHandle, list[int]]:
+        """Submit the sample request: (its request id, the model, the prompt's tokens)."""
+        sampler_id = self._sampler(caller, model)
+        self.svc.heartbeat(self._session(caller), caller)
+        handle = self.svc.sampler(sampler_id, caller).handle
+        ids = handle.sampler.encode(prompt)
+        spec = SampleSpec(prompt=np.asarray(ids, dtype=np.int64), max_tokens=max_tokens,
+                          temperature=temperature, seed=seed, stop_tokens=handle.eos_token_ids)
+        rid, _ = self.svc.sample(sampler_id, next(self._sample_seq), spec)
+        return rid, handle, ids

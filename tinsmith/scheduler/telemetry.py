@@ -19,16 +19,13 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from tinsmith.scheduler.service import Service
 
 Outcome = Literal["ok", "user_error", "server_error"]
 
@@ -256,11 +253,24 @@ class Check:
     detail: str
 
 
-def readiness(svc: Service) -> dict[str, Check]:
-    """The readiness checks by name: `model:<name>`, `engine_worker:<name>`, `database`."""
+class _Worker(Protocol):
+    @property
+    def alive(self) -> bool: ...
+
+
+class _Served(Protocol):
+    @property
+    def worker(self) -> _Worker: ...
+
+
+def readiness(names: Iterable[str], models: Mapping[str, _Served],
+              probe_db: Callable[[], object]) -> dict[str, Check]:
+    """The readiness checks by name: `model:<name>` and `engine_worker:<name>` for each of
+    the `names` the server should serve (`models`: those loaded), and `database`
+    (`probe_db` runs a trivial query)."""
     checks: dict[str, Check] = {}
-    for name in svc.settings.models:
-        h = svc.models.get(name)
+    for name in names:
+        h = models.get(name)
         checks[f"model:{name}"] = (Check(True, "loaded") if h is not None
                                    else Check(False, "not loaded"))
         if h is not None:
@@ -268,7 +278,7 @@ def readiness(svc: Service) -> dict[str, Check]:
             checks[f"engine_worker:{name}"] = Check(
                 alive, "thread alive" if alive else "engine worker thread is not running")
     try:
-        svc.db.get_run("readyz-probe")  # a trivial SELECT on a real table
+        probe_db()
         checks["database"] = Check(True, "answers queries")
     except Exception as e:  # noqa: BLE001 - whatever the failure, the server is not ready
         checks["database"] = Check(False, f"{type(e).__name__}: {e}"[:500])

@@ -75,7 +75,7 @@ async def static_file(name: str = "index.html") -> FileResponse:
 
 
 @router.get("/training_runs/{run_id}/metrics")
-async def run_metrics(run_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
+def run_metrics(run_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
     """The run's per-step metrics, oldest first (in memory: since the server started)."""
     svc = service(request)
     svc.run_row(run_id, caller)  # someone else's run: not found
@@ -109,7 +109,7 @@ def sampler_paths(svc: Service, caller: Caller) -> list[str]:
 
 
 @router.get("/dashboard/overview")
-async def overview(request: Request, caller: CallerDep, limit: int = 50) -> dict[str, object]:
+def overview(request: Request, caller: CallerDep, limit: int = 50) -> dict[str, object]:
     """The caller's newest sessions and training runs, each run with its step and last loss,
     and the models its playground may sample: the served base models, then its own sampler
     checkpoints."""
@@ -120,7 +120,7 @@ async def overview(request: Request, caller: CallerDep, limit: int = 50) -> dict
     for row in rows:
         steps, last = svc.history.latest(row.training_run_id)
         runs.append({**run_json(request, row), "session_id": row.session_id,
-                     "loaded": row.training_run_id in svc.runs, "steps": steps,
+                     "loaded": svc.is_loaded(row.training_run_id), "steps": steps,
                      "last_metrics": last})
     now = datetime.now(UTC)
     return {
@@ -130,7 +130,7 @@ async def overview(request: Request, caller: CallerDep, limit: int = 50) -> dict
                       "status": session_status(s, now),
                       "finished_at": s.finished_at.isoformat() if s.finished_at else None,
                       "finish_reason": s.finish_reason} for s in sessions],
-        "training_runs": runs, "total_runs": total, "models": sorted(svc.models),
+        "training_runs": runs, "total_runs": total, "models": sorted(h.name for h in svc.served_models()),
         "sampler_checkpoints": sampler_paths(svc, caller),
     }
 

@@ -38,7 +38,7 @@ class TtlRequest(BaseModel):
 
 
 @router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls")
-async def external_weights_urls(run_id: str, checkpoint_id: str, request: Request,
+def external_weights_urls(run_id: str, checkpoint_id: str, request: Request,
                                 caller: CallerDep) -> dict[str, object]:
     svc = service(request)
     ref = ref_from_checkpoint_id(run_id, checkpoint_id)
@@ -54,7 +54,7 @@ async def external_weights_urls(run_id: str, checkpoint_id: str, request: Reques
 
 
 @router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl")
-async def set_ttl(run_id: str, checkpoint_id: str, req: TtlRequest, request: Request,
+def set_ttl(run_id: str, checkpoint_id: str, req: TtlRequest, request: Request,
                   caller: CallerDep) -> dict[str, object]:
     service(request).set_checkpoint_ttl(run_id, checkpoint_id, req.ttl_seconds, caller)
     return {}

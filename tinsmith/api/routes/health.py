@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tinsmith.api.deps import service
-from tinsmith.scheduler.telemetry import readiness
 
 router = APIRouter()
 
@@ -26,7 +25,7 @@ async def healthz() -> dict[str, str]:
 def readyz(request: Request) -> JSONResponse:
     """Readiness: 200 when every check passes, else 503 naming the failing checks.
     A plain `def`: the database check blocks, so it runs in the threadpool."""
-    checks = readiness(service(request))
+    checks = service(request).readiness()
     failing = sorted(name for name, c in checks.items() if not c.ok)
     body = {
         "status": "unavailable" if failing else "ok",

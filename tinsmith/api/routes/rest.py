@@ -40,9 +40,7 @@ def checkpoint_json(row: CheckpointRow) -> dict[str, object]:
 
 
 def run_json(request: Request, row: RunRow) -> dict[str, object]:
-    db = service(request).db
-    last = db.last_checkpoint(row.training_run_id, "training")
-    last_sampler = db.last_checkpoint(row.training_run_id, "sampler")
+    last, last_sampler = service(request).last_checkpoints(row.training_run_id)
     return {
         "training_run_id": row.training_run_id,
         "base_model": row.base_model,
@@ -58,40 +56,40 @@ def run_json(request: Request, row: RunRow) -> dict[str, object]:
 
 
 @router.get("/get_server_capabilities")
-async def capabilities(request: Request) -> dict[str, object]:
+def capabilities(request: Request) -> dict[str, object]:
     return {"supported_models": [
         {"model_name": h.name, "max_context_length": h.max_context, "trainable": True, "sampleable": True}
-        for h in service(request).models.values()
+        for h in service(request).served_models()
     ]}
 
 
 @router.get("/training_runs")
-async def list_runs(request: Request, caller: CallerDep, limit: int = 20, offset: int = 0) -> dict[str, object]:
+def list_runs(request: Request, caller: CallerDep, limit: int = 20, offset: int = 0) -> dict[str, object]:
     rows, total = service(request).list_runs(caller, limit, offset)
     return {"training_runs": [run_json(request, r) for r in rows],
             "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
 
 @router.get("/training_runs/{run_id}")
-async def get_run(run_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
+def get_run(run_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
     return run_json(request, service(request).run_row(run_id, caller))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
-async def list_run_checkpoints(run_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
+def list_run_checkpoints(run_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
     rows, _ = service(request).list_checkpoints(caller, run_id)
     return {"checkpoints": [checkpoint_json(c) for c in rows], "cursor": None}
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
-async def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request,
+def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request,
                             caller: CallerDep) -> dict[str, object]:
     service(request).delete_checkpoint(run_id, checkpoint_id, caller)
     return {}
 
 
 @router.get("/checkpoints")
-async def list_all_checkpoints(request: Request, caller: CallerDep, limit: int = 100,
+def list_all_checkpoints(request: Request, caller: CallerDep, limit: int = 100,
                                offset: int = 0) -> dict[str, object]:
     rows, total = service(request).list_checkpoints(caller, limit=limit, offset=offset)
     return {"checkpoints": [checkpoint_json(c) for c in rows],
@@ -99,7 +97,7 @@ async def list_all_checkpoints(request: Request, caller: CallerDep, limit: int =
 
 
 @router.post("/weights_info")
-async def weights_info(req: WeightsInfoRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+def weights_info(req: WeightsInfoRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     svc = service(request)
     row = svc.checkpoint(parse_path(req.tinker_path), caller)
     lora = row.lora
@@ -109,15 +107,14 @@ async def weights_info(req: WeightsInfoRequest, request: Request, caller: Caller
 
 
 @router.get("/sessions")
-async def list_sessions(request: Request, caller: CallerDep, limit: int = 20, offset: int = 0) -> dict[str, object]:
+def list_sessions(request: Request, caller: CallerDep, limit: int = 20, offset: int = 0) -> dict[str, object]:
     return {"sessions": [s.session_id for s in service(request).list_sessions(caller, limit, offset)]}
 
 
 @router.get("/sessions/{session_id}")
-async def get_session(session_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
+def get_session(session_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
     svc = service(request)
-    db = svc.db
     s = svc.session(session_id, caller)
-    return {"training_run_ids": db.runs_of_session(session_id),
-            "sampler_ids": db.samplers_of_session(session_id),
+    run_ids, sampler_ids = svc.session_contents(session_id)
+    return {"training_run_ids": run_ids, "sampler_ids": sampler_ids,
             "user_metadata": s.user_metadata, "display_name": s.display_name}

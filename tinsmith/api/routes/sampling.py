@@ -15,7 +15,7 @@ router = APIRouter(prefix="/api/v1")
 
 
 @router.post("/create_sampling_session")
-async def create_sampling_session(
+def create_sampling_session(
     req: CreateSamplingSessionRequest, request: Request, caller: CallerDep
 ) -> dict[str, object]:
     sid = service(request).create_sampling_session(
@@ -26,12 +26,12 @@ async def create_sampling_session(
 
 
 @router.get("/samplers/{sampler_id}")
-async def get_sampler(sampler_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
+def get_sampler(sampler_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
     return service(request).get_sampler_info(sampler_id, caller)
 
 
 @router.post("/asample")
-async def asample(req: SampleRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+def asample(req: SampleRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     svc = service(request)
     sampler_id = req.sampling_session_id
     if sampler_id is None:  # older clients name the model per request

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from tinker.types import CreateSessionRequest, SessionHeartbeatRequest
 
 from tinsmith import __version__
@@ -26,7 +27,7 @@ async def dynamic_config() -> dict[str, object]:
 
 
 @router.post("/create_session")
-async def create_session(req: CreateSessionRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+def create_session(req: CreateSessionRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     sid = service(request).create_session(
         tags=req.tags, user_metadata=req.user_metadata, display_name=req.display_name,
         project_id=req.project_id, sdk_version=req.sdk_version, caller=caller,
@@ -36,7 +37,7 @@ async def create_session(req: CreateSessionRequest, request: Request, caller: Ca
 
 
 @router.post("/session_heartbeat")
-async def heartbeat(req: SessionHeartbeatRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+def heartbeat(req: SessionHeartbeatRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     service(request).heartbeat(req.session_id, caller)
     return {"type": "session_heartbeat"}
 
@@ -45,7 +46,7 @@ async def heartbeat(req: SessionHeartbeatRequest, request: Request, caller: Call
 async def finish(session_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
     body = await request.json() if await request.body() else {}
     reason = (body.get("reason") or {}).get("type", "success") if isinstance(body, dict) else "success"
-    service(request).finish_session(session_id, str(reason), caller)
+    await run_in_threadpool(service(request).finish_session, session_id, str(reason), caller)
     return {}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from tinker.types import (
     AdamParams,
     CreateModelRequest,
@@ -25,7 +26,7 @@ router = APIRouter(prefix="/api/v1", route_class=SeqRoute)
 
 
 @router.post("/create_model")
-async def create_model(req: CreateModelRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+def create_model(req: CreateModelRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     if req.optimizer_config.type != "adamw":
         raise UserError(f"optimizer {req.optimizer_config.type!r} is not supported; use adamw")
     lc = req.lora_config
@@ -42,7 +43,7 @@ async def create_model(req: CreateModelRequest, request: Request, caller: Caller
 
 
 @router.post("/get_info")
-async def get_info(req: GetInfoRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+def get_info(req: GetInfoRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     return service(request).get_info(req.model_id, caller)
 
 
@@ -51,16 +52,15 @@ async def forward_backward(request: Request, caller: CallerDep) -> dict[str, obj
     if request.headers.get("content-encoding", "").lower() not in ("", "identity"):
         raise UserError("compressed /forward_backward bodies are not supported by this server", 415)
     fb = decode_forward_backward(await request.body())
-    svc = service(request)
-    rid = svc.forward_backward(
-        fb.model_id, fb.seq_id, fb.data, fb.loss_fn, fb.loss_fn_config, forward_only=fb.forward_only,
-        caller=caller,
+    rid = await run_in_threadpool(
+        service(request).forward_backward, fb.model_id, fb.seq_id, fb.data, fb.loss_fn,
+        fb.loss_fn_config, forward_only=fb.forward_only, caller=caller,
     )
     return future_response(rid, fb.model_id)
 
 
 @router.post("/optim_step")
-async def optim_step(req: OptimStepRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+def optim_step(req: OptimStepRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     p = req.optim_params
     if not isinstance(p, AdamParams):
         raise UserError(f"optimizer params of type {getattr(p, 'type', '?')!r} are not supported; use AdamParams")
@@ -71,7 +71,7 @@ async def optim_step(req: OptimStepRequest, request: Request, caller: CallerDep)
 
 
 @router.post("/save_weights")
-async def save_weights(req: SaveWeightsRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+def save_weights(req: SaveWeightsRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     svc = service(request)
     rid = svc.save(
         req.model_id, _seq(req.seq_id), kind="weights", name=req.path or "", ttl_seconds=req.ttl_seconds,
@@ -81,7 +81,7 @@ async def save_weights(req: SaveWeightsRequest, request: Request, caller: Caller
 
 
 @router.post("/save_weights_for_sampler")
-async def save_weights_for_sampler(
+def save_weights_for_sampler(
     req: SaveWeightsForSamplerRequest, request: Request, caller: CallerDep
 ) -> dict[str, object]:
     svc = service(request)
@@ -99,7 +99,7 @@ async def save_weights_for_sampler(
 
 
 @router.post("/load_weights")
-async def load_weights(req: LoadWeightsRequest, request: Request, caller: CallerDep) -> dict[str, object]:
+def load_weights(req: LoadWeightsRequest, request: Request, caller: CallerDep) -> dict[str, object]:
     svc = service(request)
     rid, model_id = svc.load_weights(
         path=req.path, optimizer=req.optimizer, session_id=req.session_id,
@@ -110,7 +110,7 @@ async def load_weights(req: LoadWeightsRequest, request: Request, caller: Caller
 
 
 @router.post("/save_weights_external")
-async def save_weights_external(
+def save_weights_external(
     req: SaveWeightsExternalRequest, request: Request, caller: CallerDep
 ) -> dict[str, object]:
     """A PEFT adapter folder, tinker://<run>/external_weights/<name>: its files download

@@ -31,6 +31,7 @@ import numpy as np
 
 from tinsmith.types import DatumIn, SampleOut, UserError
 
+
 @dataclass
 class _Record:
     prompt: np.ndarray  # int64 [P], shared by the samples of one request
