@@ -8,6 +8,11 @@ log-probabilities of the targets out, with the autograd graph kept when asked.
 Rows are sorted by slot so every slot's rows are contiguous (see lora.LoraContext), and
 right-padded: with a causal mask a real token never attends to the padding after it, so
 no attention mask is needed and SDPA takes its causal fast path.
+
+The model lives on one device in one dtype (engine/device.py, `Placement`); token ids go to
+the device once per pass, and logprobs come back float32 on the device (the trainer moves
+results to the host). A synthetic model folder (no weights) is built with seeded random
+weights directly on the device.
 """
 
 from __future__ import annotations

@@ -181,6 +181,18 @@ class ApiKeys:
             self._open_until = time.monotonic() + self._cache_s
         return self._enabled
 
+    def cached(self, key: str | None) -> Caller | None:
+        """What `authenticate(key)` answers when that takes no database read: the caller
+        from the cache, or None when only `authenticate` can tell (it may read the database,
+        or refuse). Never blocks, never raises: the event loop asks this first."""
+        now = time.monotonic()
+        if not self._enabled:
+            return OPEN if now < self._open_until else None
+        if not key or not key.startswith(KEY_PREFIX):
+            return None
+        hit = self._good.get(hash_key(key))
+        return hit[0] if hit is not None and now < hit[1] else None
+
     def authenticate(self, key: str | None) -> Caller:
         """The caller a request's key stands for; raises Unauthorized (401)."""
         if not self.enabled():
