@@ -71,9 +71,14 @@ def _grads(adapter: Adapter) -> list[torch.Tensor]:
     return [p.grad.detach().cpu().clone() for p in adapter.parameters()]
 
 
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    """|got - want| relative to |want| (Frobenius norms)."""
+    return float((got - want).norm()) / max(float(want.norm()), 1e-6)
+
+
 def _close(got: list[torch.Tensor], want: list[torch.Tensor], rel: float) -> None:
     for g, w in zip(got, want, strict=True):
-        assert float((g - w).norm()) <= rel * max(float(w.norm()), 1e-6)
+        assert _rel(g, w) <= rel
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -125,8 +130,12 @@ def test_shared_packing_matches_solo(dtype: str, rows: tuple[int, ...], monkeypa
     loss_tol, grad_tol = TOL[dtype]
     for name, (adapter, _) in adapters.items():
         want_loss, want_grads = solo[name]
-        assert abs(float(losses[name]) - want_loss) <= loss_tol * abs(want_loss)
-        _close(_grads(adapter), want_grads, grad_tol)
+        loss_err = abs(float(losses[name]) - want_loss) / abs(want_loss)
+        grad_err = max(_rel(g, w) for g, w in zip(_grads(adapter), want_grads, strict=True))
+        # The measured errors the docs quote (`pytest -s tests/test_device_paths.py -k shared`).
+        print(f"{dtype} {rows} run {name}: loss rel {loss_err:.1e}, grads rel {grad_err:.1e}")
+        assert loss_err <= loss_tol
+        assert grad_err <= grad_tol
 
 
 def test_chunked_unembedding_equals_whole(monkeypatch) -> None:
