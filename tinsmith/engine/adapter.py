@@ -16,11 +16,8 @@ from collections.abc import Mapping
 
 import torch
 
-from tinsmith.engine.families import family_for
+from tinsmith.engine.families import ALL_ATTN, ALL_MLP, ALL_UNEMBED, family_for
 from tinsmith.engine.lora import (
-    ATTN_TARGETS,
-    MLP_TARGETS,
-    UNEMBED_TARGETS,
     LoraWeights,
     MultiLoraLinear,
     leaf_name,
@@ -36,7 +33,7 @@ def target_leaves(spec: LoraSpec, model_type: str | None = None) -> tuple[str, .
         family = family_for(model_type)
         attn, mlp, unembed = family.attn, family.mlp, family.unembed
     else:
-        attn, mlp, unembed = ATTN_TARGETS, MLP_TARGETS, UNEMBED_TARGETS
+        attn, mlp, unembed = ALL_ATTN, ALL_MLP, ALL_UNEMBED
     leaves: tuple[str, ...] = ()
     if spec.train_attn:
         leaves += attn

@@ -31,10 +31,8 @@ import safetensors.torch
 import torch
 
 from tinsmith.engine.adapter import Adapter, target_leaves
+from tinsmith.engine.families import ALL_ATTN, ALL_MLP, ALL_UNEMBED
 from tinsmith.engine.lora import (
-    ATTN_TARGETS,
-    MLP_TARGETS,
-    UNEMBED_TARGETS,
     LoraWeights,
     MultiLoraLinear,
     leaf_name,
@@ -196,9 +194,9 @@ def _spec_from_peft_config(config: Mapping[str, Any]) -> LoraSpec:
     return LoraSpec(
         rank=rank,
         alpha=alpha,
-        train_attn=bool(leaves & set(ATTN_TARGETS)),
-        train_mlp=bool(leaves & set(MLP_TARGETS)),
-        train_unembed=bool(leaves & set(UNEMBED_TARGETS)),
+        train_attn=bool(leaves & set(ALL_ATTN)),
+        train_mlp=bool(leaves & set(ALL_MLP)),
+        train_unembed=bool(leaves & set(ALL_UNEMBED)),
     )
 
 

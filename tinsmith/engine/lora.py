@@ -19,13 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinsmith.engine.families import ALL_ATTN, ALL_MLP, ALL_UNEMBED, family_for
-
-# Leaf module names of every known family, per LoRA group (families.py holds them per
-# model_type). Matched against one model's adapted layers they select just its family's.
-ATTN_TARGETS = ALL_ATTN
-MLP_TARGETS = ALL_MLP
-UNEMBED_TARGETS = ALL_UNEMBED
+from tinsmith.engine.families import family_for
 
 
 @dataclass

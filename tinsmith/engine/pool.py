@@ -98,12 +98,7 @@ class RunPool:
             raise NotFound(f"training run {run_id!r} is not loaded on this server")
         self._runs.move_to_end(run_id)
         if run.adapter is None:
-            if run.host is not None:
-                run.adapter = run.host.to_device(self.runner.device)
-                run.slot, run.host = self.runner.attach(run.adapter), None
-                self.restores += 1
-            else:
-                self._restore(run)
+            self._restore(run)
             self._evict()
         assert run.adapter is not None and run.slot is not None
         return run.adapter, run.slot
@@ -164,14 +159,18 @@ class RunPool:
         run.adapter, run.slot, run.spill = None, None, folder
 
     def _restore(self, run: _Run) -> None:
-        assert run.spill is not None
-        files = read_spill(run.spill)
-        adapter = adapter_from_files(files, self.runner.layers, load_optimizer=True)
-        grads = safetensors.torch.load(files[GRADS_FILE])
-        for i, p in enumerate(adapter.parameters()):
-            g = grads.get(str(i))
-            p.grad = None if g is None else g.to(p.device)
-        run.adapter, run.slot, run.spill = adapter, self.runner.attach(adapter), None
+        """Back from host memory (a copy) or from disk (the spill's files)."""
+        if run.host is not None:
+            adapter = run.host.to_device(self.runner.device)
+        else:
+            assert run.spill is not None
+            files = read_spill(run.spill)
+            adapter = adapter_from_files(files, self.runner.layers, load_optimizer=True)
+            grads = safetensors.torch.load(files[GRADS_FILE])
+            for i, p in enumerate(adapter.parameters()):
+                g = grads.get(str(i))
+                p.grad = None if g is None else g.to(p.device)
+        run.adapter, run.slot, run.spill, run.host = adapter, self.runner.attach(adapter), None, None
         self.restores += 1
 
 

@@ -12,6 +12,7 @@ import math
 from collections.abc import Generator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tinsmith.engine.adapter import Adapter
@@ -171,9 +172,9 @@ class LocalTrainer:
         """A work's loss (a scalar, still in the graph) and its result, from its logprobs."""
         with torch.set_grad_enabled(not forward_only):
             keys = {*spec.required_inputs, *spec.optional_inputs, *spec.server_inputs}
+            # On the host per datum; LossBatch moves each concatenated input over once.
             inputs = [
-                {k: torch.as_tensor(v, dtype=lp.dtype, device=lp.device)
-                 for k, v in d.inputs.items() if k in keys}
+                {k: torch.as_tensor(v, dtype=lp.dtype) for k, v in d.inputs.items() if k in keys}
                 for d, lp in zip(work.data, lps)
             ]
             loss, metrics = spec.fn(LossBatch.from_datums(lps, inputs), {**spec.config, **work.config})
@@ -191,8 +192,13 @@ class LocalTrainer:
                 "(e.g. sampler logprobs far below the learner's make exp(lp - logprobs) overflow)"
             )
         metrics = {**metrics, "loss:sum": value}
-        # The one crossing to the CPU: float32 logprobs, wherever and in whatever dtype they were.
-        outputs = [{"logprobs": lp.detach().float().cpu().numpy()} for lp in lps]
+        # The one crossing to the CPU (one copy for the whole request, not one per datum):
+        # float32 logprobs, wherever and in whatever dtype they were.
+        flat = (torch.cat([lp.detach().reshape(-1) for lp in lps]).float().cpu().numpy()
+                if lps else np.zeros(0, np.float32))
+        ends = np.cumsum([lp.numel() for lp in lps])
+        outputs = [{"logprobs": part.reshape(tuple(lp.shape))}
+                   for part, lp in zip(np.split(flat, ends[:-1]), lps)]
         return loss, FwdBwdOut(outputs=outputs, metrics=metrics)
 
     def optim_step(self, run_id: str, adam: AdamSpec) -> dict[str, float]:

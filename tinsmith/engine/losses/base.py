@@ -44,7 +44,7 @@ class LossBatch:
         lp = torch.cat(lps)
         return cls(
             lp=lp,
-            inputs={k: torch.cat([d[k] for d in inputs]) for k in keys},
+            inputs={k: torch.cat([d[k] for d in inputs]).to(lp.device) for k in keys},
             datum=torch.repeat_interleave(torch.arange(len(lps)), lengths).to(lp.device),
             num_datums=len(lps),
         )
