@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -111,6 +112,12 @@ class RunModel(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     last_request_time: Mapped[datetime] = mapped_column(UTCDateTime)
     owner: Mapped[str | None] = mapped_column(String(64), index=True)
+    # NULL: the session's project (if any). A copy (copy_weights) has its destination's.
+    project_id: Mapped[str | None] = mapped_column(String(255), index=True, default=None)
+    # The tinker path a copy was made from; NULL for a trained run. A copy cannot be trained.
+    copied_from: Mapped[str | None] = mapped_column(String(1024), default=None)
+    # The optimizer config fixed at creation (`{"type": "dimuon", "version": 1}`); NULL: AdamW.
+    optimizer: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class CheckpointModel(Base):
@@ -129,6 +136,8 @@ class CheckpointModel(Base):
     base_model: Mapped[str] = mapped_column(String(255))
     lora: Mapped[dict[str, Any]] = mapped_column(JSON)
     owner: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Published: any API key may read and load it (publish_checkpoint_from_tinker_path).
+    public: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class SamplerModel(Base):
