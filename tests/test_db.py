@@ -163,7 +163,8 @@ def test_large_size_bytes_and_portable_schema(store: MetadataStore) -> None:
 
     ddl = {name: str(CreateTable(t).compile(dialect=postgresql.dialect()))
            for name, t in Base.metadata.tables.items()}
-    assert set(ddl) == {"sessions", "training_runs", "checkpoints", "samplers"}
+    assert set(ddl) == {"sessions", "training_runs", "checkpoints", "samplers", "audit_events",
+                        "usage_hourly"}
     assert "size_bytes BIGINT" in ddl["checkpoints"]
     assert "expires_at TIMESTAMP WITH TIME ZONE" in ddl["checkpoints"]
     assert "TIMESTAMP WITHOUT TIME ZONE" not in "".join(ddl.values())

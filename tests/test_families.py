@@ -3,8 +3,9 @@
 For every family in the table, a tiny random model of that type (built by transformers from a
 config, saved with a byte tokenizer into a temporary folder) must expose exactly the table's
 linear leaves, load in `ModelRunner`, and give base log-probabilities equal to the HF model's
-own log_softmax(logits). For the main families (llama, mistral, qwen2, qwen3, and phi3 with
-its fused projections) the whole path runs too: one training step through the local trainer
+own log_softmax(logits). A mixture-of-experts family (qwen3_moe, mixtral) also gets one LoRA
+target per fused expert parameter. For the main families (llama, mistral, qwen2, qwen3, phi3
+with its fused projections, qwen3_moe and mixtral with their experts) the whole path runs too: one training step through the local trainer
 lowers the loss, and the exported checkpoint loads in `peft.PeftModel` with the same
 log-probabilities. Tolerance: 1e-5 absolute on log-probabilities (float32 on a CPU; the
 runner computes the unembedding on selected positions, HF on all of them).
@@ -37,7 +38,11 @@ from tinsmith.types import AdamSpec, DatumIn, LoraSpec
 
 VOCAB = 320  # more than the byte tokenizer's 256 + specials
 ATOL = 1e-5
-FULL_PATH = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+FULL_PATH = ["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral"]
+# MoE configs: 4 experts, top-2, expert width 48 (gate_up [4, 96, 64] is not square).
+MOE = {"qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                     "norm_topk_prob": True},
+       "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2}}  # experts [4, 256, 64]
 ADAM = AdamSpec(learning_rate=1e-2)
 
 
@@ -50,6 +55,7 @@ def tiny_config(model_type: str):
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
         initializer_range=0.2, bos_token_id=byte_tokenizer.token_id(style, style.bos),
         eos_token_id=byte_tokenizer.token_id(style, style.eos), pad_token_id=None,
+        **MOE.get(model_type, {}),
     )
 
 
@@ -82,6 +88,12 @@ def linear_leaves(model: nn.Module) -> set[str]:
     return {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def expert_paths(model: nn.Module, model_type: str) -> set[str]:
+    """Paths of the fused 3-D expert parameters the family names (none for a dense one)."""
+    names = set(FAMILIES[model_type].experts)
+    return {p for p, t in model.named_parameters() if t.dim() == 3 and p.rsplit(".", 1)[-1] in names}
+
+
 TABLE = [t for t in sorted(FAMILIES) if t in CONFIG_MAPPING]
 
 
@@ -94,7 +106,9 @@ def test_table_matches_architecture_and_runner_loads_it(model_type: str, tmp_pat
     assert linear_leaves(hf) == set(family.leaves), "the table names exactly its linear layers"
     runner = ModelRunner(folder, model_type)
     expected = {p for p, m in hf.named_modules() if isinstance(m, nn.Linear)}
-    assert set(runner.layers) == expected
+    experts = expert_paths(hf, model_type)
+    assert bool(experts) == bool(family.experts), "MoE families have their experts, dense ones none"
+    assert set(runner.layers) == expected | experts
     d = datum(1)
     ours = runner.target_logprobs([(None, d)], grad=False)[0].numpy()
     theirs = hf_logprobs(hf, d)
@@ -134,11 +148,16 @@ def test_lora_injected_into_exactly_the_familys_modules(family) -> None:
     model_type, folder, runner = family
     wanted = set(FAMILIES[model_type].leaves)
     hf = hf_model(folder)
-    assert {p.rsplit(".", 1)[-1] for p in runner.layers} == wanted
+    experts = expert_paths(hf, model_type)
+    assert {p.rsplit(".", 1)[-1] for p in runner.layers} == wanted | set(FAMILIES[model_type].experts)
     assert set(runner.layers) == {p for p, m in hf.named_modules()
-                                  if isinstance(m, nn.Linear) and p.rsplit(".", 1)[-1] in wanted}
+                                  if isinstance(m, nn.Linear) and p.rsplit(".", 1)[-1] in wanted} | experts
     adapter = Adapter.create(LoraSpec(rank=2, train_mlp=False, train_unembed=False), runner.layers)
     assert {p.rsplit(".", 1)[-1] for p in adapter.weights} == set(FAMILIES[model_type].attn)
+    mlp = Adapter.create(LoraSpec(rank=2, train_attn=False, train_unembed=False), runner.layers)
+    assert {p for p in mlp.weights if p in experts} == experts  # train_mlp trains the experts
+    assert target_leaves(LoraSpec(rank=2, train_attn=False, train_unembed=False), model_type) == (
+        FAMILIES[model_type].mlp + FAMILIES[model_type].experts)
 
 
 def test_training_step_lowers_loss_and_peft_agrees(family, tmp_path: Path) -> None:

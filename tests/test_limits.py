@@ -282,3 +282,24 @@ def test_keys_create_with_limits_and_expiry(tmp_path: Path,
         db.close()
     with pytest.raises(SystemExit):
         cli_main(["keys", "create", "--expires-in", "soon", *args])
+
+
+def test_many_chunks_under_a_small_concurrency_limit_complete(tmp_path: Path) -> None:
+    """A forward_backward split into more chunks than `max_concurrent` + 1 still completes.
+    In parallel mode the SDK sends the first chunk only after every other one was accepted,
+    so held chunks would fill the limit and the rest would get 429 until the SDK gave up;
+    for a key with a concurrency limit the server asks for chunks in order instead."""
+    db = MetadataStore(f"sqlite:///{tmp_path / 'tinsmith.db'}")
+    key = ApiKeys(db).create("narrow", max_concurrent=2)
+    db.close()
+    with tinsmith.local(models=[TINY], data_dir=tmp_path, fwdbwd_max_chunk_len=1) as url:
+        tc = tinker.ServiceClient(base_url=url, api_key=key.key).create_lora_training_client(
+            base_model=TINY, rank=2).result()
+        tok = tc.get_tokenizer()
+        data = [text_datum(tok, s) for s in SENTENCES + SENTENCES[:2]]  # 6 chunks of one
+        start = time.monotonic()
+        out = tc.forward_backward(data, "cross_entropy").result(timeout=120)
+        assert len(out.loss_fn_outputs) == 6
+        assert time.monotonic() - start < 60
+        with httpx.Client(base_url=url, headers={"X-API-Key": key.key}) as http:
+            assert http.post("/api/v1/client/config", json={}).json()["parallel_fwdbwd_chunks"] is False

@@ -51,7 +51,7 @@ from tinsmith.storage.db import (
     target_metadata,
 )
 
-HEAD = "0004"
+HEAD = "0005"
 LORA = {"rank": 2, "seed": 0, "train_mlp": True, "train_attn": True, "train_unembed": False}
 
 # --- the schema before migrations (7861ef9's models), as create_all made it ---------------

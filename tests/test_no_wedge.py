@@ -43,9 +43,11 @@ class Server:
     url: str
     keys: dict[str, str]  # "free": no limits; "busy": max_concurrent=BUSY
 
-    def client(self, who: str = "free") -> tinker.TrainingClient:
+    def client(self, who: str = "free",
+               optimizer: types.OptimizerConfig | None = None) -> tinker.TrainingClient:
         sc = tinker.ServiceClient(base_url=self.url, api_key=self.keys[who])
-        return sc.create_lora_training_client(base_model=TINY, rank=4, seed=7).result()
+        return sc.create_lora_training_client(base_model=TINY, rank=4, seed=7,
+                                              optimizer=optimizer).result()
 
     def http(self, who: str = "free") -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"X-API-Key": self.keys[who]}, timeout=30)
@@ -118,7 +120,11 @@ SERVER_REJECTIONS: dict[str, tuple[Callable[[Case], object], str]] = {
     "forward_backward over max_request_tokens (413)": (
         lambda c: c.tc.forward_backward([c.datum] * 30, "cross_entropy"), "max_request_tokens"),
     "optim_step DimuonParams": (
-        lambda c: c.tc.optim_step(types.DimuonParams(learning_rate=1e-3)), "not supported"),
+        lambda c: c.tc.optim_step(types.DimuonParams(learning_rate=1e-3)),
+        "this run's optimizer is adamw"),
+    "optim_step AdamParams on a Dimuon run": (
+        lambda c: c.tc.optim_step(types.AdamParams(learning_rate=1e-3)),
+        "this run's optimizer is dimuon"),
     "optim_step bad AdamParams": (
         lambda c: c.tc.optim_step(types.AdamParams(learning_rate=1e-3, beta1=1.5)), "beta1"),
     "save_state bad name": (lambda c: c.tc.save_state("../up"), "invalid checkpoint name"),
@@ -138,6 +144,9 @@ SERVER_REJECTIONS: dict[str, tuple[Callable[[Case], object], str]] = {
 }
 
 
+ON_DIMUON_RUN = {"optim_step AdamParams on a Dimuon run"}  # the rest run on AdamW runs
+
+
 @pytest.fixture(scope="module")
 def sampler_path(strict: Server) -> str:
     return strict.client().save_weights_for_sampler("shared").result().path
@@ -145,7 +154,7 @@ def sampler_path(strict: Server) -> str:
 
 @pytest.mark.parametrize("case", sorted(SERVER_REJECTIONS))
 def test_server_rejection_consumes_its_seq_id(case: str, strict: Server, sampler_path: str) -> None:
-    tc = strict.client()
+    tc = strict.client(optimizer=types.DimuonOptimizerConfig() if case in ON_DIMUON_RUN else None)
     c = Case(tc, text_datum(tc.get_tokenizer(), SENTENCES[0]), sampler_path)
     before = tc.forward([c.datum], "cross_entropy").result(timeout=WAIT_S)
     send, message = SERVER_REJECTIONS[case]
@@ -188,6 +197,7 @@ def test_raw_rejections_consume_their_seq_id(strict: Server) -> None:
         ("/api/v1/optim_step", {"model_id": model_id, "adam_params": {"learning_rate": "fast"}}),
         ("/api/v1/save_weights", {"model_id": model_id, "path": 7, "ttl_seconds": "soon"}),
         ("/api/v1/save_weights_for_sampler", {"model_id": model_id}),  # no name, no session seq
+        ("/api/v1/save_weights_for_sampler", {"model_id": model_id, "path": "n", "kind": "inflight"}),
         ("/api/v1/load_weights", {"model_id": model_id, "path": "x", "optimizer": "maybe"}),
     ]
     with strict.http() as http:
@@ -201,6 +211,25 @@ def test_raw_rejections_consume_their_seq_id(strict: Server) -> None:
         # A request with a rejected seq_id is told so, not "already executed".
         r = _optim(http, model_id, 5)
         assert r.status_code == 400 and "seq_id 5" in r.text and "rejected" in r.text, r.text
+
+
+def test_zstd_bomb_consumes_its_seq_id(strict: Server) -> None:
+    """A zstd /forward_backward body that decompresses past max_body_bytes gets a 413; its
+    model_id and seq_id are read from the start of the decompressed body and consumed."""
+    import zstandard
+    from tinker.proto import tinker_public_pb2 as pb
+
+    from tinsmith.config import ServerSettings
+
+    model_id = strict.client().model_id
+    huge = pb.ForwardBackwardRequest(model_id=model_id, seq_id=1,
+                                     loss_fn="x" * (ServerSettings().max_body_bytes + 1))
+    bomb = zstandard.ZstdCompressor().compress(huge.SerializeToString())
+    with strict.http() as http:
+        r = http.post("/api/v1/forward_backward", content=bomb,
+                      headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"})
+        assert r.status_code == 413 and "decompresses to more than" in r.text, r.text
+        assert _poll(http, _optim(http, model_id, 2)).get("type") == "optim_step"
 
 
 def test_429_is_retried_not_consumed(strict: Server) -> None:

@@ -11,7 +11,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from tinsmith import cli_limits
-from tinsmith.config import DEFAULT_MODEL, ServerSettings
+from tinsmith.config import DEFAULT_MODEL, Prices, ServerSettings
 from tinsmith.types import UserError
 
 
@@ -33,6 +33,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         max_resident_adapters=getattr(args, "max_resident_adapters", None),
         seq_gap_timeout_s=getattr(args, "seq_gap_timeout", ServerSettings.seq_gap_timeout_s),
         debug_slow_writes_s=float(os.environ.get("TINSMITH_DEBUG_SLOW_WRITES_S") or 0),
+        prices=Prices.parse(getattr(args, "price", None) or ()),
         **cli_limits.serve_settings(args),
     )
 
@@ -337,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip a training run's seq_id the client never sent once later requests "
                         "waited this long with none arriving (0: wait forever; default %(default)s)")
     cli_limits.add_serve_args(p)
+    p.add_argument("--price", action="append", metavar="KIND=USD",
+                   help="a price for billing reports, repeatable: train, forward, prefill, "
+                        "sample (USD per million tokens) or storage (USD per GB-month); "
+                        "default 0 (see docs/operating.md, Accounting)")
     _store_args(p)
     p.set_defaults(fn=cmd_serve)
 

@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MAX_REQUEST_TOKENS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Prices:
+    """What usage costs, in USD, for the billing report (docs/operating.md, "Accounting").
+    All 0 by default: usage is still counted, only its cost reads 0."""
+
+    train_per_mtok: float = 0.0
+    """Per million tokens of forward_backward."""
+    forward_per_mtok: float = 0.0
+    """Per million tokens of forward (no backward pass)."""
+    prefill_per_mtok: float = 0.0
+    """Per million prompt tokens of sampling requests (each prompt prefilled once)."""
+    sample_per_mtok: float = 0.0
+    """Per million tokens sampled (generated)."""
+    storage_per_gb_month: float = 0.0
+    """Per GB (10^9 bytes) of stored checkpoints per month (720 hours)."""
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> Prices:
+        """From `KIND=USD` items (`train=0.4`, `sample=1.2`...; KIND is a field less its
+        unit). Raises ValueError naming the bad item."""
+        units = {f.name.rsplit("_per_", 1)[0]: f.name for f in fields(cls)}
+        values: dict[str, float] = {}
+        for item in items:
+            kind, _, usd = item.partition("=")
+            try:
+                price = float(usd)
+            except ValueError:
+                price = -1.0
+            if kind.strip() not in units or not 0 <= price < float("inf"):
+                raise ValueError(f"invalid price {item!r}: use KIND=USD with KIND one of "
+                                 + ", ".join(units) + " and USD a number >= 0")
+            values[units[kind.strip()]] = price
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -92,6 +128,14 @@ class ServerSettings:
     metric_history_points: int = 10_000
     """Training metric points (forward_backward, optim_step) kept in memory per run for the
     dashboard's curves (GET /api/v1/training_runs/{id}/metrics), oldest dropped first."""
+
+    prices: Prices = Prices()
+    """Prices of usage, for the cost in billing reports (`tinsmith serve --price KIND=USD`)."""
+    auth_token_ttl_s: float = 3600.0
+    """How long a token from POST /api/v1/auth/token (the SDK's JWT mode) stays valid."""
+    accounting_flush_s: float = 5.0
+    """How often usage counts and audit entries gathered in memory are written to the
+    database (also at shutdown); a killed server loses at most this much of them."""
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -7,8 +7,9 @@ tensors. Shapes: N = number of model-input tokens of one datum, K = top-K width.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -81,16 +82,78 @@ class DatumIn:
     spans: tuple[ProvenanceSpan, ...] = ()
 
 
+OptimizerType = Literal["adamw", "dimuon"]
+_OPTIMIZER_VERSIONS: dict[str, tuple[int, ...]] = {"adamw": (), "dimuon": (1,)}
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """A training run's optimizer family, fixed when the run is created (the SDK's
+    AdamOptimizerConfig / DimuonOptimizerConfig; docs/optimizers.md). AdamW has no version."""
+
+    type: OptimizerType = "adamw"
+    version: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The SDK's wire form: {"type": "adamw"} or {"type": "dimuon", "version": 1}."""
+        return {"type": self.type} if self.version is None else {"type": self.type, "version": self.version}
+
+    def to_db(self) -> dict[str, object] | None:
+        """The `training_runs.optimizer` column: NULL for AdamW."""
+        return None if self.type == "adamw" else self.to_json()
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, object] | None) -> OptimizerConfig:
+        """Parse the wire / stored form (None: AdamW); a type, version or field this server
+        does not know raises UserError, never a silent default."""
+        if d is None:
+            return ADAMW
+        kind = d.get("type")
+        if kind not in _OPTIMIZER_VERSIONS:
+            raise UserError(f"unknown optimizer type {kind!r}: this server supports "
+                            f"{sorted(_OPTIMIZER_VERSIONS)}")
+        extra = sorted(set(d) - {"type", "version"})
+        if extra:
+            raise UserError(f"optimizer config {kind!r} has unknown fields {extra}")
+        versions = _OPTIMIZER_VERSIONS[str(kind)]
+        version = d.get("version", versions[-1] if versions else None)
+        if versions and (isinstance(version, bool) or version not in versions):
+            raise UserError(f"optimizer {kind!r} version {version!r} is not supported; "
+                            f"this server supports versions {list(versions)}")
+        if not versions and version is not None:
+            raise UserError(f"optimizer {kind!r} has no version, got {version!r}")
+        return cls(kind, version)  # type: ignore[arg-type]
+
+
+ADAMW = OptimizerConfig()
+DIMUON = OptimizerConfig("dimuon", 1)
+
+
 @dataclass(frozen=True)
 class AdamSpec:
     """AdamW hyperparameters of one optim_step (weight decay is decoupled; clip 0 = off)."""
 
+    family: ClassVar[OptimizerType] = "adamw"
     learning_rate: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-12
     weight_decay: float = 0.0
     grad_clip_norm: float = 0.0
+
+
+@dataclass(frozen=True)
+class DimuonSpec:
+    """Dimuon hyperparameters of one optim_step (docs/optimizers.md): the SDK's DimuonParams.
+    beta1 is the momentum's EMA coefficient; grad_clip_norm <= 0 means no clipping."""
+
+    family: ClassVar[OptimizerType] = "dimuon"
+    learning_rate: float
+    grad_clip_norm: float = 0.0
+    beta1: float = 0.9
+
+
+OptimSpec = AdamSpec | DimuonSpec
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tinsmith.api.deps import service
 from tinsmith.scheduler.access import HEADER, Caller
+from tinsmith.scheduler.tokens import TOKEN_PREFIX
 
 
 async def current_caller(request: Request) -> Caller:
@@ -26,6 +27,10 @@ async def current_caller(request: Request) -> Caller:
     caller = svc.keys.cached(key)
     if caller is not None:
         return caller
+    if key and key.startswith(TOKEN_PREFIX):  # a token from /auth/token (scheduler/tokens.py)
+        caller = svc.tokens.cached(key)
+        if caller is not None:
+            return caller
     return await run_in_threadpool(svc.authenticate, key)
 
 

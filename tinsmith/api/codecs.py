@@ -109,8 +109,8 @@ def seq_address(body: bytes, *, proto: bool) -> tuple[str, int] | None:
         msg = pb.ForwardBackwardRequest()
         try:
             msg.ParseFromString(body)
-        except DecodeError:
-            return None
+        except DecodeError:  # perhaps only the start of one (tinsmith.api.zstd_body)
+            return _leading_address(body)
         model_id, seq_id = msg.model_id, int(msg.seq_id)
     else:
         try:
@@ -123,6 +123,37 @@ def seq_address(body: bytes, *, proto: bool) -> tuple[str, int] | None:
     if isinstance(model_id, str) and model_id and type(seq_id) is int and seq_id >= 1:
         return model_id, seq_id
     return None
+
+
+def _leading_address(body: bytes) -> tuple[str, int] | None:
+    """(model_id, seq_id) from the first bytes of a ForwardBackwardRequest: the SDK writes
+    fields in number order, model_id (1, a string) then seq_id (2, a varint) first."""
+    def varint(at: int) -> tuple[int, int]:
+        value = shift = 0
+        while at < len(body) and shift < 64:
+            b = body[at]
+            value |= (b & 0x7F) << shift
+            at, shift = at + 1, shift + 7
+            if not b & 0x80:
+                return value, at
+        raise ValueError("truncated varint")
+
+    try:
+        tag, at = varint(0)
+        if tag != (1 << 3) | 2:
+            return None
+        n, at = varint(at)
+        if at + n > len(body):
+            return None
+        model_id = body[at : at + n].decode()
+        tag, at = varint(at + n)
+        if tag != (2 << 3) | 0:
+            return None
+        seq_id, _ = varint(at)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    seq_id = seq_id - (1 << 64) if seq_id >= 1 << 63 else seq_id  # int32 negatives: 10 bytes
+    return (model_id, seq_id) if model_id and seq_id >= 1 else None
 
 
 def encode_forward_backward(out: FwdBwdOut) -> bytes:

@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from tinsmith.api.codecs import seq_address
 from tinsmith.api.deps import service
+from tinsmith.api.zstd_body import BODY_PREFIX
 from tinsmith.scheduler.access import HEADER
 from tinsmith.scheduler.service import Service
 from tinsmith.types import UserError
@@ -53,7 +54,9 @@ async def settle_seq(request: Request, exc: Exception, *, proto: bool) -> None:
     try:
         body = await request.body()
     except (RuntimeError, HTTPException, ClientDisconnect):  # never read whole (e.g. 413)
-        return
+        body = request.scope.get(BODY_PREFIX)  # the start of a zstd body over the limit
+        if body is None:
+            return
     address = seq_address(body, proto=proto)
     if address is None:
         return
@@ -66,8 +69,8 @@ def _settle(svc: Service, api_key: str | None, address: tuple[str, int], status:
     """The blocking half of settle_seq (authentication may read the database)."""
     try:
         caller = svc.authenticate(api_key)
-    except UserError:
-        return  # no valid key: it may not touch any run
+    except (UserError, HTTPException):  # Unauthorized, or InvalidToken
+        return  # no valid key or token: it may not touch any run
     model_id, seq_id = address
     if status in RETRIED or status >= 500:
         svc.defer_seq(model_id, seq_id, caller)

@@ -18,7 +18,16 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tinsmith.types import AdamSpec, DatumIn, FwdBwdOut, LoraSpec, SampleOut, SampleSpec
+from tinsmith.types import (
+    ADAMW,
+    DatumIn,
+    FwdBwdOut,
+    LoraSpec,
+    OptimizerConfig,
+    OptimSpec,
+    SampleOut,
+    SampleSpec,
+)
 
 # A run's weights frozen at one moment, from `TrainingBackend.snapshot`, for the sampling
 # backend of the same process only: what it is belongs to the pair that exchanges it.
@@ -49,9 +58,10 @@ class TrainingStats:
 
 
 class TrainingBackend(Protocol):
-    """Training runs of one base model: LoRA adapters with their gradients and AdamW state."""
+    """Training runs of one base model: LoRA adapters with their gradients and optimizer
+    state (AdamW or Dimuon, fixed per run: docs/optimizers.md)."""
 
-    def create_run(self, run_id: str, spec: LoraSpec) -> None:
+    def create_run(self, run_id: str, spec: LoraSpec, optimizer: OptimizerConfig = ADAMW) -> None:
         """A new run with freshly initialised weights; a bad spec raises UserError."""
         ...
 
@@ -72,14 +82,18 @@ class TrainingBackend(Protocol):
         them; the generator returns the result."""
         ...
 
-    def optim_step(self, run_id: str, adam: AdamSpec) -> dict[str, float]: ...
+    def optim_step(self, run_id: str, params: OptimSpec) -> dict[str, float]:
+        """One step of the run's optimizer; params of the other family raise UserError."""
+        ...
 
     def export_run(self, run_id: str, base_model: str, *, include_optimizer: bool) -> dict[str, bytes]:
         """The run's checkpoint files (engine/checkpoint.py's format)."""
         ...
 
-    def load_run(self, run_id: str, files: Mapping[str, bytes], *, with_optimizer: bool) -> LoraSpec:
-        """Create (or replace) a run from checkpoint files; returns its LoRA spec."""
+    def load_run(self, run_id: str, files: Mapping[str, bytes], *, with_optimizer: bool,
+                 optimizer: OptimizerConfig = ADAMW) -> LoraSpec:
+        """Create (or replace) a run of family `optimizer` from checkpoint files; returns its
+        LoRA spec. With `with_optimizer`, optimizer state of another family raises UserError."""
         ...
 
     def snapshot(self, run_id: str) -> WeightsSnapshot:

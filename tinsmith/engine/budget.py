@@ -20,7 +20,7 @@ budget in one pass.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -93,6 +93,13 @@ def micro_batches(lengths: Sequence[int], budget: int) -> list[range]:
     if start < len(lengths):
         out.append(range(start, len(lengths)))
     return out
+
+
+def adapter_layer_shapes(layers: Iterable[object]) -> list[tuple[int, int]]:
+    """The (in, out) of every LoRA pair a run's adapter holds on `layers` (a runner's adapted
+    layers): one per layer, one per expert of a mixture-of-experts layer (engine/moe.py)."""
+    return [(m.in_features, m.out_features)  # type: ignore[attr-defined]
+            for m in layers for _ in range(getattr(m, "num_experts", 1))]
 
 
 def resident_runs_budget(layer_shapes: Sequence[tuple[int, int]], free_bytes: int,

@@ -4,14 +4,19 @@ A checkpoint is a flat mapping of file name -> bytes (the storage layer decides 
 lives):
 
 - `adapter_model.safetensors`: the LoRA factors, named as PEFT saves them
-  (`base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r]).
+  (`base_model.model.<module path>.lora_A.weight` [r, in] / `.lora_B.weight` [out, r]);
+  MoE experts' per-expert factors in PEFT's `target_parameters` naming and layout
+  (moe_checkpoint.py).
 - `adapter_config.json`: a PEFT `LoraConfig`, so `peft.PeftModel.from_pretrained(base,
   folder)` loads the folder as it is.
 - `tinsmith.json`: what PEFT has no field for, so a checkpoint round-trips exactly: the
   `LoraSpec` (seed and train_* flags included), the number of optimizer steps taken, the
-  base model name and the format version.
-- `optimizer.safetensors` (only when saved with the optimizer): AdamW moments and step
-  counts in the same naming (`<factor name>.exp_avg` / `.exp_avg_sq` / `.step`); empty when
+  run's optimizer family (`"optimizer": {"type": "adamw"}` or `{"type": "dimuon", "version":
+  1}`; absent in older checkpoints, which are all AdamW), the base model name and the format
+  version.
+- `optimizer.safetensors` (only when saved with the optimizer): the optimizer's state in the
+  factors' naming, a float32 `<factor name>.step` [1] per factor plus, for AdamW,
+  `.exp_avg` / `.exp_avg_sq`, for Dimuon `.momentum` (each the factor's shape); empty when
   no optimizer step was taken yet.
 
 Everything about names and files lives here; `Adapter` holds only tensors and training.
@@ -37,7 +42,13 @@ from tinsmith.engine.lora import (
     MultiLoraLinear,
     leaf_name,
 )
-from tinsmith.types import LoraSpec
+from tinsmith.engine.moe_checkpoint import (
+    experts_from_peft,
+    experts_to_peft,
+    is_expert_path,
+    target_parameters,
+)
+from tinsmith.types import ADAMW, LoraSpec, OptimizerConfig
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -45,7 +56,8 @@ CONFIG_FILE = "adapter_config.json"
 TINSMITH_FILE = "tinsmith.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PEFT_PREFIX = "base_model.model."
-_MOMENTS = ("exp_avg", "exp_avg_sq")
+# Per factor, besides `.step`: the optimizer state tensors of each family (factor-shaped).
+_BUFFERS = {"adamw": ("exp_avg", "exp_avg_sq"), "dimuon": ("momentum",)}
 
 
 # ----- PEFT tensor names ----------------------------------------------------------------
@@ -69,20 +81,23 @@ def _named_factors(adapter: Adapter) -> list[tuple[str, torch.Tensor]]:
 
 
 def peft_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The factors on the CPU, named as PEFT saves them (`adapter_model.safetensors`)."""
-    return {key: t.detach().cpu().contiguous() for key, t in _named_factors(adapter)}
+    """The factors on the CPU, named as PEFT saves them (`adapter_model.safetensors`);
+    per-expert factors of MoE experts in PEFT's target_parameters naming and layout."""
+    state = {key: t.detach().cpu().contiguous() for key, t in _named_factors(adapter)}
+    return experts_to_peft(state, peft_key)
 
 
 def optimizer_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """AdamW's moments and step counts on the CPU, named `<factor name>.exp_avg` /
-    `.exp_avg_sq` / `.step` (a float32 [1]); empty before the first optimizer step."""
+    """The optimizer's state on the CPU, named `<factor name>.<buffer>` (AdamW: `exp_avg`,
+    `exp_avg_sq`; Dimuon: `momentum`) and `.step` (a float32 [1]); empty before the first
+    optimizer step."""
     out: dict[str, torch.Tensor] = {}
     for key, t in _named_factors(adapter):
-        st = adapter.adam_state(t)
+        st = adapter.optimizer_state(t)
         if not st:
             continue
-        for moment in _MOMENTS:
-            out[f"{key}.{moment}"] = st[moment].cpu().contiguous()
+        for buf in _BUFFERS[adapter.optimizer_config.type]:
+            out[f"{key}.{buf}"] = st[buf].cpu().contiguous()
         out[f"{key}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
     return out
 
@@ -91,14 +106,15 @@ def optimizer_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
 def _peft_config(adapter: Adapter, base_model: str) -> dict[str, Any]:
     from peft import LoraConfig
 
-    leaves = sorted({leaf_name(path) for path in adapter.weights})
+    leaves = sorted({leaf_name(path) for path in adapter.weights if not is_expert_path(path)})
     alpha = adapter.spec.alpha
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=adapter.spec.rank,
         # PEFT types lora_alpha as int; write 32 rather than 32.0 when it is whole.
         lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
-        target_modules=leaves,
+        target_modules=leaves or None,  # None: only MoE experts (target_parameters)
+        target_parameters=target_parameters(adapter.weights) or None,  # MoE experts
         lora_dropout=0.0,
         bias="none",
         fan_in_fan_out=False,
@@ -119,7 +135,7 @@ def _peft_config(adapter: Adapter, base_model: str) -> dict[str, Any]:
 def adapter_to_files(
     adapter: Adapter, base_model: str, *, include_optimizer: bool
 ) -> dict[str, bytes]:
-    """Serialise an adapter (and, if asked, its AdamW state) into checkpoint files."""
+    """Serialise an adapter (and, if asked, its optimizer state) into checkpoint files."""
     files = {
         WEIGHTS_FILE: safetensors.torch.save(peft_state_dict(adapter), metadata={"format": "pt"}),
         CONFIG_FILE: _json_bytes(_peft_config(adapter, base_model)),
@@ -131,6 +147,7 @@ def adapter_to_files(
         "lora_spec": adapter.spec.to_json(),
         "num_steps": adapter.num_steps,
         "has_optimizer": include_optimizer,
+        "optimizer": adapter.optimizer_config.to_json(),
     }
     files[TINSMITH_FILE] = _json_bytes(info)
     if include_optimizer:
@@ -181,11 +198,13 @@ def _spec_from_peft_config(config: Mapping[str, Any]) -> LoraSpec:
     if bad:
         raise ValueError(f"{CONFIG_FILE}: unsupported LoRA options {bad}")
     targets = config.get("target_modules")
+    if targets is None and config.get("target_parameters"):  # only MoE experts
+        targets = []
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise ValueError(
             f"{CONFIG_FILE}: target_modules must be a list of module names, got {targets!r}"
         )
-    leaves = {t.rsplit(".", 1)[-1] for t in targets}
+    leaves = {t.rsplit(".", 1)[-1] for t in targets + list(config.get("target_parameters") or [])}
     try:
         rank = int(config["r"])
         alpha = float(config.get("lora_alpha", 8))
@@ -221,17 +240,44 @@ def read_lora_spec(files: Mapping[str, bytes]) -> LoraSpec:
     return _spec_from_peft_config(_json_file(files, CONFIG_FILE))
 
 
+def read_optimizer_config(files: Mapping[str, bytes]) -> OptimizerConfig:
+    """The optimizer family a checkpoint was trained with (from tinsmith.json; AdamW when it
+    has none: older checkpoints and plain PEFT folders). ValueError if it is malformed."""
+    if TINSMITH_FILE not in files:
+        return ADAMW
+    raw = _json_file(files, TINSMITH_FILE).get("optimizer")
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(f"{TINSMITH_FILE}: malformed optimizer {raw!r}")
+    try:
+        return OptimizerConfig.from_json(raw)
+    except ValueError as e:
+        raise ValueError(f"{TINSMITH_FILE}: {e}") from e
+
+
 def adapter_from_files(
-    files: Mapping[str, bytes], layers: dict[str, MultiLoraLinear], *, load_optimizer: bool
+    files: Mapping[str, bytes], layers: dict[str, MultiLoraLinear], *, load_optimizer: bool,
+    optimizer: OptimizerConfig | None = None,
 ) -> Adapter:
-    """Rebuild an adapter against a model's LoRA layers; ValueError if the files do not fit."""
-    _json_file(files, CONFIG_FILE)  # must exist and parse, as PEFT needs it too
+    """Rebuild an adapter against a model's LoRA layers; ValueError if the files do not fit.
+
+    `optimizer`: the family the adapter gets (None: the checkpoint's own, as a spill's
+    restore wants). Loading optimizer state of another family is refused (ValueError): a
+    run's family is fixed, and AdamW's moments mean nothing to Dimuon or back."""
+    peft_config = _json_file(files, CONFIG_FILE)  # must exist and parse, as PEFT needs it too
     spec = read_lora_spec(files)
     if spec.rank < 1:
         raise ValueError(f"checkpoint LoRA rank must be >= 1, got {spec.rank}")
+    saved = read_optimizer_config(files)
+    family = saved if optimizer is None else optimizer
+    if load_optimizer and OPTIMIZER_FILE in files and family != saved:
+        raise ValueError(f"it holds {saved.type} optimizer state and this run's optimizer is "
+                         f"{family.type}; load its weights only (load_state / "
+                         "create_training_client_from_state)")
     complete = TINSMITH_FILE in files  # our own checkpoints hold every layer the spec trains
-    tensors = _lora_tensors(_tensors(files, WEIGHTS_FILE), spec, layers, complete=complete)
-    adapter = _adapter_from_tensors(spec, tensors, layers)  # checks shapes
+    # Expert factors back to Tinsmith's naming and 3-D layout (moe_checkpoint.py).
+    raw = experts_from_peft(_tensors(files, WEIGHTS_FILE), layers, peft_config, peft_key)
+    tensors = _lora_tensors(raw, spec, layers, complete=complete)
+    adapter = _adapter_from_tensors(spec, tensors, layers, family)  # checks shapes
     if TINSMITH_FILE in files:
         steps = _json_file(files, TINSMITH_FILE).get("num_steps", 0)
         if not isinstance(steps, int) or steps < 0:
@@ -245,18 +291,20 @@ def adapter_from_files(
 
 
 def _load_optimizer_state(adapter: Adapter, state: Mapping[str, torch.Tensor]) -> None:
-    """Give `adapter` the AdamW state of `optimizer_state_dict`'s naming (none if empty)."""
+    """Give `adapter` the optimizer state of `optimizer_state_dict`'s naming (none if empty)."""
     if not state:
         return
-    adapter.set_adam_state({
+    buffers = _BUFFERS[adapter.optimizer_config.type]
+    adapter.set_optimizer_state({
         t: {"step": state[f"{key}.step"].reshape(()),
-            **{moment: state[f"{key}.{moment}"] for moment in _MOMENTS}}
-        for key, t in _named_factors(adapter) if f"{key}.exp_avg" in state
+            **{buf: state[f"{key}.{buf}"] for buf in buffers}}
+        for key, t in _named_factors(adapter) if f"{key}.step" in state
     })
 
 
 def _adapter_from_tensors(spec: LoraSpec, tensors: Mapping[str, torch.Tensor],
-                          layers: Mapping[str, MultiLoraLinear]) -> Adapter:
+                          layers: Mapping[str, MultiLoraLinear],
+                          optimizer: OptimizerConfig = ADAMW) -> Adapter:
     """An adapter of PEFT-named factors, each in float32 on its layer's device; shapes are
     checked against the model."""
     scale = spec.alpha / spec.rank
@@ -265,10 +313,7 @@ def _adapter_from_tensors(spec: LoraSpec, tensors: Mapping[str, torch.Tensor],
         a, b = tensors.get(peft_key(path, "A")), tensors.get(peft_key(path, "B"))
         if a is None or b is None:
             continue
-        if tuple(a.shape) != (spec.rank, layer.in_features) or tuple(b.shape) != (
-            layer.out_features,
-            spec.rank,
-        ):
+        if (tuple(a.shape), tuple(b.shape)) != layer.factor_shapes(spec.rank):
             raise ValueError(
                 f"checkpoint tensor shapes for {path} do not fit this base model "
                 f"(A {tuple(a.shape)}, B {tuple(b.shape)})"
@@ -280,7 +325,7 @@ def _adapter_from_tensors(spec: LoraSpec, tensors: Mapping[str, torch.Tensor],
         )
     if not weights:
         raise ValueError("checkpoint holds no LoRA tensors for this base model")
-    return Adapter(spec, weights)
+    return Adapter(spec, weights, optimizer)
 
 
 def _lora_tensors(
@@ -330,10 +375,12 @@ def _lora_tensors(
 
 
 def _check_optimizer_state(adapter: Adapter, state: Mapping[str, torch.Tensor]) -> None:
+    family = adapter.optimizer_config.type
+    buffers = _BUFFERS[family]
     expected: dict[str, tuple[int, ...]] = {}
     for key, t in _named_factors(adapter):
-        for moment in _MOMENTS:
-            expected[f"{key}.{moment}"] = tuple(t.shape)
+        for buf in buffers:
+            expected[f"{key}.{buf}"] = tuple(t.shape)
         expected[f"{key}.step"] = (1,)
     for key, tensor in state.items():
         if key not in expected:
@@ -345,5 +392,6 @@ def _check_optimizer_state(adapter: Adapter, state: Mapping[str, torch.Tensor]) 
             )
     for key in state:
         base = key.rsplit(".", 1)[0]
-        if not all(f"{base}.{s}" in state for s in (*_MOMENTS, "step")):
-            raise ValueError(f"{OPTIMIZER_FILE}: incomplete Adam state for {base!r}")
+        if not all(f"{base}.{s}" in state for s in (*buffers, "step")):
+            name = {"adamw": "Adam", "dimuon": "Dimuon"}[family]
+            raise ValueError(f"{OPTIMIZER_FILE}: incomplete {name} state for {base!r}")

@@ -11,11 +11,19 @@ are ones whose logits are plain `lm_head(final hidden state)`, as the runner req
 
 Looking up a type:
 - a type in `FAMILIES`: its layout;
-- a type in `UNSUPPORTED`: a ValueError saying why (logit soft-capping, MoE experts held as
-  fused 3-D tensors rather than nn.Linear, ...);
+- a type in `UNSUPPORTED`: a ValueError saying why (logit soft-capping, an MoE layout
+  Tinsmith does not compute, ...);
 - any other type: a ValueError listing the known types, unless the caller passes the model's
   linear leaf names, in which case the documented fallback applies: the Llama layout if the
   model has every one of its leaves (a Llama-shaped fine-tune with its own `model_type`).
+
+Mixture-of-experts families also name `experts`: the fused 3-D expert weights of their
+sparse MoE blocks (e.g. `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] of
+`model.layers.N.mlp.experts`), which moe.py adapts with one LoRA pair per expert; they
+belong to the MLP group (`train_mlp`). The router is never a LoRA target. A dense MLP that
+a Qwen3-MoE keeps in its `mlp_only_layers` (none in the published models) is not one either:
+PEFT 0.21 on transformers 5 rewrites every `gate_proj`/`up_proj`/`down_proj` target of a
+qwen3_moe model into the fused expert parameters, so no checkpoint could name it.
 
 This module is engine-level data: it imports nothing from Tinsmith.
 """
@@ -36,9 +44,13 @@ class Family:
     attn: tuple[str, ...]
     mlp: tuple[str, ...]
     unembed: tuple[str, ...] = ("lm_head",)
+    # Fused 3-D expert parameters of the MoE blocks (not nn.Linear), in the order the
+    # experts module registers them; trained with the MLP group.
+    experts: tuple[str, ...] = ()
 
     @property
     def leaves(self) -> tuple[str, ...]:
+        """The nn.Linear leaves (expert parameters are not modules)."""
         return self.attn + self.mlp + self.unembed
 
 
@@ -55,6 +67,12 @@ GLM = Family(attn=LLAMA.attn, mlp=("gate_up_proj", "down_proj"))
 PHI = Family(attn=("q_proj", "k_proj", "v_proj", "dense"), mlp=("fc1", "fc2"))
 # StarCoder2: Llama attention, GPT-2-style MLP names.
 STARCODER2 = Family(attn=LLAMA.attn, mlp=("c_fc", "c_proj"))
+# Qwen3-MoE: Llama attention; sparse blocks `mlp.gate` (router) + `mlp.experts` (fused
+# gate_up_proj [E, 2I, H], down_proj [E, H, I]); `mlp_only_layers` stay untrained (above).
+QWEN3_MOE = Family(attn=LLAMA.attn, mlp=(), experts=("gate_up_proj", "down_proj"))
+# Mixtral: the same router and fused experts in transformers 5 (its router renormalises the
+# top-k weights always; its jitter noise applies in training mode only, never used here).
+MIXTRAL = QWEN3_MOE
 
 FAMILIES: dict[str, Family] = {
     "llama": LLAMA,  # Llama 2/3/3.1/3.2, SmolLM2, TinyLlama, ...
@@ -82,6 +100,8 @@ FAMILIES: dict[str, Family] = {
     "glm4": GLM,
     "phi": PHI,  # Phi-1, Phi-1.5, Phi-2
     "starcoder2": STARCODER2,
+    "qwen3_moe": QWEN3_MOE,  # Qwen3-30B-A3B, Qwen3-235B-A22B
+    "mixtral": MIXTRAL,  # Mixtral-8x7B, 8x22B
 }
 
 # Types that are known and deliberately refused, with the reason the error gives.
@@ -92,11 +112,10 @@ UNSUPPORTED: dict[str, str] = {
     "cohere2": "its logits are scaled (logit_scale), not plain lm_head outputs",
     "gpt_neox": "its decoder body is not at `.model` and q/k/v are one fused `query_key_value`",
     "gpt2": "its projections are Conv1D, and `c_proj` names both attention and MLP outputs",
-    "mixtral": "its MoE experts are fused 3-D tensors, not nn.Linear layers",
-    "qwen2_moe": "its MoE experts are fused 3-D tensors, not nn.Linear layers",
-    "qwen3_moe": "its MoE experts are fused 3-D tensors, not nn.Linear layers",
-    "gpt_oss": "its MoE experts are fused 3-D tensors, and it needs eager attention",
-    "deepseek_v3": "multi-head latent attention and MoE experts are not supported",
+    "qwen2_moe": "its MoE block has a gated shared expert that Tinsmith's expert LoRA does not compute",
+    "gpt_oss": "its experts are transposed with biases and a clamped activation, and it needs "
+               "eager attention (attention sinks)",
+    "deepseek_v3": "multi-head latent attention and shared/grouped-routed experts are not supported",
 }
 
 # Which layout an unknown type falls back to, when its modules have all of that layout's leaves.
@@ -112,7 +131,7 @@ def _union(groups: Iterable[tuple[str, ...]]) -> tuple[str, ...]:
 # checkpoint, uses these: matched against a model's own adapted layers they select exactly
 # that model's family's leaves, because the groups never share a name (checked below).
 ALL_ATTN = _union([LLAMA.attn] + [f.attn for f in FAMILIES.values()])
-ALL_MLP = _union([LLAMA.mlp] + [f.mlp for f in FAMILIES.values()])
+ALL_MLP = _union([LLAMA.mlp] + [f.mlp + f.experts for f in FAMILIES.values()])
 ALL_UNEMBED = _union([LLAMA.unembed] + [f.unembed for f in FAMILIES.values()])
 assert not (set(ALL_ATTN) & set(ALL_MLP) or set(ALL_ATTN) & set(ALL_UNEMBED)
             or set(ALL_MLP) & set(ALL_UNEMBED)), "a leaf name would belong to two LoRA groups"

@@ -13,13 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tinsmith.engine.families import family_for
+
+if TYPE_CHECKING:
+    from tinsmith.engine.moe_routing import RoutingStats
 
 
 @dataclass
@@ -58,6 +61,8 @@ class LoraContext:
         # Several groups of equal rows take the batched (bmm) delta instead of a loop of
         # per-group GEMMs; off where results must stay bitwise those of today's CPU path.
         self.batched = batched
+        # Set for one training pass: MoE blocks (moe.py) record their routing into it.
+        self.routing: RoutingStats | None = None
 
     @contextmanager
     def rows(
@@ -90,6 +95,10 @@ class MultiLoraLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
+
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of this layer's LoRA factors A and B at `rank` (moe.ExpertLora has its own)."""
+        return (rank, self.in_features), (self.out_features, rank)
 
     @property
     def weight(self) -> torch.Tensor:  # HF code paths read .weight (e.g. a tied lm_head)

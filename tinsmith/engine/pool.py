@@ -1,7 +1,7 @@
 """The training runs of one model: a hot set attached to the runner, the rest spilled to disk.
 
 Runs can outnumber what the machine should hold: at most `max_resident` runs keep their
-adapter (LoRA factors, pending gradients, AdamW moments) in memory, attached to a runner
+adapter (LoRA factors, pending gradients, AdamW or Dimuon state) in memory, attached to a runner
 slot. Using a run (`get`) restores it if it was spilled, makes it the most recently used,
 and spills the least recently used unpinned runs beyond the limit. A spill is bit-exact:
 the run's checkpoint files with its optimizer state (engine/checkpoint.py, the same format
@@ -30,7 +30,7 @@ import safetensors.torch
 import torch
 
 from tinsmith.engine.adapter import Adapter
-from tinsmith.engine.budget import free_memory_bytes, resident_runs_budget
+from tinsmith.engine.budget import adapter_layer_shapes, free_memory_bytes, resident_runs_budget
 from tinsmith.engine.checkpoint import adapter_from_files, adapter_to_files
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.types import NotFound
@@ -57,7 +57,7 @@ class RunPool:
         # Runs kept in pinned host memory when spilled off a GPU (none on a CPU: a host copy
         # there would just be a second copy in the same memory).
         if max_host is None:
-            shapes = [(m.in_features, m.out_features) for m in runner.layers.values()]
+            shapes = adapter_layer_shapes(runner.layers.values())
             on_gpu = runner.device.type == "cuda"
             max_host = resident_runs_budget(shapes, free_memory_bytes(torch.device("cpu")), 0.25) if on_gpu else 0
         self.max_host = max_host

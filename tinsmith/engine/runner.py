@@ -1,7 +1,9 @@
 """The model runner: one frozen base model with LoRA slots, and the batched forward pass.
 
 A runner loads a Hugging Face causal LM from a local folder, freezes it, wraps its
-projections in `MultiLoraLinear` layers, and hands out adapter slots. Its one compute
+projections in `MultiLoraLinear` layers (and, in a mixture-of-experts model, its sparse
+blocks in `moe.MultiLoraMoe`, whose fused expert weights are `ExpertLora` targets), and
+hands out adapter slots. Its one compute
 primitive for training is `target_logprobs`: rows of (slot, datum) in, per-datum
 log-probabilities of the targets out, with the autograd graph kept when asked.
 
@@ -31,7 +33,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tinsmith.engine import attention
 from tinsmith.engine.adapter import Adapter
 from tinsmith.engine.device import Placement
+from tinsmith.engine.families import FAMILIES
 from tinsmith.engine.lora import LoraContext, MultiLoraLinear, RowGroup, inject_lora
+from tinsmith.engine.moe import ExpertLora, inject_moe, moe_blocks
+from tinsmith.engine.moe_routing import RoutingStats
 from tinsmith.types import DatumIn
 
 # Float32 logits one chunk of the unembedding may hold: [k, V] is never built whole for a big
@@ -78,7 +83,11 @@ class ModelRunner:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.ctx = LoraContext(batched=not self.exact_packing)
-        self.layers: dict[str, MultiLoraLinear] = inject_lora(self.model, self.ctx)
+        self.layers: dict[str, MultiLoraLinear | ExpertLora] = dict(inject_lora(self.model, self.ctx))
+        family = FAMILIES.get(self.arch.lower())
+        if family is not None and family.experts:  # MoE: sparse blocks -> moe.MultiLoraMoe
+            self.layers.update(inject_moe(self.model, self.ctx, family.experts))
+        self.moe_blocks = moe_blocks(self.model)  # empty for a dense model
         attention.install(self.model, self.ctx)
         self._slots: dict[int, Adapter] = {}
         self._slot_ids = itertools.count(1)
@@ -213,9 +222,13 @@ class ModelRunner:
         grad: bool,
         active: Sequence[np.ndarray | None] | None = None,
         parts: Sequence[int] | None = None,
+        routing: RoutingStats | None = None,
     ) -> list[torch.Tensor]:
         """log p(target) per datum, float32 on the model's device: [N] for 1-D targets,
         [N, K] for 2-D ones.
+
+        `routing` (MoE models): filled with every MoE block's routing of this pass, per row
+        (moe_routing.py; its `request(rows)` takes indices into `rows`).
 
         Returned in the order of `rows`; internally rows are grouped by slot, and by `parts`
         (one id per row: the request it belongs to) when several requests share the pass.
@@ -252,9 +265,17 @@ class ModelRunner:
         any_cold, any_hot = bool(cold.any()), bool(hot.any())
         dev = self.device
         index, cold, hot = (t.to(dev, non_blocking=True) for t in (index, cold, hot))
+        if routing is not None and self.moe_blocks:
+            tok_len = torch.tensor([int(t.shape[0]) for _, t in slot_rows])
+            tok_valid = torch.arange(int(tok_len.max()))[None, :] < tok_len[:, None]  # [B, T]
+            routing.start(tok_valid.to(dev, non_blocking=True), order, len(self.moe_blocks))
+            self.ctx.routing = routing
         with torch.set_grad_enabled(grad):
-            with self.ctx.rows(groups, separate=separate):
-                hidden = self.model.model(input_ids=self._pad(slot_rows), use_cache=False).last_hidden_state
+            try:
+                with self.ctx.rows(groups, separate=separate):
+                    hidden = self.model.model(input_ids=self._pad(slot_rows), use_cache=False).last_hidden_state
+            finally:
+                self.ctx.routing = None
             lp_all = torch.zeros(batch, width, k_max, dtype=torch.float32, device=dev)  # [B, T, K]
             with torch.no_grad():
                 if any_cold:

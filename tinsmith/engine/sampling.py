@@ -5,7 +5,8 @@ Sampler adapters are cached (LRU, `max_adapters`); ones that came from a stored 
 are reloaded on demand, ephemeral ones (snapshots of training runs, from
 save_weights_and_get_sampling_client) are spilled to disk when evicted and restored from
 there (the newest MAX_SPILLED_SAMPLERS of them). A sampler never shares tensors with a live
-run, so later training steps cannot change what an existing sampler returns. Sampling is
+run, so later training steps cannot change what an existing sampler returns; only a new
+`put_snapshot` under the same key does (a run's inflight adapter, one per run). Sampling is
 continuous (see sampler.py): `start_sample` admits a request and `step` advances every
 request in flight; a slot stays attached while a request decodes with it (pinned), even if
 the cache evicts or replaces its key meanwhile. Not thread-safe: the model's worker thread
@@ -51,8 +52,13 @@ class LocalSampler:
         self._unpinned_detach: set[int] = set()  # slots to detach once their last request ends
 
     def put_snapshot(self, key: str, snapshot: WeightsSnapshot) -> None:
-        """Serve a LocalTrainer's snapshot as sampler `key` (in memory only)."""
+        """Serve a LocalTrainer's snapshot as sampler `key` (in memory only). A key already
+        served is replaced (a run's inflight adapter): later requests get the new weights,
+        requests decoding now finish on the old slot, and an old copy spilled to disk goes."""
         assert isinstance(snapshot, Adapter), "a snapshot from another backend"
+        stale = self._spilled.pop(key, None)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
         self._ephemeral.add(key)
         self._put_sampler(key, snapshot)
 

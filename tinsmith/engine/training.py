@@ -20,9 +20,18 @@ from tinsmith.engine.backend import TrainingStats, TrainWork
 from tinsmith.engine.budget import micro_batches
 from tinsmith.engine.checkpoint import adapter_from_files, adapter_to_files
 from tinsmith.engine.losses import LossBatch, LossRegistry, LossSpec
+from tinsmith.engine.moe_routing import (
+    ENGINE_CONFIG,
+    Routing,
+    RoutingStats,
+    aux_probs_grad,
+    check_dense,
+    moe_terms,
+    wants_aux,
+)
 from tinsmith.engine.pool import RunPool
 from tinsmith.engine.runner import ModelRunner
-from tinsmith.types import AdamSpec, FwdBwdOut, LoraSpec, UserError
+from tinsmith.types import ADAMW, FwdBwdOut, LoraSpec, OptimizerConfig, OptimSpec, UserError
 
 
 class LocalTrainer:
@@ -36,9 +45,9 @@ class LocalTrainer:
         self.losses = losses
         self.runs = RunPool(runner, spill_dir, max_resident_runs)  # spill_dir made at the first spill
 
-    def create_run(self, run_id: str, spec: LoraSpec) -> None:
+    def create_run(self, run_id: str, spec: LoraSpec, optimizer: OptimizerConfig = ADAMW) -> None:
         try:
-            adapter = Adapter.create(spec, self.runner.layers)
+            adapter = Adapter.create(spec, self.runner.layers, optimizer)
         except ValueError as e:
             raise UserError(str(e)) from e
         self._put_run(run_id, adapter)
@@ -89,16 +98,20 @@ class LocalTrainer:
                 rows.append((slots[i], d))
                 active.append(spec.active(d.inputs))
                 owner.append(i)
-        lps = (self.runner.target_logprobs(rows, grad=not forward_only, active=active, parts=owner)
+        routing = (RoutingStats(probs_grad=wants_aux(works[i].config for i in live))  # MoE: per-row
+                   if self.runner.moe_blocks else None)
+        lps = (self.runner.target_logprobs(rows, grad=not forward_only, active=active, parts=owner,
+                                           routing=routing)
                if rows else [])
         losses: list[torch.Tensor] = []
         idle: list[torch.Tensor] = []  # gradless parameters of runs with no loss to backpropagate
         start = 0
         for i in live:  # each work's rows are consecutive in `rows`, hence in `lps`
             mine = lps[start : start + len(works[i].data)]
-            start += len(works[i].data)
+            first, start = start, start + len(works[i].data)
             try:
                 loss, out = self._loss(works[i], specs[i], mine, forward_only)
+                loss = self._moe(loss, out, works[i].config, routing, range(first, start))
                 results[i] = out
             except Exception as e:
                 results[i] = e
@@ -138,12 +151,20 @@ class LocalTrainer:
         data = work.data
         parts = micro_batches([len(d.tokens) for d in data], budget)
         lps: list[torch.Tensor] = []
+        moe = bool(self.runner.moe_blocks)
+        total: Routing | None = None  # MoE: the request's routing, over its micro-batches
         for part in parts:
             slot = self._run(work.run_id)[1]
-            lps += self.runner.target_logprobs([(slot, data[i]) for i in part], grad=False)
+            rs = RoutingStats() if moe else None
+            lps += self.runner.target_logprobs([(slot, data[i]) for i in part], grad=False, routing=rs)
+            if rs is not None:
+                r = rs.request(range(len(part)))
+                total = r if total is None else total + r
             yield
         leaves = [lp.detach().requires_grad_(not forward_only) for lp in lps]
         loss, out = self._loss(work, spec, leaves, forward_only)
+        loss = self._moe(loss, out, work.config, total, None)
+        aux_grad = aux_probs_grad(total, work.config) if total is not None else None
         if forward_only or not loss.requires_grad:
             return out
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
@@ -152,18 +173,40 @@ class LocalTrainer:
         try:
             for part in parts:
                 adapter, slot = self._run(work.run_id)
+                rs = RoutingStats(probs_grad=True) if aux_grad is not None else None
                 piece = self.runner.target_logprobs([(slot, data[i]) for i in part], grad=True,
-                                                    active=[spec.active(data[i].inputs) for i in part])
+                                                    active=[spec.active(data[i].inputs) for i in part],
+                                                    routing=rs)
                 mine = [(i, lp) for i, lp in zip(part, piece)
                         if grads[i] is not None and lp.requires_grad]
-                if mine:
-                    torch.autograd.backward([lp for _, lp in mine], [grads[i] for i, _ in mine])
+                outs, outs_grads = [lp for _, lp in mine], [grads[i] for i, _ in mine]
+                if rs is not None:  # the aux loss's share of this micro-batch (exact)
+                    outs.append(rs.request(range(len(part))).probs)
+                    outs_grads.append(aux_grad)
+                if outs:
+                    torch.autograd.backward(outs, outs_grads)
                 yield
         except BaseException:
             for p, g in zip(adapter.parameters(), before):
                 p.grad = g
             raise
         return out
+
+    @staticmethod
+    def _moe(loss: torch.Tensor, out: FwdBwdOut, config: Mapping[str, object],
+             routing: RoutingStats | Routing | None, rows: range | None) -> torch.Tensor:
+        """On a MoE model, the request's load-balance metrics into `out` and its loss plus
+        the auxiliary term it asks for (moe_routing.py); a dense model refuses that term."""
+        if routing is None:
+            try:
+                check_dense(config)
+            except ValueError as e:
+                raise UserError(str(e)) from e
+            return loss
+        r = routing.request(rows) if isinstance(routing, RoutingStats) else routing
+        loss, metrics = moe_terms(loss, r, config)
+        out.metrics.update(metrics)
+        return loss
 
     @staticmethod
     def _loss(
@@ -177,7 +220,8 @@ class LocalTrainer:
                 {k: torch.as_tensor(v, dtype=lp.dtype) for k, v in d.inputs.items() if k in keys}
                 for d, lp in zip(work.data, lps)
             ]
-            loss, metrics = spec.fn(LossBatch.from_datums(lps, inputs), {**spec.config, **work.config})
+            config = {k: v for k, v in work.config.items() if k not in ENGINE_CONFIG}  # engine's keys
+            loss, metrics = spec.fn(LossBatch.from_datums(lps, inputs), {**spec.config, **config})
         name = work.loss_fn
         if loss.dim() != 0:
             raise RuntimeError(f"loss {name!r} returned shape {list(loss.shape)}, not a scalar")
@@ -201,18 +245,24 @@ class LocalTrainer:
                    for part, lp in zip(np.split(flat, ends[:-1]), lps)]
         return loss, FwdBwdOut(outputs=outputs, metrics=metrics)
 
-    def optim_step(self, run_id: str, adam: AdamSpec) -> dict[str, float]:
+    def optim_step(self, run_id: str, params: OptimSpec) -> dict[str, float]:
         adapter, _ = self._run(run_id)
-        return adapter.optim_step(adam)
+        try:
+            return adapter.optim_step(params)
+        except ValueError as e:  # params of the other optimizer family
+            raise UserError(str(e)) from e
 
     def export_run(self, run_id: str, base_model: str, *, include_optimizer: bool) -> dict[str, bytes]:
         adapter, _ = self._run(run_id)
         return adapter_to_files(adapter, base_model, include_optimizer=include_optimizer)
 
-    def load_run(self, run_id: str, files: Mapping[str, bytes], *, with_optimizer: bool) -> LoraSpec:
-        """Create (or replace) a run from checkpoint files; returns its LoRA spec."""
+    def load_run(self, run_id: str, files: Mapping[str, bytes], *, with_optimizer: bool,
+                 optimizer: OptimizerConfig = ADAMW) -> LoraSpec:
+        """Create (or replace) a run of optimizer family `optimizer` from checkpoint files;
+        returns its LoRA spec. Optimizer state of another family is refused (UserError)."""
         try:
-            adapter = adapter_from_files(files, self.runner.layers, load_optimizer=with_optimizer)
+            adapter = adapter_from_files(files, self.runner.layers, load_optimizer=with_optimizer,
+                                         optimizer=optimizer)
         except ValueError as e:
             raise UserError(f"cannot load checkpoint: {e}") from e
         self._put_run(run_id, adapter)

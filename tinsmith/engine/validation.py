@@ -12,11 +12,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from tinsmith.engine.losses import LossSpec
+from tinsmith.engine.moe_routing import AUX_COEF, ENGINE_CONFIG
 from tinsmith.types import DatumIn, SampleSpec, UserError
 
 
 def check_config(spec: LossSpec, loss_fn: str, config: Mapping[str, object]) -> None:
-    unknown = sorted(set(config) - set(spec.config))
+    # ENGINE_CONFIG keys (e.g. moe_aux_loss_coef) are accepted by every loss: the engine reads them.
+    unknown = sorted(set(config) - set(spec.config) - set(ENGINE_CONFIG))
     if unknown:
         allowed = ", ".join(sorted(spec.config)) or "none"
         raise UserError(
@@ -25,8 +27,11 @@ def check_config(spec: LossSpec, loss_fn: str, config: Mapping[str, object]) -> 
     for key, value in config.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise UserError(f"loss_fn_config[{key!r}] must be a finite number, got {value!r}")
+    if float(config.get(AUX_COEF, 0.0)) < 0:  # type: ignore[arg-type]
+        raise UserError(f"loss_fn_config[{AUX_COEF!r}] must be >= 0")
     if spec.check_config is not None:
-        spec.check_config({**spec.config, **config})  # type: ignore[dict-item]
+        own = {k: v for k, v in config.items() if k not in ENGINE_CONFIG}
+        spec.check_config({**spec.config, **own})  # type: ignore[dict-item]
 
 
 MAX_NUM_SAMPLES = 256

@@ -20,7 +20,8 @@ few special tokens): the embedding and unembedding have their real shapes, which
 benchmark measures, and ids beyond the tokenizer are never produced by it. A sampled id with
 no token decodes to nothing.
 
-The `synthetic/tiny-*` models (hidden 64, 2 layers, vocabulary 512) are for CPU tests.
+The `synthetic/tiny-*` models (hidden 64, 2 layers, vocabulary 512) are for CPU tests;
+`tiny-qwen3-moe` is a Qwen3-MoE with 8 experts (top-2).
 """
 
 from __future__ import annotations
@@ -105,6 +106,17 @@ SHAPES: dict[str, Shape] = {
         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
         rope_theta=1000000.0, max_position_embeddings=40960, attention_bias=False,
         max_window_layers=36, use_sliding_window=False, rms_norm_eps=1e-6),
+    # Qwen3-MoE: 128 experts of width 768 per layer, 8 routed per token (top-k weights
+    # renormalised: norm_topk_prob), every layer sparse (decoder_sparse_step 1, no
+    # mlp_only_layers); intermediate_size is the width a dense layer would have.
+    "qwen3-30b-a3b": _shape(
+        "qwen3_moe", "chatml", "Qwen/Qwen3-30B-A3B",
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        router_aux_loss_coef=0.001, vocab_size=151936, tie_word_embeddings=False,
+        rope_theta=1000000.0, max_position_embeddings=40960, attention_bias=False,
+        max_window_layers=48, use_sliding_window=False, rms_norm_eps=1e-6),
     # Tiny, for CPU tests: one tied and one untied head; tiny-qwen3's head_dim (32) is not
     # hidden / heads (16), as in Qwen3-0.6B.
     "tiny-llama": _shape(
@@ -121,6 +133,14 @@ SHAPES: dict[str, Shape] = {
         "qwen3", "chatml", "",
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=False,
+        rope_theta=1000000.0, max_position_embeddings=4096, rms_norm_eps=1e-6),
+    # 8 experts, top-2, expert width 48 (so gate_up [8, 96, 64] is not square: a transposed
+    # factor cannot pass unnoticed).
+    "tiny-qwen3-moe": _shape(
+        "qwen3_moe", "chatml", "",
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512, tie_word_embeddings=False,
         rope_theta=1000000.0, max_position_embeddings=4096, rms_norm_eps=1e-6),
 }
 

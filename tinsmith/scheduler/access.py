@@ -9,6 +9,8 @@ Every session, training run, sampler, checkpoint and future records the key id t
 it (`owner`; None when made while the server was open). A caller sees what it owns; an
 admin key sees everything. What a caller may not see answers exactly as what does not
 exist: the same NotFound, with the same message, so nothing leaks that it exists.
+The one exception is a published checkpoint (`public`): every caller sees it (`sees`), and
+reads and loads it, but only its owner or an admin may change it (`owned`; others get 403).
 
 Keys are `tml-` + 43 random URL-safe characters (256 bits), the form the SDK requires;
 only their SHA-256 is stored, so a key is shown once, when it is made.
@@ -78,9 +80,16 @@ class Owned(Protocol):
 T = TypeVar("T", bound=Owned)
 
 
-def sees(caller: Caller | None, thing: Owned | None) -> bool:
-    """Whether `thing` exists for `caller`; no caller (the server itself) sees everything."""
+def owns(caller: Caller | None, thing: Owned | None) -> bool:
+    """Whether `caller` may change `thing`: its own (an admin: anything); no caller (the
+    server itself) owns everything."""
     return thing is not None and (caller is None or caller.sees(thing.owner))
+
+
+def sees(caller: Caller | None, thing: Owned | None) -> bool:
+    """Whether `thing` exists for `caller`: it owns it, or `thing` is published (a
+    checkpoint whose `public` is set: every caller may read and load it, not change it)."""
+    return owns(caller, thing) or bool(getattr(thing, "public", False))
 
 
 def visible(thing: T | None, caller: Caller | None, missing: str) -> T:
@@ -88,6 +97,17 @@ def visible(thing: T | None, caller: Caller | None, missing: str) -> T:
     answers exactly as what does not exist."""
     if thing is None or not sees(caller, thing):
         raise NotFound(missing)
+    return thing
+
+
+def owned(thing: T | None, caller: Caller | None, what: str, action: str) -> T:
+    """`thing` (called `what`, e.g. "checkpoint tinker://...") if `caller` may change it
+    (`action`, e.g. "delete it"). NotFound("<what> does not exist") if it may not even see
+    it; 403 if it sees it only because it is published."""
+    thing = visible(thing, caller, f"{what} does not exist")
+    if not owns(caller, thing):
+        raise UserError(f"{what} is published by another API key: only its owner may {action}",
+                        status_code=403)
     return thing
 
 

@@ -30,4 +30,5 @@ def build_service(settings: ServerSettings, db: MetadataStore | None = None) -> 
     svc = Service(settings, db=db, store=store, futures=futures, losses=losses, models=models)
     for h in models.values():
         h.worker.attach_metrics(svc.metrics)
+        h.worker.on_done = svc.accounting.job_done
     return svc

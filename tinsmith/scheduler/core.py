@@ -19,6 +19,8 @@ from functools import cached_property
 from tinsmith.config import ServerSettings
 from tinsmith.engine.losses import LossRegistry
 from tinsmith.scheduler.access import OPEN, ApiKeys, Caller, sees, visible
+from tinsmith.scheduler.accounting import Accounting
+from tinsmith.scheduler.billing import Reports
 from tinsmith.scheduler.futures import FutureStore
 from tinsmith.scheduler.history import MetricHistory
 from tinsmith.scheduler.limits import Limits, StoredBytes
@@ -27,12 +29,13 @@ from tinsmith.scheduler.paths import CheckpointRef, session_of
 from tinsmith.scheduler.playground import Playground
 from tinsmith.scheduler.sampling_records import StabilityRecords
 from tinsmith.scheduler.served import ModelHandle
-from tinsmith.scheduler.signing import UrlSigner
+from tinsmith.scheduler.signing import UrlSigner, stored_secret
 from tinsmith.scheduler.telemetry import ModelSnapshot, ServerMetrics
+from tinsmith.scheduler.tokens import TOKEN_PREFIX, Tokens
 from tinsmith.scheduler.utilisation import Utilisation
 from tinsmith.storage.db import CheckpointRow, MetadataStore, RunRow, SessionRow
 from tinsmith.storage.files import CheckpointStore
-from tinsmith.types import DatumIn, LoraSpec, NotFound, UserError
+from tinsmith.types import ADAMW, DatumIn, LoraSpec, NotFound, OptimizerConfig, UserError
 
 log = logging.getLogger("tinsmith.service")
 MAX_TTL_S = 10 * 365 * 24 * 3600
@@ -45,6 +48,7 @@ class RunState:
     create_request_id: str  # the create_model / create-via-load request (retries get it back)
     gate: SeqGate = field(default_factory=SeqGate)
     owner: str | None = None  # API key id that made it (tinsmith.scheduler.access)
+    optimizer: OptimizerConfig = ADAMW  # its optimizer family, fixed at creation
 
     @property
     def base_model(self) -> str:
@@ -103,6 +107,11 @@ class ServiceCore:
         self.stored = StoredBytes()
         self.utilisation = Utilisation(self.metrics)
         self.playground = Playground(self)
+        self.accounting = Accounting(db, flush_s=settings.accounting_flush_s,
+                                     request_owner=futures.owner)  # audit log, usage
+        self.reports = Reports(db, self.accounting, settings.prices)
+        self.tokens = Tokens(stored_secret(settings.data_dir), self.keys,
+                             settings.auth_token_ttl_s)  # POST /auth/token's
         self.models = models
         self.runs: dict[str, RunState] = {}
         self.samplers: dict[str, SamplerState] = {}
@@ -114,6 +123,7 @@ class ServiceCore:
         for h in self.models.values():
             h.worker.close()
         self.futures.fail_all_pending("the server is shutting down")
+        self.accounting.close()  # its last usage and audit entries, before the db closes
         self.db.close()
 
     def _metrics_snapshot(self) -> dict[str, ModelSnapshot]:
@@ -141,7 +151,13 @@ class ServiceCore:
         """A loaded training run. With `caller`, one it may not see is an unknown run."""
         r = self.runs.get(run_id)
         if not sees(caller, r):
-            if sees(caller, self.db.get_run(run_id)):
+            row = self.db.get_run(run_id)
+            if sees(caller, row) and row is not None and row.copied_from is not None:
+                raise UserError(
+                    f"training run {run_id!r} is a copy of {row.copied_from} (copy_weights) and "
+                    "cannot be trained; load its checkpoint into a new training run with "
+                    "create_training_client_from_state")
+            if sees(caller, row):
                 raise NotFound(
                     f"training run {run_id!r} is not loaded (the server restarted since it was "
                     "created); resume it with create_training_client_from_state(<its checkpoint path>)"
@@ -169,6 +185,10 @@ class ServiceCore:
                                                 s.max_stored_bytes))
 
     def authenticate(self, api_key: str | None) -> Caller:
+        """The caller of a request's `X-API-Key`: an API key, or a token standing for one
+        (tinsmith.scheduler.tokens). Raises Unauthorized, or InvalidToken (both 401)."""
+        if api_key and api_key.startswith(TOKEN_PREFIX):
+            return self.tokens.authenticate(api_key)
         return self.keys.authenticate(api_key)
 
     def session(self, session_id: str, caller: Caller | None = None) -> SessionRow:
@@ -187,6 +207,7 @@ class ServiceCore:
     def finish_session(self, session_id: str, reason: str, caller: Caller = OPEN) -> None:
         if self._own_session(session_id, caller):
             self.db.finish_session(session_id, reason)
+            self.accounting.record("session_finished", caller, session_id=session_id, reason=reason)
 
     def _own_session(self, session_id: str, caller: Caller) -> bool:
         return sees(caller, self.db.get_session(session_id))
@@ -233,5 +254,6 @@ class ServiceCore:
             display_name=display_name, project_id=project_id, sdk_version=sdk_version,
             owner=caller.owner,
         )
+        self.accounting.record("session_created", caller, session_id=session_id, project_id=project_id)
         return session_id
 

@@ -11,6 +11,15 @@ what expired, never at every entry kept.
 Thread safety: all state is guarded by one lock; waiters are asyncio futures woken with
 `call_soon_threadsafe`, so completion from any thread wakes the loop at once (no polling).
 
+Cancellation (`cancel`): a future created `cancellable` whose work has not begun (the
+engine calls `begin` right before running it) is completed at once with a "cancelled"
+error, and its work is skipped when its turn comes; one that has begun runs to the end.
+
+Completion feeds (`completions`): a future created with a `feed` key also appends a
+(cursor, request id, failed) event to that feed when it completes, so one long poll
+(/retrieve_futures) learns of many completions. Cursors grow across restarts (they start
+from the clock), so a client's cursor from an earlier boot never hides a new event.
+
 Futures live in memory only. Every request id carries the store's boot id, a random token
 made when the server starts (`req-<boot>-<n>`), so an id issued before a restart is never
 mistaken for a new one, and `wait` says it was lost (`LostRequest`) instead of merely unknown.
@@ -30,6 +39,10 @@ from typing import Literal, Protocol
 from tinsmith.scheduler.limits import TooManyRequests
 
 ErrorCategory = Literal["user", "server"]
+CancelOutcome = Literal["cancelled", "running", "done"]
+CANCELLED = "cancelled by the client (cancel_future) before it started"
+_FEED_EVENTS = 1 << 16  # completions one feed keeps for a client that stopped acknowledging
+_FEED_IDLE_S = 3600.0  # unacknowledged events, and feeds without polls, are kept this long
 
 
 class Viewer(Protocol):
@@ -54,6 +67,20 @@ class _Entry:
     delivered_at: float | None = None
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     owner: str | None = None  # the API key whose run or sampler it belongs to
+    cancellable: bool = False  # cancel() may stop it until begin() is called
+    started: bool = False  # begin() was called: its work runs, cancel() cannot stop it
+    feed: str | None = None  # the completion feed it reports to
+
+
+@dataclass
+class _Feed:
+    """One completion feed: events after the client's last acknowledged cursor."""
+
+    # (cursor, request id, failed, time.monotonic() of the completion), oldest first
+    events: deque[tuple[int, str, bool, float]] = field(
+        default_factory=lambda: deque(maxlen=_FEED_EVENTS))
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
 
 
 class LostRequest(KeyError):
@@ -74,10 +101,18 @@ class FutureStore:
         self._by_delivery: deque[tuple[float, str]] = deque()  # (first delivery, id)
         self._undelivered: OrderedDict[str, float] = OrderedDict()  # id -> created, oldest first
         self._overdue: set[str] = set()  # pending past keep_undelivered_s: dropped once done
+        self._feeds: dict[str, _Feed] = {}
+        self._cursor = 0  # the last feed cursor handed out
+        self._feeds_swept = time.monotonic()
 
-    def create(self, kind: str, owner: str | None = None, max_pending: int | None = None) -> str:
+    def create(
+        self, kind: str, owner: str | None = None, max_pending: int | None = None, *,
+        cancellable: bool = False, feed: str | None = None,
+    ) -> str:
         """A new pending request, retrievable by `owner` (an API key id) or an admin.
-        Raises TooManyRequests (429) if `owner` already has `max_pending` pending ones."""
+        Raises TooManyRequests (429) if `owner` already has `max_pending` pending ones.
+        `cancellable`: cancel() may stop it until its work calls begin(). `feed`: its
+        completion is also reported to that completion feed."""
         with self._lock:
             if max_pending is not None and self._pending[owner] >= max_pending:
                 raise TooManyRequests(max_pending, self._pending[owner])
@@ -85,9 +120,87 @@ class FutureStore:
             self._purge_locked(time.monotonic())
             rid = f"{self._prefix}{next(self._ids)}"
             created = time.monotonic()
-            self._entries[rid] = _Entry(kind=kind, created=created, owner=owner)
+            self._entries[rid] = _Entry(kind=kind, created=created, owner=owner,
+                                        cancellable=cancellable, feed=feed)
             self._undelivered[rid] = created
+            if feed is not None:
+                self._feeds.setdefault(feed, _Feed()).last_used = created
             return rid
+
+    def begin(self, rid: str) -> bool:
+        """The engine is about to run `rid`'s work: False if it was cancelled (or has
+        otherwise completed) meanwhile, and the work must be skipped. From now on
+        cancel() answers "running"."""
+        with self._lock:
+            e = self._entries.get(rid)
+            if e is None or e.done:
+                return False
+            e.started = True
+            return True
+
+    def cancel(self, rid: str, viewer: Viewer | None = None) -> CancelOutcome:
+        """Cancel `rid` if its work has not begun: it fails at once with a "cancelled"
+        error (category user) and its work is skipped. "running" if it has begun (or is
+        not cancellable), "done" if it had completed. Raises as `wait` does for an id that
+        is unknown, of an earlier boot, or not the viewer's."""
+        with self._lock:
+            e = self._lookup_locked(rid, viewer)
+            if e.done:
+                return "done"
+            if e.started or not e.cancellable:
+                return "running"
+        if self._complete(rid, None, FutureError(CANCELLED, "user"), only_unstarted=True):
+            return "cancelled"
+        return "done" if not e.started else "running"  # it began or finished just now
+
+    def release(self, rids: list[str], viewer: Viewer | None = None) -> None:
+        """The client has its results of `rids`: forget the completed ones it may see."""
+        with self._lock:
+            for rid in rids:
+                e = self._entries.get(rid)
+                if e is not None and e.done and (viewer is None or viewer.sees(e.owner)):
+                    del self._entries[rid]
+                    self._undelivered.pop(rid, None)
+                    self._overdue.discard(rid)
+
+    async def completions(
+        self, feed: str, prev_cursor: int, timeout: float
+    ) -> tuple[list[tuple[str, bool]], int]:
+        """The events of `feed` after `prev_cursor`, as (request id, failed), and the cursor
+        to pass next; waits up to `timeout` s for one if there is none yet. Events at or
+        before `prev_cursor` were seen by the client and are dropped."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            f = self._feeds.setdefault(feed, _Feed())
+            f.last_used = time.monotonic()
+            while f.events and f.events[0][0] <= prev_cursor:
+                f.events.popleft()
+            waiter: asyncio.Future[None] | None = None
+            if not f.events and timeout > 0:
+                waiter = loop.create_future()
+                f.waiters.append(waiter)
+        if waiter is not None:
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
+                pass
+            finally:
+                with self._lock:
+                    if waiter in f.waiters:
+                        f.waiters.remove(waiter)
+        with self._lock:
+            f.last_used = time.monotonic()
+            events = [(rid, failed) for cursor, rid, failed, _ in f.events if cursor > prev_cursor]
+            cursor = f.events[-1][0] if events else prev_cursor
+        return events, cursor
+
+    def _lookup_locked(self, rid: str, viewer: Viewer | None) -> _Entry:
+        e = self._entries.get(rid)
+        if e is None and _is_request_id(rid) and not rid.startswith(self._prefix):
+            raise LostRequest(rid)
+        if e is None or (viewer is not None and not viewer.sees(e.owner)):
+            raise KeyError(rid)
+        return e
 
     def set_result(self, rid: str, value: object) -> None:
         self._complete(rid, value, None)
@@ -95,18 +208,29 @@ class FutureStore:
     def set_error(self, rid: str, message: str, category: ErrorCategory = "server") -> None:
         self._complete(rid, None, FutureError(message, category))
 
-    def _complete(self, rid: str, value: object, error: FutureError | None) -> None:
+    def _complete(self, rid: str, value: object, error: FutureError | None,
+                  only_unstarted: bool = False) -> bool:
+        """Complete `rid` (False if it already was; with `only_unstarted`, also if its work
+        has begun: the check and the completion are one step under the lock)."""
         with self._lock:
             e = self._entries.get(rid)
-            if e is None or e.done:
-                return
+            if e is None or e.done or (only_unstarted and e.started):
+                return False
             e.done, e.value, e.error = True, value, error
             self._pending[e.owner] -= 1
             if self._pending[e.owner] <= 0:
                 del self._pending[e.owner]
             waiters, e.waiters = e.waiters, []
+            if e.feed is not None:
+                f = self._feeds.setdefault(e.feed, _Feed())
+                # Cursors from the clock (microseconds), strictly increasing: see the docstring.
+                self._cursor = max(self._cursor + 1, time.time_ns() // 1000)
+                f.events.append((self._cursor, rid, error is not None, time.monotonic()))
+                waiters += f.waiters
+                f.waiters = []
         for w in waiters:
             w.get_loop().call_soon_threadsafe(_wake, w)
+        return True
 
     async def wait(
         self, rid: str, timeout: float, viewer: Viewer | None = None
@@ -116,11 +240,7 @@ class FutureStore:
         request reads as an unknown one)."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            e = self._entries.get(rid)
-            if e is None and _is_request_id(rid) and not rid.startswith(self._prefix):
-                raise LostRequest(rid)
-            if e is None or (viewer is not None and not viewer.sees(e.owner)):
-                raise KeyError(rid)
+            e = self._lookup_locked(rid, viewer)
             if not e.done:
                 waiter: asyncio.Future[None] = loop.create_future()
                 e.waiters.append(waiter)
@@ -165,6 +285,19 @@ class FutureStore:
             for rid in [r for r in self._overdue if r not in self._entries or self._entries[r].done]:
                 self._overdue.discard(rid)
                 self._entries.pop(rid, None)
+        if now - self._feeds_swept > 60.0:  # events nobody acknowledged, feeds nobody uses
+            self._feeds_swept = now
+            for key, f in list(self._feeds.items()):
+                while f.events and now - f.events[0][3] > _FEED_IDLE_S:
+                    f.events.popleft()
+                if not f.waiters and not f.events and now - f.last_used > _FEED_IDLE_S:
+                    del self._feeds[key]
+
+    def owner(self, rid: str) -> str | None:
+        """The API key a request belongs to (None: made while open, or unknown)."""
+        with self._lock:
+            e = self._entries.get(rid)
+            return None if e is None else e.owner
 
     def fail_all_pending(self, message: str) -> None:
         with self._lock:

@@ -7,7 +7,9 @@ Ids follow the hosted service's scheme, which the SDK relies on: training run
 `tinker://<training_run_id>/<kind>/<name>` with kind `weights` (save_state: weights and
 optimizer state), `sampler_weights` (save_weights_for_sampler: weights only) or
 `external_weights` (save_weights_external: a plain PEFT adapter folder). The
-checkpoint id used in REST URLs is `<kind>/<name>`; the storage key adds the run id.
+checkpoint id used in REST URLs is `<kind>/<name>`; the storage key adds the run id. That
+is where a checkpoint's files start out: a copy (copy_weights) shares its source's key, and
+a save that would write over shared files takes a fresh one (checkpoint_ops.write_key).
 """
 
 from __future__ import annotations

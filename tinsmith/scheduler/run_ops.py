@@ -9,6 +9,7 @@ reaches the engine.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator, Mapping, Sequence
 from datetime import timedelta
 from functools import cached_property
@@ -17,17 +18,29 @@ from prometheus_client import Counter
 
 from tinsmith.engine.backend import TrainWork
 from tinsmith.engine.budget import padded_tokens
+from tinsmith.engine.checkpoint import TINSMITH_FILE, read_optimizer_config
 from tinsmith.engine.export import peft_files
 from tinsmith.engine.validation import check_data
 from tinsmith.scheduler import paths
 from tinsmith.scheduler.access import OPEN, Caller, sees
+from tinsmith.scheduler.checkpoint_ops import write_key
 from tinsmith.scheduler.core import MAX_TTL_S, RunState, SamplerState, ServiceCore, _now, log
 from tinsmith.scheduler.limits import check_request_tokens, check_stored_room
 from tinsmith.scheduler.ordering import RETRY_GRACE_S, GapPolicy, SeqGate
 from tinsmith.scheduler.paths import CheckpointRef, check_name, parse_path
+from tinsmith.scheduler.sampler_ops import inflight_key
 from tinsmith.scheduler.served import ModelHandle
 from tinsmith.scheduler.worker import Pack
-from tinsmith.types import AdamSpec, DatumIn, LoraSpec, UserError
+from tinsmith.types import (
+    ADAMW,
+    AdamSpec,
+    DatumIn,
+    DimuonSpec,
+    LoraSpec,
+    OptimizerConfig,
+    OptimSpec,
+    UserError,
+)
 
 _SAVE_TYPES = {"weights": "save_weights", "sampler_weights": "save_weights_for_sampler",
                "external_weights": "save_weights_external"}
@@ -37,8 +50,10 @@ class RunOps(ServiceCore):
     def create_model(
         self, *, session_id: str, model_seq_id: int, base_model: str, lora: LoraSpec,
         user_metadata: Mapping[str, object] | None, caller: Caller = OPEN,
+        optimizer: OptimizerConfig = ADAMW,
     ) -> tuple[str, str]:
-        """Create a LoRA training run. Returns (request_id, model_id)."""
+        """Create a LoRA training run with optimizer family `optimizer`, fixed for its life.
+        Returns (request_id, model_id)."""
         self._check_session(session_id, caller)
         handle = self.model(base_model)
         if not 1 <= lora.rank <= 512:
@@ -47,19 +62,21 @@ class RunOps(ServiceCore):
             raise UserError("LoRA config trains nothing: enable train_mlp, train_attn or train_unembed")
 
         def work(run_id: str) -> dict[str, object]:
-            handle.trainer.create_run(run_id, lora)
+            handle.trainer.create_run(run_id, lora, optimizer)
             return {"model_id": run_id, "type": "create_model"}
 
         return self._new_run(session_id, model_seq_id, handle, lora, user_metadata,
-                             "create_model", work, caller.owner)
+                             "create_model", work, caller.owner, optimizer)
 
     def _new_run(
         self, session_id: str, model_seq_id: int, handle: ModelHandle, lora: LoraSpec,
         user_metadata: Mapping[str, object] | None, kind: str,
         work: Callable[[str], object], owner: str | None = None,
+        optimizer: OptimizerConfig = ADAMW,
     ) -> tuple[str, str]:
-        """Register run `<session>:train:<model_seq_id>` and queue `work(run_id)`, which
-        creates its adapter. A retried creation gets the first request id back."""
+        """Register run `<session>:train:<model_seq_id>` (its optimizer family stored with it)
+        and queue `work(run_id)`, which creates its adapter. A retried creation gets the first
+        request id back."""
         run_id = paths.run_id(session_id, model_seq_id)
         max_pending = self.keys.limits(owner).max_concurrent
         with self._lock:
@@ -68,9 +85,10 @@ class RunOps(ServiceCore):
                 return existing.create_request_id, run_id
             self._check_unused(run_id)
             rid = self.futures.create(kind, owner, max_pending)
-            self.runs[run_id] = RunState(run_id, handle, lora, rid, owner=owner)
+            self.runs[run_id] = RunState(run_id, handle, lora, rid, owner=owner, optimizer=optimizer)
         self.db.add_run(run_id, session_id=session_id, base_model=handle.name, lora=lora.to_json(),
-                        user_metadata=dict(user_metadata) if user_metadata else None, owner=owner)
+                        user_metadata=dict(user_metadata) if user_metadata else None, owner=owner,
+                        optimizer=optimizer.to_db())
         handle.worker.submit(rid, lambda: work(run_id), kind)
         return rid, run_id
 
@@ -81,6 +99,7 @@ class RunOps(ServiceCore):
             "model_id": run_id,
             "model_data": {"arch": r.handle.arch, "model_name": r.base_model,
                            "tokenizer_id": str(r.handle.model_dir)},
+            "optimizer_config": r.optimizer.to_json(),
             "is_lora": True,
             "lora_rank": r.lora.rank,
             "model_name": r.base_model,
@@ -105,11 +124,15 @@ class RunOps(ServiceCore):
             gate.check_new(seq_id)
             if seq_id == gate.next_seq and gate.waiting():
                 max_pending = None
-            rid = self.futures.create(kind, r.owner, max_pending)
+            # Cancellable while the gate holds it (cancel_future): released, it is skipped.
+            rid = self.futures.create(kind, r.owner, max_pending, cancellable=True)
             try:
                 if validate is not None:
                     validate()
-                job = lambda: r.handle.worker.submit(rid, work, kind, tokens, owner=r.run_id, pack=pack)
+
+                def job() -> None:
+                    if self.futures.begin(rid):
+                        r.handle.worker.submit(rid, work, kind, tokens, owner=r.run_id, pack=pack)
                 gate.submit(seq_id, rid, job, _call)  # raises if skipped meanwhile
             except UserError as e:
                 self.metrics.rejected(r.base_model, kind)
@@ -208,17 +231,32 @@ class RunOps(ServiceCore):
                     TrainWork(run_id, prepared, loss_fn, config), run_pass, split)  # type: ignore[arg-type]
         return self._ordered(r, seq_id, kind, None, validate, tokens=n_tokens, pack=pack)
 
-    def optim_step(self, run_id: str, seq_id: int, adam: AdamSpec, caller: Caller = OPEN) -> str:
+    def optim_step(self, run_id: str, seq_id: int, params: OptimSpec, caller: Caller = OPEN) -> str:
+        """One step of the run's optimizer: `params` must be of the family the run was
+        created with (AdamSpec for AdamW, DimuonSpec for Dimuon), else a 400 naming both."""
         r = self.run(run_id, caller)
 
         def validate() -> None:
+            if params.family != r.optimizer.type:
+                given = "AdamParams" if isinstance(params, AdamSpec) else "DimuonParams"
+                wanted = "AdamParams" if r.optimizer.type == "adamw" else "DimuonParams"
+                raise UserError(
+                    f"optim_step got {given} ({params.family}), but this run's optimizer is "
+                    f"{r.optimizer.type}, fixed when it was created; send {wanted}")
+            if isinstance(params, DimuonSpec):
+                if not params.learning_rate >= 0 or not 0 <= params.beta1 < 1:
+                    raise UserError("DimuonParams need learning_rate >= 0 and 0 <= beta1 < 1")
+                if not math.isfinite(params.learning_rate + params.grad_clip_norm):
+                    raise UserError("DimuonParams need finite learning_rate and grad_clip_norm")
+                return
+            adam = params
             if adam.learning_rate < 0 or not 0 <= adam.beta1 < 1 or not 0 <= adam.beta2 < 1:
                 raise UserError("AdamParams need learning_rate >= 0 and 0 <= beta1, beta2 < 1")
             if adam.eps <= 0 or adam.weight_decay < 0 or adam.grad_clip_norm < 0:
                 raise UserError("AdamParams need eps > 0, weight_decay >= 0 and grad_clip_norm >= 0")
 
         def work() -> object:
-            metrics = r.handle.trainer.optim_step(run_id, adam)
+            metrics = r.handle.trainer.optim_step(run_id, params)
             self.db.touch_run(run_id)
             self.history.record(run_id, "optim_step", metrics)
             return {"metrics": metrics, "type": "optim_step"}
@@ -255,11 +293,12 @@ class RunOps(ServiceCore):
             stored = (0 if limits.max_stored_bytes is None
                       else self.db.stored_bytes(r.owner, excluding=(run_id, ref.checkpoint_id)))
             with self.stored.reserve(r.owner, size, stored, limits):
-                self.store.put(ref.storage_key, files)
+                key = write_key(self.db, ref)  # not over files a copy still shares
+                self.store.put(key, files)
                 self.db.upsert_checkpoint(
                     run_id, ref.checkpoint_id,
                     checkpoint_type=ref.checkpoint_type, tinker_path=ref.tinker_path,
-                    storage_key=ref.storage_key, size_bytes=size,
+                    storage_key=key, size_bytes=size,
                     expires_at=_now() + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
                     user_metadata=dict(user_metadata) if user_metadata else None,
                     base_model=r.base_model, lora=r.lora.to_json(), owner=r.owner,
@@ -270,16 +309,22 @@ class RunOps(ServiceCore):
         return self._ordered(r, seq_id, "save_" + kind, work, validate)
 
     def save_ephemeral_sampler(
-        self, run_id: str, seq_id: int, sampling_session_seq_id: int, caller: Caller = OPEN
+        self, run_id: str, seq_id: int, sampling_session_seq_id: int, caller: Caller = OPEN,
+        kind: str = "snapshot",
     ) -> str:
-        """save_weights_and_get_sampling_client: snapshot the weights in memory, no files."""
+        """save_weights_and_get_sampling_client: snapshot the weights in memory, no files.
+        kind "snapshot": the new sampler's own adapter, which never changes. kind "inflight":
+        publish them as the run's one shared inflight adapter (`inflight_key`), which every
+        inflight sampler of the run samples, so this save updates the earlier ones too;
+        requests already decoding finish on the weights they started with."""
         r = self.run(run_id, caller)
         sampler_id = paths.sampler_id(paths.session_of(run_id), sampling_session_seq_id)
+        key = inflight_key(run_id) if kind == "inflight" else sampler_id
 
         def work() -> object:
-            r.handle.sampler.put_snapshot(sampler_id, r.handle.trainer.snapshot(run_id))
+            r.handle.sampler.put_snapshot(key, r.handle.trainer.snapshot(run_id))
             with self._lock:  # in memory only: ephemeral samplers do not survive a restart
-                self.samplers[sampler_id] = SamplerState(sampler_id, r.handle, None, sampler_id, None,
+                self.samplers[sampler_id] = SamplerState(sampler_id, r.handle, None, key, None,
                                                          owner=r.owner)
             return {"sampling_session_id": sampler_id, "type": "save_weights_for_sampler"}
 
@@ -289,11 +334,16 @@ class RunOps(ServiceCore):
         self, *, path: str, optimizer: bool, session_id: str | None = None,
         model_seq_id: int | None = None, model_id: str | None = None, seq_id: int | None = None,
         base_model: str | None = None, user_metadata: Mapping[str, object] | None = None,
-        caller: Caller = OPEN,
+        caller: Caller = OPEN, optimizer_config: OptimizerConfig | None = None,
     ) -> tuple[str, str]:
         """Create a run from a checkpoint (session_id + model_seq_id), or load one into an
         existing run in order (model_id + seq_id, the deprecated load_state). Returns
-        (request_id, model_id)."""
+        (request_id, model_id).
+
+        The optimizer family (docs/optimizers.md): a new run restoring the optimizer state
+        gets the checkpoint's family; a new weights-only run gets `optimizer_config` (AdamW
+        if None); an existing run keeps its own, and restoring optimizer state of the other
+        family into it is a 400. `optimizer_config` that contradicts either is a 400."""
         ref = parse_path(path)
         ckpt = self.checkpoint(ref, caller)
         if optimizer and ckpt.checkpoint_type != "training":
@@ -303,10 +353,13 @@ class RunOps(ServiceCore):
             raise UserError(f"{path} was trained on {ckpt.base_model!r}, not {base_model!r}")
         handle = self.model(ckpt.base_model)
         lora = LoraSpec.from_json(ckpt.lora)
+        saved = self.checkpoint_optimizer(ckpt.storage_key) if optimizer else None
 
         def load(run_id: str) -> object:
             files = self.store.get(ckpt.storage_key)
-            self.runs[run_id].lora = handle.trainer.load_run(run_id, files, with_optimizer=optimizer)
+            r = self.runs[run_id]
+            r.lora = handle.trainer.load_run(run_id, files, with_optimizer=optimizer,
+                                             optimizer=r.optimizer)
             return {"model_id": run_id, "path": path, "type": "load_weights"}
 
         if model_id is not None:  # legacy: into an existing run, ordered by seq_id
@@ -315,12 +368,36 @@ class RunOps(ServiceCore):
                 raise UserError(f"{path} was trained on {ckpt.base_model!r}, this run uses {r.base_model!r}")
             if seq_id is None:
                 raise UserError("load_weights into an existing model needs seq_id")
+            if optimizer_config is not None and optimizer_config != r.optimizer:
+                raise UserError(f"optimizer_config {optimizer_config.type} cannot change an existing "
+                                f"run's optimizer ({r.optimizer.type}, fixed at its creation)")
+            if saved is not None and saved != r.optimizer:
+                raise UserError(f"{path} holds {saved.type} optimizer state and this run's optimizer "
+                                f"is {r.optimizer.type}: load its weights only (load_state), or resume "
+                                "it with create_training_client_from_state_with_optimizer")
             return self._ordered(r, seq_id, "load_weights", lambda: load(model_id)), model_id
         if session_id is None or model_seq_id is None:
             raise UserError("load_weights needs session_id and model_seq_id (or model_id and seq_id)")
+        if saved is not None and optimizer_config is not None and optimizer_config != saved:
+            raise UserError(f"{path} holds {saved.type} optimizer state, which optimizer_config "
+                            f"{optimizer_config.type} cannot override; drop optimizer_config or "
+                            "load the weights only")
+        family = saved or optimizer_config or ADAMW
         self._check_session(session_id, caller)
         return self._new_run(session_id, model_seq_id, handle, lora, user_metadata,
-                             "load_weights", load, caller.owner)
+                             "load_weights", load, caller.owner, family)
+
+    def checkpoint_optimizer(self, storage_key: str) -> OptimizerConfig:
+        """The optimizer family a stored checkpoint was saved with (AdamW for one from before
+        families were recorded): what weights_info's `optimizer_config` should answer."""
+        try:
+            info = self.store.read(storage_key, TINSMITH_FILE)
+        except FileNotFoundError:  # no tinsmith.json (or no checkpoint: the load says so)
+            return ADAMW
+        try:
+            return read_optimizer_config({TINSMITH_FILE: info})
+        except ValueError as e:
+            raise UserError(f"cannot load checkpoint: {e}") from e
 
 
 def _call(job: Callable[[], None]) -> None:

@@ -1,8 +1,17 @@
-"""Sampling sessions and sample requests (continuous batching on the model's worker)."""
+"""Sampling sessions and sample requests (continuous batching on the model's worker).
+
+Each SamplingClient numbers its requests `1_000_000_000 * clone + k`: clone 0 is the
+original client, an unpickled copy has its own clone id (random, or handed out by
+`join_sampling_session`). A request's completion is reported to the feed of its
+(sampler, clone), which /retrieve_futures long-polls (`feed_key`). A request not yet
+admitted can be cancelled (cancel_future): its admission is skipped.
+"""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
+from functools import cached_property
 
 from tinsmith.engine.validation import check_sample
 from tinsmith.scheduler import paths
@@ -11,6 +20,24 @@ from tinsmith.scheduler.core import SamplerState, ServiceCore
 from tinsmith.scheduler.limits import check_request_tokens
 from tinsmith.scheduler.paths import parse_path
 from tinsmith.types import SampleOut, SampleSpec, UserError
+
+CLONE_STRIDE = 1_000_000_000  # a SamplingClient's seq_ids: CLONE_STRIDE * clone id + k
+
+
+def inflight_key(run_id: str) -> str:
+    """The sampling backend's key of run `run_id`'s inflight adapter: one per run, shared by
+    all its inflight samplers and replaced by each inflight save (kind="inflight")."""
+    return f"inflight:{run_id}"
+
+
+def feed_key(sampler_id: str, clone: int) -> str:
+    """The completion feed (FutureStore.completions) of one sampling client."""
+    return f"{sampler_id}#{clone}"
+
+
+def clone_of(seq_id: int) -> int | None:
+    """The clone id a sample seq_id carries (None for the server-made ids of old clients)."""
+    return seq_id // CLONE_STRIDE if seq_id >= 0 else None
 
 
 class SamplerOps(ServiceCore):
@@ -63,6 +90,22 @@ class SamplerOps(ServiceCore):
             self.samplers[sampler_id] = state
         return state
 
+    def join_sampling_session(self, sampler_id: str, caller: Caller | None = None) -> int:
+        """A new clone id for an unpickled SamplingClient of `sampler_id`. Ids increase within
+        this process from a random start per sampler (clones that joined before a restart
+        keep theirs; a new start makes a clash with them unlikely), in the SDK's own range for
+        clone ids (about 1e9), so CLONE_STRIDE * id + k stays far within int64."""
+        self.sampler(sampler_id, caller)  # it exists and the caller may see it
+        with self._lock:
+            clone = self._next_clone.get(sampler_id) or 1 + secrets.randbelow(CLONE_STRIDE // 2)
+            self._next_clone[sampler_id] = clone + 1
+        return clone
+
+    @cached_property
+    def _next_clone(self) -> dict[str, int]:
+        """sampler id -> the next clone id join_sampling_session hands out."""
+        return {}
+
     def get_sampler_info(self, sampler_id: str, caller: Caller | None = None) -> dict[str, object]:
         s = self.sampler(sampler_id, caller)
         out: dict[str, object] = {"sampler_id": sampler_id, "base_model": s.handle.name}
@@ -89,11 +132,18 @@ class SamplerOps(ServiceCore):
             raise
         loader = (lambda: self.store.get(s.storage_key)) if s.storage_key else None
         with self._lock:
-            rid = self.futures.create("sample", s.owner, limits.max_concurrent)
+            clone = clone_of(seq_id)
+            rid = self.futures.create(
+                "sample", s.owner, limits.max_concurrent, cancellable=True,
+                feed=None if clone is None else feed_key(sampler_id, clone))
             seq_ids = paths.sequence_ids(sampler_id, seq_id, spec.num_samples)
             s.issued.put(seq_id, rid, seq_ids)
 
         def start(done: Callable[[object], None]) -> None:  # on the worker thread
+            if not self.futures.begin(rid):  # cancelled while queued: never admitted
+                done(UserError("sampling request cancelled before it started"))
+                return
+
             def finish(out: SampleOut | BaseException) -> None:
                 if record_stability_info and isinstance(out, SampleOut):
                     try:

@@ -11,7 +11,12 @@ from pathlib import Path
 
 from tinsmith.config import ServerSettings
 from tinsmith.engine.backend import SamplingBackend, TrainingBackend
-from tinsmith.engine.budget import free_memory_bytes, pass_token_budget, resident_runs_budget
+from tinsmith.engine.budget import (
+    adapter_layer_shapes,
+    free_memory_bytes,
+    pass_token_budget,
+    resident_runs_budget,
+)
 from tinsmith.engine.device import placement
 from tinsmith.engine.local import local_backends
 from tinsmith.engine.losses import LossRegistry
@@ -59,7 +64,7 @@ def load_model(
         eos.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
     free = free_memory_bytes(runner.model.device)
     resident = settings.max_resident_adapters or resident_runs_budget(
-        [(m.in_features, m.out_features) for m in runner.layers.values()], free, 0.25)
+        adapter_layer_shapes(runner.layers.values()), free, 0.25)
     spill_dir = settings.data_dir / "spill" / name.replace("/", "--")
     shutil.rmtree(spill_dir, ignore_errors=True)  # a spill never outlives its server
     trainer, sampler = local_backends(

@@ -2,9 +2,10 @@
 
 Every long operation returns a request id at once; its work is queued on the engine
 worker of the run's base model and completes the future there. The operations live by
-resource: training runs in run_ops.py, sampling in sampler_ops.py, checkpoints in
-checkpoint_ops.py, over the shared state and lookups of core.py. `build_service`
-(build.py) constructs a Service; ids follow the scheme in paths.py.
+resource: training runs in run_ops.py, sampling in sampler_ops.py, checkpoints (publishing,
+copies) in checkpoint_ops.py, sessions' projects, search and traces in session_ops.py, over
+the shared state and lookups of core.py. `build_service` (build.py) constructs a Service;
+ids follow the scheme in paths.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tinsmith.scheduler.futures import FutureStore
 from tinsmith.scheduler.run_ops import RunOps
 from tinsmith.scheduler.sampler_ops import SamplerOps
 from tinsmith.scheduler.served import ModelHandle
+from tinsmith.scheduler.session_ops import SessionOps
 from tinsmith.scheduler.telemetry import Check, readiness
 from tinsmith.storage.db import CheckpointRow, MetadataStore
 from tinsmith.storage.files import CheckpointStore
@@ -26,7 +28,7 @@ from tinsmith.storage.files import CheckpointStore
 __all__ = ["RunState", "SamplerState", "Service"]
 
 
-class Service(RunOps, SamplerOps, CheckpointOps):
+class Service(RunOps, SamplerOps, CheckpointOps, SessionOps):
     def __init__(self, settings: ServerSettings, *, db: MetadataStore, store: CheckpointStore,
                  futures: FutureStore, losses: LossRegistry,
                  models: dict[str, ModelHandle]) -> None:

@@ -45,6 +45,8 @@ log = logging.getLogger("tinsmith.worker")
 # A sampling job's start: admits the request and arranges for `done` to be called once,
 # with the result or the exception, from this call or a later decoding step.
 Start = Callable[[Callable[[object], None]], None]
+# (model, label, run id or None, request id, tokens, result) of a job that finished well.
+UsageHook = Callable[[str, str, str | None, str, int, object], None]
 
 
 # Admissions (each a prefill) taken back to back before a decoding step: requests that arrive
@@ -97,6 +99,7 @@ class EngineWorker:
         self.linger_s = linger_s
         self._recent: dict[str, dict[str | None, float]] = {}  # kind -> run -> last pass time
         self._metrics: ServerMetrics | None = None  # see attach_metrics
+        self.on_done: UsageHook | None = None  # meters finished jobs (scheduler/accounting.py)
         self._jobs: deque[_Job | None] = deque()  # None = close
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
@@ -343,6 +346,8 @@ class EngineWorker:
             tokens = 0
             if outcome == "ok":
                 tokens = job.tokens(value) if callable(job.tokens) else job.tokens
+                if self.on_done is not None:
+                    self.on_done(self.name, job.label, job.owner, job.request_id, tokens, value)
             if started is not None:
                 self._metrics.job_finished(self.name, job.label, outcome, submitted=job.submitted,
                                            started=started, finished=finished, tokens=tokens)

@@ -11,7 +11,7 @@ This module is the storage layer's front door; what it re-exports lives in
     connect.py    the engine of a URL (SQLite WAL and its locking, psycopg 3 for PostgreSQL)
     migrate.py    the migration runner: where the schema stands, upgrading it (Alembic)
     queries/      MetadataStore's queries, one mixin per resource (sessions and their
-                  samplers, runs, checkpoints, keys)
+                  samplers, runs, checkpoints, keys, the audit log, usage)
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ from tinsmith.storage.models import (
     SessionRow,
     target_metadata,
 )
+from tinsmith.storage.queries.audit import AuditQueries
 from tinsmith.storage.queries.checkpoints import CheckpointQueries
 from tinsmith.storage.queries.keys import ApiKeyQueries
 from tinsmith.storage.queries.runs import RunQueries
 from tinsmith.storage.queries.sessions import SessionQueries
+from tinsmith.storage.queries.usage import UsageQueries
 
 __all__ = [
     "ApiKeyRow", "Base", "CheckpointRow", "KeysBase", "MetadataStore", "RunRow", "SamplerRow",
@@ -53,7 +55,8 @@ __all__ = [
 ]
 
 
-class MetadataStore(SessionQueries, RunQueries, CheckpointQueries, ApiKeyQueries):
+class MetadataStore(SessionQueries, RunQueries, CheckpointQueries, ApiKeyQueries, AuditQueries,
+                    UsageQueries):
     """Thread-safe metadata store; one short session (and transaction) per call, returning
     frozen rows detached from it."""
 

@@ -175,6 +175,36 @@ class ApiKeyModel(KeysBase):
     max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
+# --- accounting (tinsmith.scheduler.accounting) -----------------------------------------
+
+
+class AuditEventModel(Base):
+    """One audit log entry: who did what (`event` is `<resource>_<action>`)."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    # The API key whose log holds the entry (it sees it; admins see all); None: no key's.
+    owner: Mapped[str | None] = mapped_column(String(64), index=True)
+    # What the entry records: the actor, what it was about (model_id, tinker_path, ...).
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class UsageModel(Base):
+    """Usage of one hour, API key, base model, session and kind (tokens trained, sampled...),
+    summed in memory and added here every few seconds."""
+
+    __tablename__ = "usage_hourly"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    bucket_start: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    owner: Mapped[str | None] = mapped_column(String(64), index=True)
+    base_model: Mapped[str] = mapped_column(String(255))
+    session_id: Mapped[str | None] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(32))
+    quantity: Mapped[int] = mapped_column(BigInteger)
+
+
 def target_metadata() -> list[MetaData]:
     """Every table the migrations manage: the work records and, apart, the credentials."""
     return [Base.metadata, KeysBase.metadata]
@@ -186,9 +216,13 @@ if typing.TYPE_CHECKING:  # a type checker sees each row as its model: the same 
     CheckpointRow = CheckpointModel
     SamplerRow = SamplerModel
     ApiKeyRow = ApiKeyModel
+    AuditEventRow = AuditEventModel
+    UsageRow = UsageModel
 else:
     SessionRow = row_class(SessionModel)
     RunRow = row_class(RunModel)
     CheckpointRow = row_class(CheckpointModel, exclude=("id",))
     SamplerRow = row_class(SamplerModel)
     ApiKeyRow = row_class(ApiKeyModel, exclude=("key_hash",))  # the hash never leaves the store
+    AuditEventRow = row_class(AuditEventModel)
+    UsageRow = row_class(UsageModel, exclude=("id",))

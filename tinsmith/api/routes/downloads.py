@@ -7,6 +7,10 @@ external_weights. The URLs point at `GET /api/v1/checkpoint_files/...` on `publi
 which needs no API key: the signature is the permission (tinsmith.scheduler.signing).
 `PUT .../ttl` (set_checkpoint_ttl) is what the SDK's `tinker checkpoint download` calls too.
 A file is sent in chunks straight from a local store's disk, never whole in memory.
+
+`GET /sessions/{id}/trace_export` (export_session_trace) answers at once "ready" with a
+signed URL of `GET /api/v1/session_traces/{id}`, which builds the session's trace when it
+is downloaded (tinsmith.scheduler.trace): nothing is stored, and it is always up to date.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import BinaryIO
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from tinsmith.api.auth import CallerDep
@@ -30,6 +34,7 @@ from tinsmith.types import NotFound, UserError
 router = APIRouter(prefix="/api/v1")
 public_router = APIRouter(prefix="/api/v1")
 FILES_PATH = "checkpoint_files"
+TRACES_PATH = "session_traces"
 CHUNK_BYTES = 1 << 20
 
 
@@ -58,6 +63,33 @@ def set_ttl(run_id: str, checkpoint_id: str, req: TtlRequest, request: Request,
                   caller: CallerDep) -> dict[str, object]:
     service(request).set_checkpoint_ttl(run_id, checkpoint_id, req.ttl_seconds, caller)
     return {}
+
+
+def _trace_mac_args(session_id: str) -> tuple[str, str, str]:
+    """What a trace URL's signature covers, in the signer's (run, checkpoint id, file)
+    slots: a checkpoint id always holds a "/", so no checkpoint file signs the same."""
+    return f"session-trace:{session_id}", "trace", "trace.json"
+
+
+@router.get("/sessions/{session_id}/trace_export")
+def trace_export(session_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
+    svc = service(request)
+    svc.session(session_id, caller)  # someone else's session: not found
+    expires = svc.signer.expiry()
+    signed = svc.signer.sign(*_trace_mac_args(session_id), expires)
+    root = str(request.base_url).rstrip("/")
+    return {"status": "ready", "url": f"{root}/api/v1/{TRACES_PATH}/{quote(session_id)}"
+                                      f"?expires={signed.expires}&signature={signed.signature}"}
+
+
+@public_router.get(f"/{TRACES_PATH}/{{session_id}}")
+def session_trace(session_id: str, expires: int, signature: str, request: Request) -> JSONResponse:
+    svc = service(request)
+    if not svc.signer.valid(*_trace_mac_args(session_id), expires, signature):
+        raise UserError("this trace URL is invalid or has expired; export the trace again "
+                        "(export_session_trace)", 403)
+    return JSONResponse(svc.session_trace(session_id), headers={
+        "Content-Disposition": f'attachment; filename="{session_id}.pftrace"'})
 
 
 @public_router.get(f"/{FILES_PATH}/{{run_id}}/{{kind}}/{{name}}/{{file_name}}")

@@ -1,16 +1,23 @@
-"""REST resources the RestClient reads: capabilities, runs, checkpoints, sessions.
+"""REST resources the RestClient reads: capabilities, runs, checkpoints, sessions and
+their search.
 
-Each caller sees only what its API key made (an admin key sees everything); the rest
-answers as if it did not exist."""
+Each caller sees only what its API key made (an admin key sees everything), and published
+checkpoints with the runs holding them (only those checkpoints); the rest answers as if it
+did not exist."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
+from tinker.types import SessionSearchRequest
 
 from tinsmith.api.auth import CallerDep
 from tinsmith.api.deps import service
+from tinsmith.scheduler.access import Caller
 from tinsmith.scheduler.paths import parse_path
+from tinsmith.scheduler.session_ops import SessionHit, SessionSearch, StatusQuery
 from tinsmith.storage.db import CheckpointRow, RunRow
 
 router = APIRouter(prefix="/api/v1")
@@ -33,14 +40,15 @@ def checkpoint_json(row: CheckpointRow) -> dict[str, object]:
         "time": row.created_at.isoformat(),
         "tinker_path": row.tinker_path,
         "size_bytes": row.size_bytes,
-        "public": False,
+        "public": row.public,
         "user_metadata": _str_dict(row.user_metadata),
         "expires_at": row.expires_at.isoformat() if row.expires_at else None,
     }
 
 
-def run_json(request: Request, row: RunRow) -> dict[str, object]:
-    last, last_sampler = service(request).last_checkpoints(row.training_run_id)
+def run_json(request: Request, row: RunRow, caller: Caller | None = None) -> dict[str, object]:
+    """A TrainingRun; its last checkpoints those `caller` sees (None: all)."""
+    last, last_sampler = service(request).latest_checkpoints(row.training_run_id, caller)
     return {
         "training_run_id": row.training_run_id,
         "base_model": row.base_model,
@@ -64,20 +72,21 @@ def capabilities(request: Request) -> dict[str, object]:
 
 
 @router.get("/training_runs")
-def list_runs(request: Request, caller: CallerDep, limit: int = 20, offset: int = 0) -> dict[str, object]:
-    rows, total = service(request).list_runs(caller, limit, offset)
+def list_runs(request: Request, caller: CallerDep, limit: int = 20, offset: int = 0,
+              project_id: str | None = None) -> dict[str, object]:
+    rows, total = service(request).list_runs_in(caller, limit, offset, project_id)
     return {"training_runs": [run_json(request, r) for r in rows],
             "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
 
 @router.get("/training_runs/{run_id}")
 def get_run(run_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
-    return run_json(request, service(request).run_row(run_id, caller))
+    return run_json(request, service(request).shared_run(run_id, caller)[0], caller)
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
 def list_run_checkpoints(run_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
-    rows, _ = service(request).list_checkpoints(caller, run_id)
+    rows = service(request).run_checkpoints(run_id, caller)
     return {"checkpoints": [checkpoint_json(c) for c in rows], "cursor": None}
 
 
@@ -103,7 +112,8 @@ def weights_info(req: WeightsInfoRequest, request: Request, caller: CallerDep) -
     lora = row.lora
     return {"base_model": row.base_model, "is_lora": True, "lora_rank": lora.get("rank"),
             "train_unembed": lora.get("train_unembed"), "train_mlp": lora.get("train_mlp"),
-            "train_attn": lora.get("train_attn")}
+            "train_attn": lora.get("train_attn"),
+            "optimizer_config": svc.checkpoint_optimizer(row.storage_key).to_json()}
 
 
 @router.get("/sessions")
@@ -118,3 +128,34 @@ def get_session(session_id: str, request: Request, caller: CallerDep) -> dict[st
     run_ids, sampler_ids = svc.session_contents(session_id)
     return {"training_run_ids": run_ids, "sampler_ids": sampler_ids,
             "user_metadata": s.user_metadata, "display_name": s.display_name}
+
+
+def _summary(hit: SessionHit) -> dict[str, object]:
+    row = hit.row
+    return {"session_id": row.session_id, "created_at": row.created_at.isoformat(),
+            "owner": row.owner or OWNER, "project_id": row.project_id or "",
+            "status": hit.status, "checkpoints_count": hit.checkpoints,
+            "display_name": row.display_name, "user_metadata": _str_dict(row.user_metadata),
+            "checkpoint_storage_bytes": hit.checkpoint_bytes}
+
+
+@router.post("/sessions/search")
+def search_sessions(req: SessionSearchRequest, request: Request,
+                    caller: CallerDep) -> dict[str, object]:
+    """The SDK's search_sessions: one page, newest first. A session without a project
+    shows project_id "" (and "" in project_ids matches those)."""
+    owner = req.owner
+    after: tuple[datetime, str] | None = None
+    if req.cursor is not None:
+        after = (req.cursor.last_created_at, req.cursor.last_session_id)
+    query = SessionSearch(
+        session_id=req.session_id, display_name=req.display_name, project_ids=req.project_ids,
+        user_metadata=req.user_metadata, owner=owner.type,
+        owner_ids=getattr(owner, "owner_urns", ()), limit=req.limit, after=after,
+        statuses=None if req.statuses is None else [
+            StatusQuery(q.type, tuple(r) if (r := getattr(q, "reasons", None)) else None)
+            for q in req.statuses])
+    hits, next_after = service(request).search_sessions(caller, query)
+    cursor = None if next_after is None else {"last_created_at": next_after[0].isoformat(),
+                                              "last_session_id": next_after[1]}
+    return {"sessions": [_summary(h) for h in hits], "next_cursor": cursor}

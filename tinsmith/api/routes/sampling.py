@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Request
-from tinker.types import CreateSamplingSessionRequest, SampleRequest
+from tinker.types import CreateSamplingSessionRequest, JoinSamplingSessionRequest, SampleRequest
 
 from tinsmith.api.auth import CallerDep
 from tinsmith.api.codecs import sample_spec
@@ -23,6 +23,15 @@ def create_sampling_session(
         base_model=req.base_model, model_path=req.model_path, caller=caller,
     )
     return {"sampling_session_id": sid, "type": "create_sampling_session"}
+
+
+@router.post("/join_sampling_session")
+def join_sampling_session(
+    req: JoinSamplingSessionRequest, request: Request, caller: CallerDep
+) -> dict[str, object]:
+    """An unpickled SamplingClient's clone id (with `sample_join_sampling_session` on)."""
+    clone = service(request).join_sampling_session(req.sampling_session_id, caller)
+    return {"client_counter": clone, "type": "join_sampling_session"}
 
 
 @router.get("/samplers/{sampler_id}")

@@ -1,4 +1,12 @@
-"""Client configuration, sessions, heartbeats and telemetry."""
+"""Client configuration, sessions, heartbeats and telemetry.
+
+/client/config switches the SDK's optional transport features (see docs/operating.md,
+"Client transport options"): zstd-compressed /forward_backward bodies (decompressed by
+tinsmith.api.zstd_body), the batched sampling poll /retrieve_futures, and server-allocated
+clone ids for unpickled SamplingClients (/join_sampling_session) are on; server-side custom
+losses stay off, so `create_custom_loss` traces the loss and `forward_backward_custom` runs
+it on the client, and /create_custom_loss answers 400 saying so.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +17,38 @@ from tinker.types import CreateSessionRequest, SessionHeartbeatRequest
 from tinsmith import __version__
 from tinsmith.api.auth import CallerDep
 from tinsmith.api.deps import service
+from tinsmith.types import UserError
 
 router = APIRouter(prefix="/api/v1")
 
 
 @router.post("/client/config")
-async def client_config(request: Request) -> dict[str, object]:
-    # Plain API keys (no JWT exchange) and the httpx transport, which suits plain HTTP.
-    return {"pjwt_auth_enabled": False, "use_pyqwest_transport": False,
-            "parallel_fwdbwd_chunks": True, "proto_compress_fwdbwd": False,
-            "fwdbwd_max_chunk_len": service(request).settings.fwdbwd_max_chunk_len}
+def client_config(request: Request, caller: CallerDep) -> dict[str, object]:
+    svc = service(request)
+    # Parallel chunks arrive first-chunk-last, all held until it comes: under a concurrency
+    # limit the held ones could fill it, so a limited key sends its chunks in order.
+    parallel = svc.keys.limits(caller.owner).max_concurrent is None
+    # The SDK exchanges its key for a short-lived token (POST /auth/token, tinsmith.scheduler.
+    # tokens), which whoami needs; the httpx transport suits plain HTTP.
+    return {"pjwt_auth_enabled": True, "use_pyqwest_transport": False,
+            "parallel_fwdbwd_chunks": parallel, "proto_compress_fwdbwd": True,
+            "fwdbwd_max_chunk_len": svc.settings.fwdbwd_max_chunk_len,
+            "sample_use_retrieve_futures": True, "sample_join_sampling_session": True,
+            "custom_loss_server_side": False}
 
 
 @router.post("/client/dynamic_config")
 async def dynamic_config() -> dict[str, object]:
-    return {}
+    # Abandoned sample futures are cancelled explicitly (/cancel_future).
+    return {"sample_cancel_enabled": True}
+
+
+@router.post("/create_custom_loss")
+async def create_custom_loss() -> dict[str, object]:
+    raise UserError(
+        "server-side custom losses are not supported by this server (custom_loss_server_side "
+        "is off in /client/config): ServiceClient.create_custom_loss returns a LossHandle that "
+        "TrainingClient.forward_backward_custom runs on the client, which works here", 400)
 
 
 @router.post("/create_session")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from tinker.types import (
     AdamParams,
     CreateModelRequest,
+    DimuonParams,
     GetInfoRequest,
     LoadWeightsRequest,
     OptimStepRequest,
@@ -19,7 +21,7 @@ from tinsmith.api.auth import CallerDep
 from tinsmith.api.codecs import decode_forward_backward
 from tinsmith.api.deps import future_response, service
 from tinsmith.api.seq_guard import SeqRoute
-from tinsmith.types import AdamSpec, LoraSpec, UserError
+from tinsmith.types import AdamSpec, DimuonSpec, LoraSpec, OptimizerConfig, OptimSpec, UserError
 
 # Every refusal of a request that names (model_id, seq_id) consumes that seq_id (seq_guard).
 router = APIRouter(prefix="/api/v1", route_class=SeqRoute)
@@ -27,8 +29,7 @@ router = APIRouter(prefix="/api/v1", route_class=SeqRoute)
 
 @router.post("/create_model")
 def create_model(req: CreateModelRequest, request: Request, caller: CallerDep) -> dict[str, object]:
-    if req.optimizer_config.type != "adamw":
-        raise UserError(f"optimizer {req.optimizer_config.type!r} is not supported; use adamw")
+    optimizer = _optimizer_config(req.optimizer_config)
     lc = req.lora_config
     lora = LoraSpec() if lc is None else LoraSpec(
         rank=lc.rank, seed=lc.seed, train_mlp=lc.train_mlp, train_attn=lc.train_attn,
@@ -37,9 +38,15 @@ def create_model(req: CreateModelRequest, request: Request, caller: CallerDep) -
     svc = service(request)
     rid, model_id = svc.create_model(
         session_id=req.session_id, model_seq_id=req.model_seq_id, base_model=req.base_model,
-        lora=lora, user_metadata=req.user_metadata, caller=caller,
+        lora=lora, user_metadata=req.user_metadata, caller=caller, optimizer=optimizer,
     )
     return future_response(rid, model_id)
+
+
+def _optimizer_config(config: BaseModel) -> OptimizerConfig:
+    """The SDK's AdamOptimizerConfig / DimuonOptimizerConfig (or any `type` it may send):
+    an unknown type, version or field is a 400, never a silent AdamW."""
+    return OptimizerConfig.from_json(config.model_dump())
 
 
 @router.post("/get_info")
@@ -61,13 +68,27 @@ async def forward_backward(request: Request, caller: CallerDep) -> dict[str, obj
 
 @router.post("/optim_step")
 def optim_step(req: OptimStepRequest, request: Request, caller: CallerDep) -> dict[str, object]:
-    p = req.optim_params
-    if not isinstance(p, AdamParams):
-        raise UserError(f"optimizer params of type {getattr(p, 'type', '?')!r} are not supported; use AdamParams")
-    adam = AdamSpec(p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm)
+    params = _optim_spec(req.optim_params)
     svc = service(request)
-    rid = svc.optim_step(req.model_id, _seq(req.seq_id), adam, caller)
+    rid = svc.optim_step(req.model_id, _seq(req.seq_id), params, caller)
     return future_response(rid, req.model_id)
+
+
+def _optim_spec(p: BaseModel) -> OptimSpec:
+    """AdamParams (`adam_params`) or DimuonParams (`optimizer_params`, which the SDK's union
+    decodes as a bare OptimParamsBase: checked here against DimuonParams' own schema)."""
+    if isinstance(p, AdamParams):
+        return AdamSpec(p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm)
+    fields = p.model_dump()
+    if fields.get("type") != "dimuon":
+        raise UserError(f"unknown optimizer params type {fields.get('type')!r}: this server takes "
+                        "AdamParams (adamw runs) and DimuonParams (dimuon runs)")
+    try:
+        d = DimuonParams.model_validate(fields)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise UserError(f"bad DimuonParams: {problems}") from e
+    return DimuonSpec(d.learning_rate, d.grad_clip_norm, d.beta1)
 
 
 @router.post("/save_weights")
@@ -84,11 +105,17 @@ def save_weights(req: SaveWeightsRequest, request: Request, caller: CallerDep) -
 def save_weights_for_sampler(
     req: SaveWeightsForSamplerRequest, request: Request, caller: CallerDep
 ) -> dict[str, object]:
+    """Named: a sampler checkpoint (always a snapshot). Unnamed: a new sampling session over
+    the current weights, kind "snapshot" (fixed) or "inflight" (the run's shared target)."""
     svc = service(request)
     if req.path is None:
         if req.sampling_session_seq_id is None:
             raise UserError("save_weights_for_sampler needs a name (path) or a sampling_session_seq_id")
-        rid = svc.save_ephemeral_sampler(req.model_id, _seq(req.seq_id), req.sampling_session_seq_id, caller)
+        rid = svc.save_ephemeral_sampler(req.model_id, _seq(req.seq_id), req.sampling_session_seq_id,
+                                         caller, kind=req.kind)
+    elif req.kind != "snapshot":
+        raise UserError(f"kind={req.kind!r} is for save_weights_and_get_sampling_client (no name); "
+                        "a named save_weights_for_sampler is always a snapshot")
     else:
         rid = svc.save(
             req.model_id, _seq(req.seq_id), kind="sampler_weights", name=req.path,
@@ -105,6 +132,7 @@ def load_weights(req: LoadWeightsRequest, request: Request, caller: CallerDep) -
         path=req.path, optimizer=req.optimizer, session_id=req.session_id,
         model_seq_id=req.model_seq_id, model_id=req.model_id, seq_id=req.seq_id,
         base_model=req.base_model, user_metadata=req.user_metadata, caller=caller,
+        optimizer_config=None if req.optimizer_config is None else _optimizer_config(req.optimizer_config),
     )
     return future_response(rid, model_id)
 

@@ -1,4 +1,10 @@
-"""Checkpoints' rows (their files are tinsmith.storage.files'), and the bytes an owner stores."""
+"""Checkpoints' rows (their files are tinsmith.storage.files'), and the bytes an owner stores.
+
+Several rows may share one storage key: a copy (copy_weights) references its source's files
+instead of duplicating them. So a checkpoint's files may be deleted only once no row
+references its key any more (`release_checkpoint`), and a copy is added only while its
+source's row still exists (`add_copy` locks it).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from tinsmith.storage.models import CheckpointModel, CheckpointRow, to_row
+from tinsmith.storage.models import CheckpointModel, CheckpointRow, RunModel, to_row
 from tinsmith.storage.queries.base import StoreBase, utcnow
 
 
@@ -97,6 +103,72 @@ class CheckpointQueries(StoreBase):
 
     def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> bool:
         return self._update_checkpoint(training_run_id, checkpoint_id, lambda s, o: s.delete(o))
+
+    def release_checkpoint(self, training_run_id: str, checkpoint_id: str) -> str | None:
+        """Delete the checkpoint's row. Returns its storage key if no other row (a copy, or
+        the copy's source) references that key any more, so its files may go; else None
+        (None too if there was no such row)."""
+        with self._tx(write=True) as s:
+            obj = s.scalars(_select_one(training_run_id, checkpoint_id)).first()
+            if obj is None:
+                return None
+            key = obj.storage_key
+            s.delete(obj)
+            s.flush()  # the count below must not see this row
+            # Runs after the DELETE: an add_copy that locked this row has committed by now.
+            users = s.scalar(select(func.count()).select_from(CheckpointModel)
+                             .where(CheckpointModel.storage_key == key)) or 0
+            return None if users else key
+
+    def storage_key_used(self, storage_key: str, excluding: tuple[str, str] | None = None) -> bool:
+        """Whether any checkpoint row, other than `excluding` = (training_run_id,
+        checkpoint_id), references `storage_key`."""
+        q = select(CheckpointModel.id).where(CheckpointModel.storage_key == storage_key)
+        if excluding is not None:
+            q = q.where(or_(CheckpointModel.training_run_id != excluding[0],
+                            CheckpointModel.checkpoint_id != excluding[1]))
+        with self._tx() as s:
+            return s.scalars(q.limit(1)).first() is not None
+
+    def add_copy(self, source_run_id: str, source_checkpoint_id: str, *, training_run_id: str,
+                 session_id: str, tinker_path: str, project_id: str | None,
+                 expires_at: datetime | None, owner: str | None) -> CheckpointRow | None:
+        """copy_weights, in one transaction: a new run `training_run_id` (copied_from the
+        source's path, in `project_id`) holding one checkpoint at `tinker_path`, of the
+        source's kind and name, that shares the source's storage key and keeps its
+        metadata. The source row is locked meanwhile, so a concurrent delete of the source
+        sees the copy when it counts who references the files. None if the source is gone."""
+        with self._tx(write=True) as s:
+            src = s.scalars(_select_one(source_run_id, source_checkpoint_id)
+                            .with_for_update()).first()
+            if src is None:
+                return None
+            source_run = s.get(RunModel, source_run_id)
+            t = utcnow()
+            s.add(RunModel(training_run_id=training_run_id, session_id=session_id,
+                           base_model=src.base_model, lora=dict(src.lora),
+                           user_metadata=source_run.user_metadata if source_run else None,
+                           created_at=t, last_request_time=t, owner=owner,
+                           project_id=project_id, copied_from=src.tinker_path))
+            obj = CheckpointModel(
+                training_run_id=training_run_id, checkpoint_id=src.checkpoint_id,
+                checkpoint_type=src.checkpoint_type, tinker_path=tinker_path,
+                storage_key=src.storage_key, size_bytes=src.size_bytes, created_at=t,
+                expires_at=expires_at, user_metadata=src.user_metadata,
+                base_model=src.base_model, lora=dict(src.lora), owner=owner, public=False)
+            s.add(obj)
+        return to_row(CheckpointRow, obj)
+
+    def set_checkpoint_public(self, training_run_id: str, checkpoint_id: str,
+                              public: bool) -> bool:
+        return self._update_checkpoint(training_run_id, checkpoint_id,
+                                       lambda _, o: setattr(o, "public", public))
+
+    def has_public_checkpoint(self, training_run_id: str) -> bool:
+        q = select(CheckpointModel.id).where(CheckpointModel.training_run_id == training_run_id,
+                                             CheckpointModel.public.is_(True))
+        with self._tx() as s:
+            return s.scalars(q.limit(1)).first() is not None
 
     def set_checkpoint_expiry(self, training_run_id: str, checkpoint_id: str,
                               expires_at: datetime | None) -> bool:

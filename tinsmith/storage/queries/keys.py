@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import select
 
 from tinsmith.storage.models import ApiKeyModel, ApiKeyRow, to_row
+from tinsmith.storage.queries.audit import audit_model
 from tinsmith.storage.queries.base import StoreBase, utcnow
 
 
@@ -20,6 +21,9 @@ class ApiKeyQueries(StoreBase):
                           expires_at=expires_at, **limits)
         with self._tx(write=True) as s:
             s.add(obj)
+            # Audited in the same transaction: keys are made by the CLI, outside any server.
+            s.add(audit_model("key_created", key_id, key_id=key_id, name=name, admin=is_admin,
+                              actor="operator"))
         return to_row(ApiKeyRow, obj)
 
     def api_key_by_hash(self, key_hash: str) -> ApiKeyRow | None:
@@ -46,12 +50,14 @@ class ApiKeyQueries(StoreBase):
         with self._tx() as s:
             return s.scalars(select(ApiKeyModel.key_id).limit(1)).first() is not None
 
-    def revoke_api_key(self, key_id: str) -> bool:
-        """Mark a key revoked (kept, so it is never reissued); False if there is no such key."""
+    def revoke_api_key(self, key_id: str, actor: str = "operator") -> bool:
+        """Mark a key revoked (kept, so it is never reissued); False if there is no such key.
+        `actor`: who revoked it, for the audit log (a key id, or "operator": the CLI)."""
         with self._tx(write=True) as s:
             obj = s.get(ApiKeyModel, key_id)
             if obj is None:
                 return False
             if obj.revoked_at is None:
                 obj.revoked_at = utcnow()
+                s.add(audit_model("key_revoked", key_id, key_id=key_id, name=obj.name, actor=actor))
             return True

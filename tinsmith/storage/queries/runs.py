@@ -1,4 +1,7 @@
-"""Training runs."""
+"""Training runs.
+
+A run's project is its own `project_id` if set (a copy's destination), else its session's:
+assigning a session to a project moves its runs along (`project_of`, `list_runs`)."""
 
 from __future__ import annotations
 
@@ -7,8 +10,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.sql.elements import ColumnElement
 
-from tinsmith.storage.models import RunModel, RunRow, to_row
+from tinsmith.storage.models import RunModel, RunRow, SessionModel, to_row
 from tinsmith.storage.queries.base import StoreBase, utcnow
 from tinsmith.storage.touches import Touches
 
@@ -21,12 +25,14 @@ class RunQueries(StoreBase):
 
     def add_run(self, training_run_id: str, *, session_id: str, base_model: str,
                 lora: dict[str, Any], user_metadata: dict[str, Any] | None = None,
-                owner: str | None = None) -> RunRow:
+                owner: str | None = None, optimizer: dict[str, Any] | None = None) -> RunRow:
+        """`optimizer`: the run's optimizer config as the SDK sends it; None (NULL): AdamW."""
         t = utcnow()
         obj = RunModel(training_run_id=training_run_id, session_id=session_id,
                        base_model=base_model, lora=dict(lora),
                        user_metadata=None if user_metadata is None else dict(user_metadata),
-                       created_at=t, last_request_time=t, owner=owner)
+                       created_at=t, last_request_time=t, owner=owner,
+                       optimizer=None if optimizer is None else dict(optimizer))
         with self._tx(write=True) as s:
             s.add(obj)
         return to_row(RunRow, obj)
@@ -65,11 +71,16 @@ class RunQueries(StoreBase):
             obj = s.get(RunModel, training_run_id)
             return None if obj is None else to_row(RunRow, obj)
 
-    def list_runs(self, limit: int = 20, offset: int = 0,
-                  owner: str | None = None) -> tuple[list[RunRow], int]:
-        """Newest first, and how many there are in all."""
+    def list_runs(self, limit: int = 20, offset: int = 0, owner: str | None = None,
+                  project_id: str | None = None) -> tuple[list[RunRow], int]:
+        """Newest first, and how many there are in all; with `project_id`, only the runs
+        in that project (their own, else their session's)."""
         q = select(RunModel).order_by(RunModel.created_at.desc()).limit(limit).offset(offset)
         count = select(func.count()).select_from(RunModel)
+        if project_id is not None:
+            q = q.outerjoin(SessionModel, SessionModel.session_id == RunModel.session_id)
+            count = count.outerjoin(SessionModel, SessionModel.session_id == RunModel.session_id)
+            q, count = q.where(_project() == project_id), count.where(_project() == project_id)
         if owner is not None:
             q, count = q.where(RunModel.owner == owner), count.where(RunModel.owner == owner)
         self._flush_touches()
@@ -77,8 +88,21 @@ class RunQueries(StoreBase):
             total = s.scalar(count) or 0
             return [to_row(RunRow, o) for o in s.scalars(q)], total
 
+    def project_of(self, training_run_id: str) -> str | None:
+        """The run's project: its own, else its session's; None if neither has one."""
+        q = (select(_project()).select_from(RunModel)
+             .outerjoin(SessionModel, SessionModel.session_id == RunModel.session_id)
+             .where(RunModel.training_run_id == training_run_id))
+        with self._tx() as s:
+            return s.scalar(q)
+
     def runs_of_session(self, session_id: str) -> list[str]:
         q = (select(RunModel.training_run_id).where(RunModel.session_id == session_id)
              .order_by(RunModel.created_at))
         with self._tx() as s:
             return list(s.scalars(q))
+
+
+def _project() -> ColumnElement[str | None]:
+    """A run's project, in a query joining its session."""
+    return func.coalesce(RunModel.project_id, SessionModel.project_id)
