@@ -284,3 +284,51 @@ def test_signed_urls_survive_a_restart(tmp_path: Path) -> None:
         assert bad.status_code == 403
     finally:
         server.stop()
+
+
+def test_merged_moe_model_equals_adapter_on_base(tmp_path: Path) -> None:
+    """`--merged` on a Qwen3-MoE: every expert's update (W[e] += scale * B_e @ A_e, from
+    PEFT's target_parameters layout) merged into the fused expert weights, attention and
+    lm_head as Linears; the saved folder, loaded by plain transformers, gives the logprobs
+    of the adapter on the base (synthetic/tiny-qwen3-moe, float32, within 1e-4)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tinsmith.engine.backend import TrainWork
+    from tinsmith.engine.export import write_merged_model
+    from tinsmith.engine.local import local_backends
+    from tinsmith.engine.losses import LossRegistry
+    from tinsmith.engine.runner import ModelRunner
+    from tinsmith.types import DatumIn, LoraSpec
+
+    name = "synthetic/tiny-qwen3-moe"
+    folder = resolve_model_dir(name)
+    trainer, _ = local_backends(ModelRunner(folder, name), AutoTokenizer.from_pretrained(folder),
+                                LossRegistry.load(()))
+    trainer.create_run("moe", LoraSpec(rank=4, alpha=8, seed=1))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # non-zero B: the adapter changes the function
+        for w in trainer._run("moe")[0].weights.values():
+            w.B.copy_(torch.randn(w.B.shape, generator=gen) * 0.2)
+    rng = np.random.default_rng(0)
+    data = []
+    for n in (11, 7):
+        toks = rng.integers(0, 256, size=n + 1)
+        data.append(DatumIn(toks[:-1], {"target_tokens": toks[1:], "weights": np.ones(n, np.float32)}))
+    out = trainer.forward_backward_many([TrainWork("moe", data, "cross_entropy", {})],
+                                        forward_only=True)[0]
+    files = trainer.export_run("moe", name, include_optimizer=False)
+    merged_dir = write_merged_model(files, folder, tmp_path / "merged")
+    assert not (merged_dir / "synthetic.json").exists()  # a folder with weights now
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    base = ModelRunner(folder, name).model
+    for param in ("gate_up_proj", "down_proj"):  # the experts took their updates
+        key = f"model.layers.1.mlp.experts.{param}"
+        assert (merged.get_parameter(key) - base.get_parameter(key)).abs().amax(dim=(1, 2)).min() > 0
+    for d, o in zip(data, out.outputs):
+        ids = torch.as_tensor(d.tokens)[None]
+        t = torch.as_tensor(d.inputs["target_tokens"])[:, None]
+        with torch.no_grad():
+            got = torch.log_softmax(merged(input_ids=ids).logits[0].float(), -1).gather(-1, t)[:, 0]
+            before = torch.log_softmax(base(input_ids=ids).logits[0].float(), -1).gather(-1, t)[:, 0]
+        np.testing.assert_allclose(got.numpy(), o["logprobs"], atol=1e-4, rtol=0)
+        assert np.abs(o["logprobs"] - before.numpy()).max() > 1e-2, "the adapter changed nothing"

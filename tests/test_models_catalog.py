@@ -39,8 +39,9 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ----- synthetic models -------------------------------------------------------------------
 def test_every_synthetic_name_is_in_the_catalog() -> None:
     names = {s.name for s in known_models()}
-    for want in ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-0.5b", "qwen2.5-7b",
-                 "qwen3-0.6b", "qwen3-8b", "tiny-llama", "tiny-qwen2", "tiny-qwen3"]:
+    for want in ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b", "qwen2.5-0.5b",
+                 "qwen2.5-7b", "qwen3-0.6b", "qwen3-8b", "qwen3-30b-a3b", "qwen3-235b-a22b",
+                 "tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-qwen3-moe"]:
         assert synthetic.PREFIX + want in names
 
 
@@ -52,19 +53,20 @@ def test_synthetic_folder_offline(name: str, cache: Path) -> None:
     shape = synthetic.SHAPES[name.removeprefix(synthetic.PREFIX)]
     config = AutoConfig.from_pretrained(folder)
     assert config.model_type == shape.model_type
+    text_config = config.get_text_config()  # a vision-language config's language model
     for key, value in shape.config.items():
         if key not in ("rope_theta", "rope_scaling"):  # stored as rope_parameters
-            assert getattr(config, key) == value, key
-    assert config.rope_parameters["rope_theta"] == shape.config["rope_theta"]
+            assert getattr(text_config, key) == value, key
+    assert text_config.rope_parameters["rope_theta"] == shape.config["rope_theta"]
 
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok.encode(TEXT, add_special_tokens=False)
     assert len(ids) == len(TEXT.encode()) and tok.decode(ids) == TEXT  # one token per byte
-    assert len(tok) < config.vocab_size  # the model's vocabulary is the real, larger one
+    assert len(tok) < text_config.vocab_size  # the model's vocabulary is the real, larger one
     gen = GenerationConfig.from_pretrained(folder)
     stops = {tok.convert_ids_to_tokens(i) for i in gen.eos_token_id}
     assert tok.eos_token_id in gen.eos_token_id and stops <= set(tok.all_special_tokens)
-    assert config.bos_token_id == gen.bos_token_id
+    assert text_config.bos_token_id == gen.bos_token_id
     if shape.style == "llama3":
         assert tok.encode("hi")[0] == tok.bos_token_id == config.bos_token_id
 
@@ -87,7 +89,7 @@ def test_tiny_synthetic_model_is_built_seeded(name: str, cache: Path) -> None:
     a, b = ModelRunner(folder, name), ModelRunner(folder, name)
     wa, wb = a.model.state_dict(), b.model.state_dict()
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert a.model.config.vocab_size == 512 and not list(folder.glob("*.safetensors"))
+    assert a.vocab_size == 512 and not list(folder.glob("*.safetensors"))
 
 
 def test_synthetic_seed_changes_the_weights(tmp_path: Path) -> None:

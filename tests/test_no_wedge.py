@@ -109,7 +109,8 @@ def _image(c: Case) -> types.Datum:
 # Each raises a 4xx from the server; (how, what the error says).
 SERVER_REJECTIONS: dict[str, tuple[Callable[[Case], object], str]] = {
     "forward with an image chunk": (
-        lambda c: c.tc.forward([_image(c)], "cross_entropy"), "image inputs are not supported"),
+        lambda c: c.tc.forward([_image(c)], "cross_entropy"),
+        "image inputs are not supported by this model: it is text-only"),
     "forward with an unknown loss": (
         lambda c: c.tc.forward([c.datum], "no_such_loss"), "no_such_loss"),
     "forward_backward with bad weights": (

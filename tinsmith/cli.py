@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
-from tinsmith import cli_limits
+from tinsmith import cli_limits, cli_plan
 from tinsmith.config import DEFAULT_MODEL, Prices, ServerSettings
 from tinsmith.types import UserError
 
@@ -28,6 +28,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         pass_tokens=getattr(args, "pass_tokens", None),
         device=getattr(args, "device", "auto"),
         dtype=getattr(args, "dtype", "auto"),
+        devices=getattr(args, "devices", 1),
         exact_packing=getattr(args, "exact_packing", None),
         pack_linger_ms=getattr(args, "pack_linger_ms", None),
         max_resident_adapters=getattr(args, "max_resident_adapters", None),
@@ -322,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="base-model dtype (auto: bfloat16 on a GPU, float32 on a CPU); LoRA "
                         "factors and optimizer state stay float32")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="shard each served model's training over N devices with FSDP2: N GPUs "
+                        "(NCCL) with a CUDA device, else N CPU processes (gloo); 1 (default): "
+                        "one process, no sharding (docs/scale-out.md)")
     p.add_argument("--exact-packing", action=argparse.BooleanOptionalAction, default=None,
                    help="packed passes bitwise equal to each request alone (default: on a CPU "
                         "only; on a GPU the base GEMMs are shared, equal within float tolerance)")
@@ -378,6 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--data-dir", default=None, help="keep the demo's runs here (default: temporary)")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("plan", help="memory per device to train LoRA runs on a model, from "
+                       "its config alone (see docs/gpu.md, Planning memory)")
+    p.add_argument("--model", nargs="+", required=True, metavar="NAME",
+                   help="synthetic/..., a folder with config.json, or a name found locally")
+    p.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="FSDP2 full sharding over N devices (default 1)")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank (default %(default)s)")
+    p.add_argument("--runs", type=int, default=1, metavar="K",
+                   help="resident training runs (default %(default)s)")
+    p.add_argument("--pass-tokens", type=int, default=8192, metavar="T",
+                   help="tokens in one training pass, over all devices (default %(default)s)")
+    p.add_argument("--dtype", default="bfloat16", choices=cli_plan.DTYPE_NAMES,
+                   help="base-model dtype (default %(default)s)")
+    p.add_argument("--device-memory", type=cli_plan.parse_bytes, default=None, metavar="SIZE",
+                   help="one device's memory, e.g. 80GiB or 141GB (default: this machine's "
+                        "free GPU memory, else its free host memory)")
+    p.set_defaults(fn=cli_plan.cmd_plan)
 
     p = sub.add_parser("models", help="list the model catalog")
     p.set_defaults(fn=cmd_models)

@@ -68,12 +68,23 @@ class ServerSettings:
     """Datums per /forward_backward request the SDK may send (it splits bigger calls)."""
     max_sampler_adapters: int = 16
     """Sampler adapters kept in memory per base model (LRU)."""
+    sampler_kv_cache: str = "slab"
+    """How sampling decodes (docs/sampling.md): "slab", a preallocated KV cache that rows
+    join and leave without copying the others' cache, or "dynamic", the Hugging Face
+    DynamicCache batch (the old path, kept for comparison)."""
+    prefill_chunk_tokens: int = 512
+    """A sampling prompt longer than this is prefilled in chunks of this many tokens, one
+    chunk per decoding step of the rows in flight, so it does not stall them. 0: whole."""
     device: str = "auto"
     """Where base models run: "auto" (the first CUDA GPU when there is one, else the CPU),
     "cuda", "cuda:N" or "cpu" (engine/device.py)."""
     dtype: str = "auto"
     """The base model's dtype: "auto" (bfloat16 on a GPU, float32 on a CPU), "bfloat16",
     "float16" or "float32". LoRA factors and optimizer state are float32 whatever it is."""
+    devices: int = 1
+    """Devices each served model's training is sharded over (FSDP2, docs/scale-out.md): 1 is
+    the single-process engine; N > 1 spawns N rank processes, one per GPU (cuda:0..N-1, NCCL)
+    when `device` is a GPU, else N CPU processes (gloo). Sampling stays in the server process."""
     exact_packing: bool | None = None
     """Packed passes compute every request's products on its own block, bitwise equal to the
     request alone (slower on a GPU). None: on a CPU only, where it costs nothing measurable;
@@ -112,6 +123,11 @@ class ServerSettings:
     (413 at submission, or a "user" future error). None: unlimited."""
     max_body_bytes: int = 64 * 1024 * 1024
     """Largest HTTP request body accepted; bigger ones get 413 before being parsed."""
+    max_image_bytes: int = 16 * 1024 * 1024
+    """Largest encoded image (PNG or JPEG bytes) one image chunk may hold; over it, 400."""
+    max_image_pixels: int = 4096 * 4096
+    """Most pixels (width x height, read from the image header before decoding) of one image
+    chunk; over it, 400. The model's image processor then resizes within its own pixel range."""
     seq_gap_timeout_s: float | None = 10.0
     """A training run's requests waiting behind a seq_id the client never sent (e.g. after
     its own client-side validation error) are released, and that seq_id skipped, once the

@@ -68,6 +68,26 @@ class ProvenanceSpan:
     length: int
 
 
+# The id an image's placeholder positions hold in DatumIn.tokens / SampleSpec.prompt until the
+# engine (engine/vision.py) replaces them with the model's image token; never a real token.
+IMAGE_SLOT = -1
+
+
+@dataclass(frozen=True)
+class ImageIn:
+    """One image chunk of a model input, as the client sent it (bytes stay bytes here).
+
+    It sits at `tokens[at : at + length]`, which hold IMAGE_SLOT: `length` is the chunk's
+    `expected_tokens` (what the SDK's `ModelInput.length` counts), 0 when the client gave
+    none. The engine decodes it and checks how many tokens it really becomes."""
+
+    data: bytes
+    format: str  # as sent: "png" or "jpeg" are accepted
+    at: int
+    length: int
+    expected_tokens: int | None = None
+
+
 @dataclass(frozen=True)
 class DatumIn:
     """One training example: model-input tokens [N] and its loss inputs (dense arrays).
@@ -77,9 +97,10 @@ class DatumIn:
     loss_fn_input_spans) tile the N loss positions, in order, when the client sent them.
     """
 
-    tokens: np.ndarray  # int64 [N]
+    tokens: np.ndarray  # int64 [N]; IMAGE_SLOT at the positions of `images`
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
     spans: tuple[ProvenanceSpan, ...] = ()
+    images: tuple[ImageIn, ...] = ()  # in order of position
 
 
 OptimizerType = Literal["adamw", "dimuon"]
@@ -161,7 +182,7 @@ class SampleSpec:
     """One sampling request, decoded. `stop_tokens` is empty and `stop_strings` empty means
     no stop at all; the api layer turns the SDK's "stop omitted" into the model's EOS ids."""
 
-    prompt: np.ndarray  # int64 [P]
+    prompt: np.ndarray  # int64 [P]; IMAGE_SLOT at the positions of `images`
     num_samples: int = 1
     max_tokens: int = 16
     temperature: float = 1.0
@@ -181,6 +202,7 @@ class SampleSpec:
     target_shape: tuple[int, ...] = ()  # the dense shape [R, K]
     target_csr: tuple[np.ndarray, np.ndarray] | None = None
     prompt_alt_tokens_k: int = 0  # draws at every prompt position after the first; 0 = off
+    images: tuple[ImageIn, ...] = ()  # image chunks of the prompt, in order of position
 
 
 @dataclass

@@ -17,7 +17,16 @@ from tinker.proto import tinker_public_pb2 as pb
 from tinker.types import ModelInput, SamplingParams
 from tinker.types._pydantic_types.tensor_data import TensorData as TensorDataModel
 
-from tinsmith.types import DatumIn, FwdBwdOut, ProvenanceSpan, SampleOut, SampleSpec, UserError
+from tinsmith.types import (
+    IMAGE_SLOT,
+    DatumIn,
+    FwdBwdOut,
+    ImageIn,
+    ProvenanceSpan,
+    SampleOut,
+    SampleSpec,
+    UserError,
+)
 
 _NP_DTYPE = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
 _STOP = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
@@ -60,14 +69,44 @@ def _tensor(msg: pb.Tensor, where: str) -> np.ndarray:
     return arr.astype(np.int64 if dtype != np.float32 else np.float32)
 
 
-def _chunks_to_tokens(chunks: Sequence[pb.Chunk], where: str) -> np.ndarray:
-    parts = []
+def _image(data: bytes, fmt: str, expected: int | None, at: int, where: str) -> ImageIn:
+    """An image chunk at token position `at`; it takes `expected` placeholder positions (what
+    the SDK's ModelInput.length counts), 0 when none was given. Decoding is the engine's."""
+    if expected is not None and expected < 0:
+        raise UserError(f"{where}: image expected_tokens must be >= 0, got {expected}")
+    return ImageIn(data=bytes(data), format=str(fmt), at=at, length=expected or 0,
+                   expected_tokens=expected)
+
+
+def _not_supported(kind: str, where: str) -> UserError:
+    if kind == "image_asset_pointer":
+        return UserError(f"{where}: image_asset_pointer chunks are not supported: this server "
+                         "fetches nothing; send the image's bytes as an ImageChunk")
+    return UserError(f"{where}: {kind} inputs are not supported by this server")
+
+
+def _chunks_to_tokens(chunks: Sequence[pb.Chunk], where: str) -> tuple[np.ndarray, tuple[ImageIn, ...]]:
+    """Token ids [N] (IMAGE_SLOT where an image sits) and the image chunks, in order."""
+    parts: list[np.ndarray] = []
+    images: list[ImageIn] = []
+    at = 0
     for c in chunks:
         which = c.WhichOneof("chunk")
-        if which != "encoded_text":
-            raise UserError(f"{where}: {which} inputs are not supported by text-only models")
-        parts.append(np.frombuffer(c.encoded_text.tokens, dtype=np.int32))
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+        if which == "encoded_text":
+            parts.append(np.frombuffer(c.encoded_text.tokens, dtype=np.int32))
+        elif which == "image":
+            im = c.image
+            if im.HasField("override_dimensions"):
+                raise UserError(f"{where}: image override_dimensions is not supported")
+            image = _image(im.data, im.format, im.expected_tokens if im.HasField("expected_tokens")
+                           else None, at, where)
+            images.append(image)
+            parts.append(np.full(image.length, IMAGE_SLOT, dtype=np.int32))
+        else:
+            raise _not_supported(str(which), where)
+        at += len(parts[-1])
+    tokens = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    return tokens, tuple(images)
 
 
 def _span(msg: pb.ProvenanceSpan, where: str) -> ProvenanceSpan:
@@ -92,7 +131,8 @@ def decode_forward_backward(body: bytes) -> FwdBwdRequest:
         where = f"datum {i}"
         inputs = {k: _tensor(t, f"{where}.{k}") for k, t in d.loss_fn_inputs.items()}
         spans = tuple(_span(sp, f"{where}.loss_fn_input_spans") for sp in d.loss_fn_input_spans)
-        data.append(DatumIn(tokens=_chunks_to_tokens(d.model_input, where), inputs=inputs, spans=spans))
+        tokens, images = _chunks_to_tokens(d.model_input, where)
+        data.append(DatumIn(tokens=tokens, inputs=inputs, spans=spans, images=images))
     config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for k, v in msg.loss_fn_config_v2.items():  # v2 wins: it also carries strings
         config[k] = v.text if v.WhichOneof("value") == "text" else float(v.number)
@@ -226,13 +266,21 @@ def encode_sample(out: SampleOut) -> bytes:
     return msg.SerializeToString()
 
 
-def model_input_tokens(mi: ModelInput, where: str = "prompt") -> np.ndarray:
+def model_input_tokens(mi: ModelInput, where: str = "prompt") -> tuple[np.ndarray, tuple[ImageIn, ...]]:
+    """A JSON ModelInput as token ids [P] (IMAGE_SLOT where an image sits) and its images."""
     tokens: list[int] = []
+    images: list[ImageIn] = []
     for c in mi.chunks:
-        if getattr(c, "type", None) != "encoded_text":
-            raise UserError(f"{where}: {getattr(c, 'type', '?')} inputs are not supported by text-only models")
-        tokens.extend(c.tokens)
-    return np.asarray(tokens, dtype=np.int64)
+        kind = getattr(c, "type", None)
+        if kind == "encoded_text":
+            tokens.extend(c.tokens)
+        elif kind == "image":
+            image = _image(c.data, c.format, c.expected_tokens, len(tokens), where)
+            images.append(image)
+            tokens.extend([IMAGE_SLOT] * image.length)
+        else:
+            raise _not_supported(str(kind), where)
+    return np.asarray(tokens, dtype=np.int64), tuple(images)
 
 
 def _int64s(values: Sequence[int] | Sequence[float], where: str) -> np.ndarray:
@@ -289,7 +337,7 @@ def sample_spec(
         stop_strings = tuple(str(s) for s in stop)
     else:
         raise UserError("sampling_params.stop must be a string, a list of strings or a list of token ids")
-    tokens = model_input_tokens(prompt)
+    tokens, images = model_input_tokens(prompt)
     target_ids, target_shape, target_csr = decode_target(target_prompt_logprobs)
     if prompt_logprobs_last_n is not None and not 1 <= prompt_logprobs_last_n <= max(len(tokens) - 1, 1):
         raise UserError(
@@ -313,4 +361,5 @@ def sample_spec(
         target_ids=target_ids,
         target_shape=target_shape,
         target_csr=target_csr,
+        images=images,
     )

@@ -10,9 +10,12 @@ attention function, registered with transformers under `NAME` and used by the ru
 runs SDPA once per request group (lora.RowGroup) on the [rows, heads, width, dim] block the
 request has alone; positions past a group's width (padding) get zeros.
 
+A decoding step over the preallocated KV slab (engine/kv_cache.py) attends through the slab's
+route instead: its queries are batch rows, its keys and values slab rows (see kv_cache).
+
 Everything else goes to transformers' own SDPA function unchanged: single-request passes,
-sampling prefills, decoding steps (which bring their own 4-D mask), so those stay bitwise what
-they were. Shapes: query/key/value [B, heads, T, D]; output [B, T, heads, D] as HF expects.
+sampling prefills, legacy decoding steps (which bring their own 4-D mask), so those stay
+bitwise what they were. Shapes: query/key/value [B, heads, T, D]; output [B, T, heads, D] as HF expects.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from tinsmith.engine.kv_cache import slab_route
 from tinsmith.engine.lora import LoraContext, pad_positions
 
 NAME = "tinsmith_grouped_sdpa"
@@ -30,6 +34,9 @@ def _attention(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    route = slab_route(module)
+    if route is not None:
+        return route.attend(module, query, key, value, kwargs.get("scaling"))
     ctx: LoraContext | None = getattr(module, _CTX, None)
     T = query.shape[2]
     if ctx is None or not ctx.separate or attention_mask is not None or key.shape[2] != T:

@@ -15,6 +15,10 @@ token; a pass of 1024-2048 tokens measures about 1455 KiB a token, a small pass 
 carries a fixed ~100 MiB (`bench/pass_memory.py` prints both). A request bigger than the
 budget is split into micro-batches by `micro_batches`; packing never puts more than the
 budget in one pass.
+
+The memory planner (engine/plan.py, `tinsmith plan`) counts a pass's activations tensor by
+tensor instead (`saved_bytes_per_token`, in the model's dtype), and a run's resident state
+with `adapter_bytes`, the same figure the resident-runs budget uses.
 """
 
 from __future__ import annotations
@@ -41,10 +45,62 @@ def activation_bytes_per_token(config, *, chunked_vocab: bool = False) -> int:
     per-token one (a pass on a GPU; on a CPU a pass of the capped size is one chunk)."""
     text = getattr(config, "text_config", None) or config
     hidden = int(text.hidden_size)
-    inter = int(getattr(text, "intermediate_size", 4 * hidden))
     layers = int(text.num_hidden_layers)
     vocab = 0 if chunked_vocab else int(text.vocab_size)
-    return 4 * (3 * vocab + layers * (6 * hidden + 3 * inter))
+    return 4 * (3 * vocab + layers * (6 * hidden + 3 * mlp_width(text)))
+
+
+# Model types whose attention normalises q and k per head (q_norm, k_norm): those keep q, k.
+_QK_NORM = {"qwen3", "qwen3_moe", "qwen3_vl_text", "olmo2", "olmo3", "gemma3_text"}
+
+
+def saved_bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:
+    """One token's activations saved for the backward of a training pass, counted tensor by
+    tensor, the unembedding left out (its chunk is a fixed cost: engine/plan.py). Bytes.
+
+    Per decoder layer, in `dtype` but for the norms' float32 inputs:
+    - each of the two RMSNorms keeps its input in float32 and its output (the LoRA input);
+    - attention keeps v, rotated q and k, its output and o_proj's input (3 x hidden + 2 x kv
+      width); with per-head q/k norms (Qwen3) also q and k before them;
+    - a dense MLP keeps gate, up, the activation and the product (4 x intermediate); a MoE
+      layer the same for each of its k experts, plus three hidden-sized vectors for each
+      (token, expert) pair (its sorted input and outputs in moe_kernels.py, counted with
+      saved-tensor hooks) and the router's probabilities.
+    After the last layer: the final norm and the positions gathered for the unembedding.
+    Checked against the CPU allocator's peak in tests/test_plan.py. `activation_bytes_per_
+    token` stays the pass budget's estimate (calibrated on an H200, see its docstring).
+    """
+    text = getattr(config, "text_config", None) or config
+    e = torch.empty((), dtype=dtype).element_size()
+    hidden = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    kv = int(getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    q = heads * head_dim
+    norm = 4 * hidden + e * hidden  # float32 input, output in dtype
+    attn = e * (3 * q + 2 * kv)
+    if str(text.model_type) in _QK_NORM:
+        attn += 4 * (q + kv)  # q and k before their norms, in float32
+    experts = int(getattr(text, "num_experts", 0) or getattr(text, "num_local_experts", 0) or 0)
+    k = int(getattr(text, "num_experts_per_tok", 0) or 0)
+    mlp = e * 4 * mlp_width(text)
+    if experts and k:
+        mlp += e * 3 * k * hidden + 4 * 2 * experts
+    layers = int(text.num_hidden_layers)
+    return layers * (2 * norm + attn + mlp) + norm + e * hidden
+
+
+def mlp_width(config) -> int:
+    """The MLP width one token passes through: `intermediate_size`, or in a mixture of
+    experts its k experts' widths (Qwen3-MoE: `moe_intermediate_size` each; Mixtral, whose
+    experts are `num_local_experts`: `intermediate_size` each)."""
+    width = int(getattr(config, "intermediate_size", 4 * int(config.hidden_size)))
+    k = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    if k and getattr(config, "num_experts", None) and getattr(config, "moe_intermediate_size", None):
+        return k * int(config.moe_intermediate_size)
+    if k and getattr(config, "num_local_experts", None):
+        return k * width
+    return width
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -107,5 +163,11 @@ def resident_runs_budget(layer_shapes: Sequence[tuple[int, int]], free_bytes: in
     """Training runs kept in memory: a rank-`rank` adapter on every (in, out) layer costs
     its factors four times over (weights, gradients, two AdamW moments), float32; runs
     beyond this many are spilled to disk when idle (engine/pool.py). At least 2."""
-    per_run = 4 * 4 * rank * sum(i + o for i, o in layer_shapes)
-    return max(2, int(fraction * free_bytes // per_run))
+    return max(2, int(fraction * free_bytes // adapter_bytes(layer_shapes, rank)))
+
+
+def adapter_bytes(layer_shapes: Sequence[tuple[int, int]], rank: int) -> int:
+    """Bytes one resident training run holds: a rank-`rank` pair A [r, in], B [out, r] on
+    every (in, out) of `layer_shapes`, four times over (factors, gradients, AdamW's two
+    moments), all float32; AdamW's per-factor step counters (4 bytes each) left out."""
+    return 4 * 4 * rank * sum(i + o for i, o in layer_shapes)

@@ -4,8 +4,11 @@
   `adapter_config.json` and `adapter_model.safetensors` (Tinsmith's own files left out).
   This is also what `save_weights_external` stores.
 - Merged model: the base model's Hugging Face folder loaded with transformers in float32
-  (as the server computes), `W += (alpha / rank) * B @ A` for every adapted Linear, saved
-  with `save_pretrained` next to the base folder's tokenizer files, so
+  (as the server computes; a synthetic folder's seeded weights built as the runner builds
+  them), `W += (alpha / rank) * B @ A` for every adapted Linear, and for a fused MoE expert
+  weight [E, out, in] `W[e] += (alpha / rank) * B_e @ A_e` for every expert e (the factors
+  in PEFT's target_parameters layout, engine/moe_checkpoint.py), saved with
+  `save_pretrained` next to the base folder's tokenizer files, so
   `AutoModelForCausalLM.from_pretrained(folder)` needs neither peft nor Tinsmith. An
   adapted `lm_head` tied to the input embeddings is untied first: the update belongs to
   the unembedding only.
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,10 +31,12 @@ from tinsmith.engine.checkpoint import (
     read_lora_spec,
     split_peft_key,
 )
+from tinsmith.engine.moe_checkpoint import configured_paths, from_peft, is_expert_path, peft_paths
 
 PEFT_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_NOT_COPIED = {"config.json", "generation_config.json", "model.safetensors.index.json", "READY"}
+_NOT_COPIED = {"config.json", "generation_config.json", "model.safetensors.index.json", "READY",
+               "synthetic.json"}  # the merged folder has weights: not a synthetic one
 
 
 def peft_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
@@ -51,9 +57,17 @@ def write_peft_folder(files: Mapping[str, bytes], out_dir: Path) -> list[Path]:
     return written
 
 
-def lora_deltas(files: Mapping[str, bytes]) -> dict[str, torch.Tensor]:
-    """{module path: (alpha / rank) * B @ A} of every adapted layer, in float32."""
+def lora_deltas(files: Mapping[str, bytes],
+                experts: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """{path: delta} of every adapted layer, in float32: a Linear's module path and
+    (alpha / rank) * B @ A; a fused expert weight's parameter path (a key of `experts`,
+    which maps it to its number of experts E) and the [E, out, in] per-expert deltas."""
     spec = read_lora_spec(files)
+    config = json.loads(peft_files(files)[CONFIG_FILE])
+    # PEFT's name of each expert parameter's factors -> (parameter path, E).
+    experts = experts or {}
+    named = peft_paths(configured_paths(list(experts), config))
+    wrapped = {peft: (path, experts[path]) for path, peft in named.items() if peft != path}
     tensors = safetensors.torch.load(peft_files(files)[WEIGHTS_FILE])
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -67,15 +81,36 @@ def lora_deltas(files: Mapping[str, bytes]) -> dict[str, torch.Tensor]:
     for path, f in factors.items():
         if set(f) != {"A", "B"}:
             raise ValueError(f"{WEIGHTS_FILE}: {path} lacks lora_A or lora_B")
-        out[path] = scale * (f["B"] @ f["A"])
+        if path in wrapped:
+            param, E = wrapped[path]
+            a, b = from_peft(f["A"], "A", E), from_peft(f["B"], "B", E)  # [E, r, in], [E, out, r]
+            out[param] = scale * torch.bmm(b, a)
+        else:
+            out[path] = scale * (f["B"] @ f["A"])
     return out
+
+
+def expert_params(model: torch.nn.Module) -> dict[str, int]:
+    """{path: E} of `model`'s fused 3-D expert weights that LoRA may adapt (Qwen3-MoE,
+    Mixtral in transformers 5: `<block>.experts.gate_up_proj`, `.down_proj`)."""
+    return {name: int(p.shape[0]) for name, p in model.named_parameters()
+            if p.dim() == 3 and is_expert_path(name)}
 
 
 def merge_lora(model: torch.nn.Module, files: Mapping[str, bytes]) -> int:
     """Add the checkpoint's LoRA updates into `model`'s weights; returns the layers merged."""
     head = model.get_output_embeddings()
-    deltas = lora_deltas(files)
+    experts = expert_params(model)
+    deltas = lora_deltas(files, experts)
     for path, delta in deltas.items():
+        if path in experts:
+            weight = model.get_parameter(path)
+            if weight.shape != delta.shape:
+                raise ValueError(f"expert weight {path!r} is {tuple(weight.shape)}, its LoRA "
+                                 f"update {tuple(delta.shape)}")
+            with torch.no_grad():
+                weight += delta.to(weight.dtype)
+            continue
         try:
             module = model.get_submodule(path)
         except AttributeError as e:
@@ -93,9 +128,18 @@ def merge_lora(model: torch.nn.Module, files: Mapping[str, bytes]) -> int:
 
 def write_merged_model(files: Mapping[str, bytes], base_dir: Path, out_dir: Path) -> Path:
     """A Hugging Face model folder: the base in `base_dir` with the checkpoint merged in."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    from tinsmith.engine.device import Placement
+    from tinsmith.models.synthetic import is_synthetic
+
+    if is_synthetic(base_dir):  # no weight files: the seeded weights the server computes with
+        from tinsmith.engine.runner import _load_model
+
+        model = _load_model(base_dir, AutoConfig.from_pretrained(base_dir),
+                            Placement(torch.device("cpu"), torch.float32))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     merge_lora(model, files)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

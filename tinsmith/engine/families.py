@@ -104,6 +104,13 @@ FAMILIES: dict[str, Family] = {
     "mixtral": MIXTRAL,  # Mixtral-8x7B, 8x22B
 }
 
+# Vision-language types -> the family of their language model. LoRA adapts the language model
+# (`model.language_model.layers.N...`) and lm_head; the vision tower's linears (attn.qkv/proj,
+# mlp and merger linear_fc1/fc2) have other leaf names and stay frozen (engine/vision.py).
+VISION_LANGUAGE: dict[str, str] = {
+    "qwen3_vl": "qwen3",  # Qwen3-VL-2B/4B/8B/32B (dense)
+}
+
 # Types that are known and deliberately refused, with the reason the error gives.
 UNSUPPORTED: dict[str, str] = {
     "gemma2": "its logits are soft-capped (final_logit_softcapping) and it needs eager attention",
@@ -144,6 +151,7 @@ def family_for(model_type: str, linear_leaves: Iterable[str] | None = None) -> F
     type whose modules include every leaf of the Llama layout gets that layout (the fallback).
     """
     key = model_type.lower()
+    key = VISION_LANGUAGE.get(key, key)
     if key in FAMILIES:
         return FAMILIES[key]
     if key in UNSUPPORTED:

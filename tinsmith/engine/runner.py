@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from tinsmith.engine import attention
 from tinsmith.engine.adapter import Adapter
@@ -37,7 +38,8 @@ from tinsmith.engine.families import FAMILIES
 from tinsmith.engine.lora import LoraContext, MultiLoraLinear, RowGroup, inject_lora
 from tinsmith.engine.moe import ExpertLora, inject_moe, moe_blocks
 from tinsmith.engine.moe_routing import RoutingStats
-from tinsmith.types import DatumIn
+from tinsmith.engine.vision import Prepared, Vision, is_vision_config
+from tinsmith.types import DatumIn, SampleSpec
 
 # Float32 logits one chunk of the unembedding may hold: [k, V] is never built whole for a big
 # pass (16k positions x 128k vocabulary would be 8 GiB per copy), and under autograd each
@@ -51,16 +53,16 @@ def _load_model(model_dir: Path, config, placement: Placement) -> torch.nn.Modul
     (tinsmith/models/synthetic.py: config and tokenizer, no weights) gets seeded random
     weights of the config's shapes, made directly on the device (seconds, even for 8B)."""
     marker = model_dir / SYNTHETIC_MARKER
+    # A vision-language model (Qwen3-VL) loads whole: vision tower, language model, lm_head.
+    auto = AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
     if marker.is_file() and not any(model_dir.glob("*.safetensors")):
         seed = int(json.loads(marker.read_text()).get("seed", 0))
         torch.manual_seed(seed)
         if placement.device.type == "cuda":
             torch.cuda.manual_seed(seed)
         with torch.device(placement.device):
-            return AutoModelForCausalLM.from_config(config, dtype=placement.dtype,
-                                                    attn_implementation="sdpa")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype,
-                                                 attn_implementation="sdpa")
+            return auto.from_config(config, dtype=placement.dtype, attn_implementation="sdpa")
+    model = auto.from_pretrained(model_dir, dtype=placement.dtype, attn_implementation="sdpa")
     return model.to(placement.device)
 
 
@@ -89,6 +91,17 @@ class ModelRunner:
             self.layers.update(inject_moe(self.model, self.ctx, family.experts))
         self.moe_blocks = moe_blocks(self.model)  # empty for a dense model
         attention.install(self.model, self.ctx)
+        # Vision-language: images are decoded by vision.py; the vision tower is frozen (no
+        # LoRA) and attends over its own patch sequences, never in the runner's row groups.
+        self.vision = Vision(self.model_dir, self.config) if is_vision_config(self.config) else None
+        if self.vision is not None:
+            for module in self.model.model.visual.modules():
+                if hasattr(module, attention._CTX):
+                    delattr(module, attention._CTX)
+        self._rope_offsets: torch.Tensor | None = None  # see rope_offsets()
+        if self.vision is not None:
+            self.model.model.language_model.register_forward_pre_hook(self._offset_positions,
+                                                                      with_kwargs=True)
         self._slots: dict[int, Adapter] = {}
         self._slot_ids = itertools.count(1)
         # Positions whose float32 logits one chunk of the unembedding may hold (LOGIT_CHUNK_BYTES).
@@ -118,11 +131,11 @@ class ModelRunner:
     # ----- model facts ----------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
-        return int(self.config.vocab_size)
+        return int(self.config.get_text_config().vocab_size)  # a VL config's text model's
 
     @property
     def max_context(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", 2048))
+        return int(getattr(self.config.get_text_config(), "max_position_embeddings", 2048))
 
     @property
     def arch(self) -> str:
@@ -170,6 +183,59 @@ class ModelRunner:
         for i, (_, t) in enumerate(slot_rows):
             ids[i, : t.shape[0]] = t
         return ids.to(self.device, non_blocking=True)
+
+    def _model_rows(
+        self, rows: Sequence[tuple[int | None, DatumIn]]
+    ) -> tuple[list[tuple[int | None, torch.Tensor]], list[Prepared]]:
+        """Each row's model token ids (images expanded into image tokens, vision.py) and the
+        pass's prepared images in row-major order, as the model consumes them."""
+        out: list[tuple[int | None, torch.Tensor]] = []
+        images: list[Prepared] = []
+        for i, (slot, d) in enumerate(rows):
+            if d.images:
+                assert self.vision is not None, "image inputs reached a text-only model"
+                ids, prepared = self.vision.expand(d.tokens, d.images, f"datum {i}")
+                images += prepared
+            else:
+                ids = d.tokens
+            out.append((slot, torch.as_tensor(ids, dtype=torch.long)))
+        return out, images
+
+    # ----- vision-language sampling ---------------------------------------------------
+    def prompt_ids(self, spec: SampleSpec) -> torch.Tensor:
+        """A sampling prompt's model token ids [P] (images expanded; vision.py), on the host."""
+        if not spec.images:
+            return torch.as_tensor(np.asarray(spec.prompt), dtype=torch.long).reshape(-1)
+        assert self.vision is not None, "image inputs reached a text-only model"
+        return torch.as_tensor(self.vision.expand(spec.prompt, spec.images, "prompt")[0])
+
+    def prefill_inputs(self, spec: SampleSpec, ids: torch.Tensor) -> tuple[dict[str, object], int]:
+        """Extra keyword arguments of a whole-prompt prefill of ids [1, P] (pixel features and
+        multimodal RoPE positions; none for a text prompt), and the prompt's RoPE delta: its
+        decoding steps sit at position (cache length + delta), see rope_offsets()."""
+        if not spec.images or self.vision is None:
+            return {}, 0
+        _, prepared = self.vision.expand(spec.prompt, spec.images, "prompt")
+        extra, deltas = self.vision.model_inputs(self.model, ids, prepared)
+        return extra, int(deltas[0])
+
+    @contextmanager
+    def rope_offsets(self, offsets: torch.Tensor | None) -> Iterator[None]:
+        """Within: a decoding step's 2-D position ids [B, 1] are shifted by offsets [B] (each
+        row's prompt RoPE delta) and given as multimodal RoPE's [3, B, 1], as HF's generate
+        does with rope_deltas (kept off the shared model here). None: unchanged."""
+        previous, self._rope_offsets = self._rope_offsets, offsets
+        try:
+            yield
+        finally:
+            self._rope_offsets = previous
+
+    def _offset_positions(self, _module, args, kwargs):
+        pos, offsets = kwargs.get("position_ids"), self._rope_offsets
+        if offsets is None or pos is None or pos.dim() != 2 or pos.shape[0] != offsets.shape[0]:
+            return None
+        shifted = pos + offsets.to(pos.device)[:, None]  # [B, T]
+        return args, {**kwargs, "position_ids": shifted[None].expand(3, -1, -1)}
 
     def logits(self, slot_rows: Sequence[tuple[int | None, torch.Tensor]]) -> torch.Tensor:
         """Logits [B, T, V] for right-padded token rows, each row under its slot: the plain
@@ -243,7 +309,7 @@ class ModelRunner:
         """
         part = (lambda i: parts[i]) if parts is not None else (lambda i: 0)
         order = sorted(range(len(rows)), key=lambda i: (rows[i][0] is None, rows[i][0] or 0, part(i)))
-        slot_rows = [(rows[i][0], torch.as_tensor(rows[i][1].tokens, dtype=torch.long)) for i in order]
+        slot_rows, images = self._model_rows([(rows[i][0], rows[i][1]) for i in order])
         targets = [torch.as_tensor(rows[i][1].inputs["target_tokens"], dtype=torch.long) for i in order]
         lengths = torch.tensor([t.shape[0] for t in targets])
         batch, width = len(rows), int(lengths.max())
@@ -272,8 +338,10 @@ class ModelRunner:
             self.ctx.routing = routing
         with torch.set_grad_enabled(grad):
             try:
+                ids = self._pad(slot_rows)
+                extra = self.vision.model_inputs(self.model, ids, images)[0] if images else {}
                 with self.ctx.rows(groups, separate=separate):
-                    hidden = self.model.model(input_ids=self._pad(slot_rows), use_cache=False).last_hidden_state
+                    hidden = self.model.model(input_ids=ids, use_cache=False, **extra).last_hidden_state
             finally:
                 self.ctx.routing = None
             lp_all = torch.zeros(batch, width, k_max, dtype=torch.float32, device=dev)  # [B, T, K]

@@ -3,9 +3,14 @@ together, one token per row per step.
 
 A request is admitted with its own prefill (batch 1, which also yields every prompt-wide
 output; see prompt_scoring) and its first token, drawn for all `num_samples` rows from the
-prefill's last logits. Its surviving rows then join the shared `DecodeBatch` (engine/decode.py)
-and advance one token per `step()` together with every other live row, under their own
-adapter slots. Rows that stop leave the batch at once, and a request whose rows have all
+prefill's last logits. Its surviving rows then join the shared batch and advance one token
+per `step()` together with every other live row, under their own adapter slots. The batch is
+a `SlabBatch` (engine/slab_batch.py: a preallocated KV cache, each sample row getting a copy
+of the one prefill's KV) unless `kv_cache="dynamic"` asks for the `DecodeBatch` of
+engine/decode.py (Hugging Face DynamicCache rows, concatenated every step), which models
+with sliding-window layers always use, one request at a time. A prompt longer than
+`prefill_chunk` tokens is prefilled one chunk per `step()`, interleaved with the decoding
+steps of the rows in flight, and joins the batch after its last chunk (docs/sampling.md). Rows that stop leave the batch at once, and a request whose rows have all
 stopped completes through its `on_done` callback, so nobody waits for the longest sequence.
 `sample()` is the synchronous form: admit one request and step until it is done.
 
@@ -21,8 +26,8 @@ Semantics follow the hosted Tinker service:
 - `topk_sample_logprobs=k` adds, for every sampled token, the k most likely tokens of that
   step's raw distribution. Prompt-wide outputs (prompt logprobs, top-k, target ids and
   alternative tokens) come from the prefill; see prompt_scoring.
-Batched with others, a request's logits differ from decoding alone by float rounding only
-(decode.py). Tokens are drawn by the exponential race (draw.race), which such rounding can
+Batched with others, or prefilled in chunks, a request's logits differ from decoding alone
+in one piece by float rounding only (decode.py, slab_batch.py). Tokens are drawn by the exponential race (draw.race), which such rounding can
 only flip where the two best candidates are that close, so a seeded request returns the same
 tokens alone or batched except on such near-ties (after one, the rest of that sequence
 differs); bench/multi_tenant.py counts the sequences that differ.
@@ -43,8 +48,12 @@ from tinsmith.engine.decode import DecodeBatch, mergeable
 from tinsmith.engine.draw import race
 from tinsmith.engine.prompt_scoring import first_position, score_prompt
 from tinsmith.engine.runner import ModelRunner
+from tinsmith.engine.slab_batch import SlabBatch
 from tinsmith.engine.validation import check_sample
 from tinsmith.types import SampledSeq, SampleOut, SampleSpec, StopReason
+
+# Sampler.kv_cache: the preallocated slab (kv_cache.py), or the DynamicCache batch (decode.py).
+KV_CACHES = ("slab", "dynamic")
 
 # Candidate counts tried before a full sort when only top-p is on (see Sampler._pick).
 _NUCLEUS_GUESSES = (1024, 8192)
@@ -86,6 +95,20 @@ class _StopStringWatcher:
         self.prefix, self.read = self.read, len(self.ids)
         window = tail + new
         return any(s in window for s in self.stops)
+
+
+class _Prefill:
+    """A request being prefilled (in chunks when its prompt is long): its private cache and
+    the fp32 logits [keep, V] of each chunk from the first position its outputs need."""
+
+    def __init__(self, slot: int | None, spec: SampleSpec, on_done: OnDone, prompt: torch.Tensor,
+                 gen: torch.Generator, cache: DynamicCache) -> None:
+        self.slot, self.spec, self.on_done, self.prompt, self.gen = slot, spec, on_done, prompt, gen
+        self.cache = cache  # [1, Hkv, done, D] per layer
+        self.n_prompt = int(prompt.shape[0])
+        self.start = first_position(spec, self.n_prompt)
+        self.done = 0  # prompt tokens prefilled so far
+        self.logits: list[torch.Tensor] = []
 
 
 class _Request:
@@ -156,20 +179,29 @@ class Sampler:
     Single-threaded: admit(), step() and sample() are called from the model's worker thread.
     """
 
-    def __init__(self, runner: ModelRunner, tokenizer) -> None:
+    def __init__(
+        self, runner: ModelRunner, tokenizer, *, kv_cache: str = "slab", prefill_chunk: int = 512,
+    ) -> None:
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, not {kv_cache!r}")
         self.runner = runner
         self.tokenizer = tokenizer
-        self.batch = DecodeBatch(runner)
+        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill pass; <= 0: whole prompts
         self._live: list[_Request] = []  # in batch-row order: rows of one slot adjacent
         # Models whose cache rows cannot be merged (sliding-window layers) decode one request
         # at a time; the others wait here, not yet prefilled.
         self._shared = mergeable(DynamicCache(config=runner.config))
+        # The preallocated slab (kv_cache.py) unless asked for the DynamicCache batch, which
+        # the one-request-at-a-time models keep.
+        slab = kv_cache == "slab" and self._shared
+        self.batch: DecodeBatch | SlabBatch = SlabBatch(runner) if slab else DecodeBatch(runner)
         self._waiting: deque[tuple[int | None, SampleSpec, OnDone]] = deque()
+        self._prefilling: deque[_Prefill] = deque()  # long prompts, one chunk per step()
 
     @property
     def pending(self) -> bool:
         """True while some admitted request is still decoding (step() has work)."""
-        return bool(self._live or self._waiting)
+        return bool(self._live or self._waiting or self._prefilling)
 
     @property
     def live_rows(self) -> int:
@@ -178,8 +210,8 @@ class Sampler:
     # ----- validation -----------------------------------------------------------------
     def _check(self, spec: SampleSpec) -> torch.Tensor:
         """The prompt as a tensor, after the same checks the scheduler runs at submission."""
-        check_sample(spec, self.runner.vocab_size, self.runner.max_context)
-        return torch.as_tensor(np.asarray(spec.prompt), dtype=torch.long).reshape(-1)
+        check_sample(spec, self.runner.vocab_size, self.runner.max_context, self.runner.vision)
+        return self.runner.prompt_ids(spec)  # images expanded into image tokens (vision.py)
 
     # ----- one decoding step ----------------------------------------------------------
     @classmethod
@@ -227,58 +259,113 @@ class Sampler:
     # ----- requests -------------------------------------------------------------------
     def admit(self, slot: int | None, spec: SampleSpec, on_done: OnDone) -> None:
         """Prefill a request and draw its first token. It completes here (on_done called) when
-        every sample stopped at once; otherwise its live rows join the batch. A bad request
+        every sample stopped at once; otherwise its live rows join the batch. A prompt longer
+        than `prefill_chunk` is prefilled one chunk here and one per later `step()`, between
+        the batch's decoding steps, and joins when its last chunk is done. A bad request
         raises here and leaves the batch as it was."""
-        if not self._shared and self._live:
+        if not self._shared and (self._live or self._prefilling):
             self._waiting.append((slot, spec, on_done))
             return
         prompt = self._check(spec)
-        n_prompt = int(prompt.shape[0])
         gen = torch.Generator()
         if spec.seed is not None:
             gen.manual_seed(int(spec.seed))
         else:
             gen.seed()  # fresh non-deterministic seed
-        # Prefill needs logits only at the last position, unless a prompt-wide output is
-        # asked for: then from the first position it needs (position i-1 scores prompt[i]).
-        start = first_position(spec, n_prompt)
+        job = _Prefill(slot, spec, on_done, prompt, gen, DynamicCache(config=self.runner.config))
         with torch.inference_mode():
-            cache = DynamicCache(config=self.runner.config)
-            with self.runner.ctx.rows([(slot, 1)]):
-                out = self.runner.model(
-                    input_ids=prompt[None].to(self.runner.device), past_key_values=cache,
-                    use_cache=True, logits_to_keep=n_prompt - start,
-                )
+            self._prefill_chunk(job)
+            if job.done < job.n_prompt:
+                self._prefilling.append(job)
+                return
+            self._join(job)
+
+    def _prefill_chunk(self, job: _Prefill) -> None:
+        """Run the next chunk of a request's prefill (the whole prompt when it fits one chunk,
+        or when chunking is off) into its private cache, keeping the logits it needs."""
+        if job.slot is not None and not self.runner.attached(job.slot):
+            raise RuntimeError(f"adapter slot {job.slot} was detached while prefilling")
+        n, a = job.n_prompt, job.done
+        chunked = self.prefill_chunk > 0 and not getattr(job.spec, "images", ())
+        b = min(n, a + self.prefill_chunk) if chunked else n
+        # Logits are kept from the first position any output needs (position i-1 scores
+        # prompt[i]); a chunk before it keeps one (logits_to_keep=0 would mean all).
+        keep = b - max(a, job.start)
+        ids = job.prompt[None, a:b].to(self.runner.device)
+        # The runner's attention (attention.py) has no mask function registered, so HF builds
+        # no mask and SDPA's is_causal would align a later chunk's queries top-left: give it
+        # the causal mask [1, 1, T, a + T] explicitly (True = attend; query i sits at a + i).
+        mask = None
+        if a > 0:
+            mask = (torch.arange(b)[None, :] <= torch.arange(a, b)[:, None])[None, None].to(ids.device)
+        # An image prompt (one chunk): its pixel features and RoPE positions (runner.py).
+        extra, job.rope_delta = self.runner.prefill_inputs(job.spec, ids) if not chunked else ({}, 0)
+        with self.runner.ctx.rows([(job.slot, 1)]):
+            out = self.runner.model(
+                input_ids=ids, attention_mask=mask, past_key_values=job.cache,
+                use_cache=True, logits_to_keep=max(keep, 1), **extra,
+            )
+        if keep > 0:
             # Token choice runs on the host, with the request's own CPU generator, so a seed
             # draws the same tokens on every device; the logits cross once, here.
-            logits = out.logits[0].float().cpu()  # [P - start, V]
-            result = score_prompt(logits, prompt, start, spec)  # no sequences yet
-            last = logits[-1:].clone()  # [1, V]; lets the prompt-wide logits go
-            del out, logits
-            req = _Request(slot, spec, gen, result, on_done, self.tokenizer)
-            if req.live:  # the first token of every sample comes from the same logits
-                kept, tokens = self._advance(req, last.expand(spec.num_samples, -1), shared=True)
-            if req.done:
-                on_done(req.output())
-                return
-            if len(kept) > 1:  # one copy of the prompt's KV per live row
-                cache.batch_repeat_interleave(len(kept))
+            job.logits.append(out.logits[0, -keep:].float().cpu())  # [keep, V]
+        job.done = b
+
+    def _join(self, job: _Prefill) -> None:
+        """A fully prefilled request: its prompt-wide outputs, its first token for every
+        sample, and its live rows into the batch (or its completion)."""
+        spec, n_prompt = job.spec, job.n_prompt
+        logits = job.logits[0] if len(job.logits) == 1 else torch.cat(job.logits)  # [P - start, V]
+        job.logits = []
+        result = score_prompt(logits, job.prompt, job.start, spec)  # no sequences yet
+        last = logits[-1:].clone()  # [1, V]; lets the prompt-wide logits go
+        del logits
+        req = _Request(job.slot, spec, job.gen, result, job.on_done, self.tokenizer)
+        req.rope_delta = getattr(job, "rope_delta", 0)  # image prompts: see runner.rope_offsets
+        if req.live:  # the first token of every sample comes from the same logits
+            kept, tokens = self._advance(req, last.expand(spec.num_samples, -1), shared=True)
+        if req.done:
+            job.on_done(req.output())
+            return
+        cache = job.cache
+        if not isinstance(self.batch, SlabBatch) and len(kept) > 1:
+            cache.batch_repeat_interleave(len(kept))  # one copy of the prompt's KV per live row
+        # (SlabBatch copies the one prefilled row into each sample's slab row itself.)
         # Requests stay sorted by slot (base model last), so each slot's rows are adjacent.
-        order = _slot_order(slot)
+        order = _slot_order(job.slot)
         at = next((i for i, r in enumerate(self._live) if _slot_order(r.slot) > order), len(self._live))
         row = sum(len(r.live) for r in self._live[:at])
-        self.batch.join(cache, n_prompt, tokens, slot, row)
+        self.batch.join(cache, n_prompt, tokens, job.slot, row)
         self._live.insert(at, req)
+
+    def _advance_prefill(self) -> None:
+        """One chunk of the oldest request still prefilling; it joins the batch when done.
+        A failure ends that request alone."""
+        job = self._prefilling[0]
+        try:
+            with torch.inference_mode():
+                self._prefill_chunk(job)
+                if job.done < job.n_prompt:
+                    return
+                self._prefilling.popleft()
+                self._join(job)
+        except Exception as e:  # noqa: BLE001 - any failure ends this request, reported to it
+            if self._prefilling and self._prefilling[0] is job:
+                self._prefilling.popleft()
+            job.on_done(e)
 
     def step(self) -> None:
         """One token for every live row; completes the requests whose rows all stopped. If
         the forward pass fails, every live request fails with it and the error is raised."""
+        if self._prefilling:
+            self._advance_prefill()
         if not self._live:
             self._admit_waiting()
             return
         with torch.inference_mode():
             try:
-                logits = self.batch.forward()  # [rows, V]
+                with self.runner.rope_offsets(self._rope_offsets()):
+                    logits = self.batch.forward()  # [rows, V]
             except Exception as e:
                 failed, self._live = self._live, []
                 self.batch.clear()
@@ -301,8 +388,15 @@ class Sampler:
             req.on_done(req.output())
         self._admit_waiting()
 
+    def _rope_offsets(self) -> torch.Tensor | None:
+        """Each live row's RoPE delta [rows] when some request's prompt held images (its
+        positions run behind its length), else None: text decoding is left as it was."""
+        if not any(getattr(r, "rope_delta", 0) for r in self._live):
+            return None
+        return torch.tensor([getattr(r, "rope_delta", 0) for r in self._live for _ in r.live])
+
     def _admit_waiting(self) -> None:
-        while self._waiting and not self._live:
+        while self._waiting and not self._live and not self._prefilling:
             slot, spec, on_done = self._waiting.popleft()
             try:
                 self.admit(slot, spec, on_done)

@@ -31,6 +31,7 @@ from tinsmith.engine.moe_routing import (
 )
 from tinsmith.engine.pool import RunPool
 from tinsmith.engine.runner import ModelRunner
+from tinsmith.engine.vision import model_length
 from tinsmith.types import ADAMW, FwdBwdOut, LoraSpec, OptimizerConfig, OptimSpec, UserError
 
 
@@ -149,7 +150,8 @@ class LocalTrainer:
     ) -> Generator[None, None, FwdBwdOut]:
         spec = self.losses.get(work.loss_fn)
         data = work.data
-        parts = micro_batches([len(d.tokens) for d in data], budget)
+        # Model-input lengths: images count as the tokens they decode to (vision.py).
+        parts = micro_batches([model_length(d.tokens, d.images, self.runner.vision) for d in data], budget)
         lps: list[torch.Tensor] = []
         moe = bool(self.runner.moe_blocks)
         total: Routing | None = None  # MoE: the request's routing, over its micro-batches

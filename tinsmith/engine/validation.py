@@ -1,7 +1,9 @@
 """Checks of training inputs against a model and a loss, before anything is queued.
 
-Pure NumPy: the scheduler calls this at submission so that a bad request is answered at
-once with an HTTP 400 naming the problem, and never reaches the engine.
+Pure NumPy, except images: the scheduler calls this at submission so that a bad request is
+answered at once with an HTTP 400 naming the problem, and never reaches the engine. Image
+chunks are decoded and counted here by the model's `vision.Vision` (None: a text-only model,
+which refuses them); lengths are then those of the model input, images expanded.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import numpy as np
 
 from tinsmith.engine.losses import LossSpec
 from tinsmith.engine.moe_routing import AUX_COEF, ENGINE_CONFIG
-from tinsmith.types import DatumIn, SampleSpec, UserError
+from tinsmith.engine.vision import Vision
+from tinsmith.types import DatumIn, ImageIn, SampleSpec, UserError
 
 
 def check_config(spec: LossSpec, loss_fn: str, config: Mapping[str, object]) -> None:
@@ -54,9 +57,22 @@ def check_tokens(tokens: np.ndarray, vocab_size: int, max_context: int, where: s
         )
 
 
+def model_tokens(
+    tokens: np.ndarray, images: Sequence[ImageIn], vision: Vision | None, where: str
+) -> np.ndarray:
+    """The token ids [N] the model sees: images expanded into image tokens (and decoded, so a
+    bad image fails here); UserError for images sent to a text-only model."""
+    if not images:
+        return tokens if vision is None else vision.expand(tokens, (), where)[0]
+    if vision is None:
+        raise UserError(f"{where}: image inputs are not supported by this model: it is "
+                        "text-only (serve a vision-language model such as Qwen3-VL)")
+    return vision.expand(tokens, images, where)[0]
+
+
 def check_data(
     data: Sequence[DatumIn], loss_fn: str, spec: LossSpec, config: Mapping[str, object],
-    vocab_size: int, max_context: int,
+    vocab_size: int, max_context: int, vision: Vision | None = None,
 ) -> None:
     """Raise UserError naming the first problem in `data` for this loss and model."""
     check_config(spec, loss_fn, config)
@@ -73,8 +89,9 @@ def check_data(
     accepted = {"target_tokens", *spec.required_inputs, *spec.optional_inputs}
     for i, d in enumerate(data):
         where = f"datum {i}"
-        check_tokens(d.tokens, vocab_size, max_context, where)
-        n = d.tokens.shape[0]
+        tokens = model_tokens(d.tokens, d.images, vision, where)
+        check_tokens(tokens, vocab_size, max_context, where)
+        n = tokens.shape[0]
         targets = d.inputs.get("target_tokens")
         if targets is None:
             raise UserError(f"{where}: loss {loss_fn!r} needs loss_fn_inputs['target_tokens']")
@@ -116,10 +133,13 @@ MAX_TOPK = 1000
 MAX_OUTPUT_CELLS = 1 << 22
 
 
-def check_sample(spec: SampleSpec, vocab_size: int, max_context: int) -> None:
+def check_sample(
+    spec: SampleSpec, vocab_size: int, max_context: int, vision: Vision | None = None
+) -> None:
     """Raise UserError naming the first problem of a sampling request for this model."""
-    check_tokens(spec.prompt, vocab_size, max_context, "prompt")
-    n_prompt = int(spec.prompt.shape[0])
+    prompt = model_tokens(spec.prompt, spec.images, vision, "prompt")
+    check_tokens(prompt, vocab_size, max_context, "prompt")
+    n_prompt = int(prompt.shape[0])
     if not 1 <= spec.num_samples <= MAX_NUM_SAMPLES:
         raise UserError(f"num_samples must be between 1 and {MAX_NUM_SAMPLES}, got {spec.num_samples}")
     if spec.max_tokens < 0:
@@ -153,13 +173,12 @@ def check_sample(spec: SampleSpec, vocab_size: int, max_context: int) -> None:
                 f"{MAX_OUTPUT_CELLS}"
             )
     if spec.target_ids is not None:
-        _check_target_ids(spec, vocab_size)
+        _check_target_ids(spec, vocab_size, n_prompt)
 
 
-def _check_target_ids(spec: SampleSpec, vocab_size: int) -> None:
+def _check_target_ids(spec: SampleSpec, vocab_size: int, n_prompt: int) -> None:
     """target_prompt_logprobs: an int64 [len(prompt) - 1, K] tensor, dense or CSR, of ids or -1."""
     where = "target_prompt_logprobs"
-    n_prompt = int(spec.prompt.shape[0])
     ids = np.asarray(spec.target_ids).reshape(-1)  # [C]
     shape = tuple(int(s) for s in spec.target_shape)
     if len(shape) != 2 or min(shape) < 0:

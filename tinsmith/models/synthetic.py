@@ -22,6 +22,12 @@ no token decodes to nothing.
 
 The `synthetic/tiny-*` models (hidden 64, 2 layers, vocabulary 512) are for CPU tests;
 `tiny-qwen3-moe` is a Qwen3-MoE with 8 experts (top-2).
+
+Vision-language shapes (Qwen3-VL: a `vision` tower config beside the text fields) also get an
+image processor config (`preprocessor_config.json`, the processor's own save) and a tokenizer
+with Qwen's vision tokens (<|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>),
+whose ids the config's `image_token_id` etc. name. `tiny-qwen3-vl` has a 2-block vision tower
+of width 32 and takes 32x32 to 128x128 pixel images (1 to 16 image tokens).
 """
 
 from __future__ import annotations
@@ -50,14 +56,35 @@ class Shape:
 
     model_type: str
     config: dict[str, Any]  # config.json fields, as keyword arguments of the config class
-    style: str  # a byte_tokenizer.STYLES key
+    style: str  # a STYLES key
     source: str  # the published model whose config.json these fields are ("" for tiny ones)
+    vision: dict[str, Any] | None = None  # a VL model's vision_config fields
+    processor: dict[str, Any] | None = None  # a VL model's image processor fields
+
+
+# Chat-ML with Qwen's vision tokens (ids 259-262 after the three chat-ML ones).
+CHATML_VL = byte_tokenizer.TokenStyle(
+    specials=(*byte_tokenizer.CHATML.specials, "<|vision_start|>", "<|vision_end|>",
+              "<|image_pad|>", "<|video_pad|>"),
+    bos=None, eos="<|im_end|>", pad="<|endoftext|>", stop=byte_tokenizer.CHATML.stop,
+    chat_template=byte_tokenizer.CHATML.chat_template,
+)
+STYLES = {**byte_tokenizer.STYLES, "chatml_vl": CHATML_VL}
 
 
 # The published shapes, from each model's config.json on the Hugging Face Hub (written here
 # from those files; fields not listed take the transformers defaults, which match them).
 def _shape(model_type: str, style: str, source: str, **config: Any) -> Shape:
     return Shape(model_type, config, style, source)
+
+
+def _fields(**fields: Any) -> dict[str, Any]:
+    return fields
+
+
+def _vl_shape(source: str, text: dict[str, Any], vision: dict[str, Any],
+              processor: dict[str, Any]) -> Shape:
+    return Shape("qwen3_vl", text, "chatml_vl", source, vision, processor)
 
 
 SHAPES: dict[str, Shape] = {
@@ -76,6 +103,13 @@ SHAPES: dict[str, Shape] = {
     "llama-3.1-8b": _shape(
         "llama", "llama3", "meta-llama/Llama-3.1-8B",
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+        rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE, max_position_embeddings=131072,
+        rms_norm_eps=1e-5),
+    # Planning shapes (`tinsmith plan`; fine to serve where the memory is, never built in tests).
+    "llama-3.1-70b": _shape(
+        "llama", "llama3", "meta-llama/Llama-3.1-70B",
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
         rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE, max_position_embeddings=131072,
         rms_norm_eps=1e-5),
@@ -117,6 +151,15 @@ SHAPES: dict[str, Shape] = {
         router_aux_loss_coef=0.001, vocab_size=151936, tie_word_embeddings=False,
         rope_theta=1000000.0, max_position_embeddings=40960, attention_bias=False,
         max_window_layers=48, use_sliding_window=False, rms_norm_eps=1e-6),
+    # 128 experts of width 1536, top-8, 94 layers: 235B parameters, 22B active per token.
+    "qwen3-235b-a22b": _shape(
+        "qwen3_moe", "chatml", "Qwen/Qwen3-235B-A22B",
+        hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+        num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], router_aux_loss_coef=0.001, vocab_size=151936,
+        tie_word_embeddings=False, rope_theta=1000000.0, max_position_embeddings=40960,
+        attention_bias=False, max_window_layers=94, use_sliding_window=False, rms_norm_eps=1e-6),
     # Tiny, for CPU tests: one tied and one untied head; tiny-qwen3's head_dim (32) is not
     # hidden / heads (16), as in Qwen3-0.6B.
     "tiny-llama": _shape(
@@ -142,6 +185,33 @@ SHAPES: dict[str, Shape] = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
         num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512, tie_word_embeddings=False,
         rope_theta=1000000.0, max_position_embeddings=4096, rms_norm_eps=1e-6),
+    # Qwen3-VL: the text model is a Qwen3 with interleaved multimodal RoPE (mrope_section
+    # splits head_dim / 2 over time, height, width); the vision tower's deepstack layers feed
+    # the first len(deepstack_visual_indexes) decoder layers.
+    "qwen3-vl-8b": _vl_shape(
+        "Qwen/Qwen3-VL-8B-Instruct",
+        _fields(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+             num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+             max_position_embeddings=262144, attention_bias=False, rms_norm_eps=1e-6,
+             rope_theta=5000000.0, rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20],
+                                                 "mrope_interleaved": True}),
+        _fields(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+             spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,
+             num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+             hidden_act="gelu_pytorch_tanh"),
+        _fields(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5, 0.5, 0.5],
+             image_std=[0.5, 0.5, 0.5], size={"shortest_edge": 65536, "longest_edge": 16777216})),
+    "tiny-qwen3-vl": _vl_shape(
+        "",
+        _fields(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=False,
+             max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1000000.0,
+             rope_scaling={"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True}),
+        _fields(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+             spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+             num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        _fields(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5, 0.5, 0.5],
+             image_std=[0.5, 0.5, 0.5], size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128})),
 }
 
 
@@ -163,10 +233,19 @@ def config_for(key: str):
     from transformers import AutoConfig
 
     shape = SHAPES[key]
-    style = byte_tokenizer.STYLES[shape.style]
+    style = STYLES[shape.style]
     # Qwen's configs use <|endoftext|> as BOS id though its tokenizer adds no BOS.
     bos = byte_tokenizer.token_id(style, style.bos or style.pad)
     eos = [byte_tokenizer.token_id(style, t) for t in style.stop]
+    if shape.vision is not None:  # a VL model: text and vision configs, vision token ids
+        ids = {f"{name}_token_id": byte_tokenizer.token_id(style, f"<|{name}|>")
+               for name in ("vision_start", "vision_end")}
+        return AutoConfig.for_model(
+            shape.model_type, text_config={**shape.config, "bos_token_id": bos, "eos_token_id": eos},
+            vision_config=shape.vision, image_token_id=byte_tokenizer.token_id(style, "<|image_pad|>"),
+            video_token_id=byte_tokenizer.token_id(style, "<|video_pad|>"),
+            tie_word_embeddings=shape.config["tie_word_embeddings"], bos_token_id=bos,
+            eos_token_id=eos, **ids)
     return AutoConfig.for_model(shape.model_type, **shape.config, bos_token_id=bos,
                                 eos_token_id=eos)
 
@@ -176,16 +255,24 @@ def write_folder(key: str, out_dir: Path, seed: int = DEFAULT_SEED) -> None:
     from transformers import GenerationConfig
 
     shape = SHAPES[key]
-    style = byte_tokenizer.STYLES[shape.style]
+    style = STYLES[shape.style]
     config = config_for(key)
-    config.architectures = [config.__class__.__name__.replace("Config", "ForCausalLM")]
+    head = "ForConditionalGeneration" if shape.vision is not None else "ForCausalLM"
+    config.architectures = [config.__class__.__name__.replace("Config", head)]
     config.save_pretrained(out_dir)
+    if shape.processor is not None:  # saved as the processor's own config (no torchvision needed)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        Qwen2VLImageProcessorPil(**shape.processor).save_pretrained(out_dir)
     GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=byte_tokenizer.token_id(style, style.pad),
     ).save_pretrained(out_dir)
-    tokenizer = byte_tokenizer.build_tokenizer(style, int(config.max_position_embeddings))
+    tokenizer = byte_tokenizer.build_tokenizer(
+        style, int(config.get_text_config().max_position_embeddings))
     tokenizer.save_pretrained(out_dir)
     marker = {"seed": seed, "name": PREFIX + key, "shapes_of": shape.source or None,
               "tokenizer": f"byte-level, {len(tokenizer)} tokens ({shape.style} special tokens)"}

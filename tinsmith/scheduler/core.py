@@ -122,6 +122,7 @@ class ServiceCore:
         self._stop.set()
         for h in self.models.values():
             h.worker.close()
+            h.close()  # a sharded model's rank processes
         self.futures.fail_all_pending("the server is shutting down")
         self.accounting.close()  # its last usage and audit entries, before the db closes
         self.db.close()

@@ -206,7 +206,7 @@ class RunOps(ServiceCore):
             check_request_tokens(n_tokens, self.keys.limits(r.owner),
                                  f"this {'forward' if forward_only else 'forward_backward'} request")
             spec = self.losses.get(loss_fn)
-            check_data(data, loss_fn, spec, config, h.vocab_size, h.max_context)
+            check_data(data, loss_fn, spec, config, h.vocab_size, h.max_context, h.vision)
             prepared.extend(self.stability.attach(data, visible) if spec.server_inputs else data)
 
         # Filled by validate() before the job is released; several runs' works share a pass.

@@ -126,7 +126,7 @@ class SamplerOps(ServiceCore):
         try:
             check_request_tokens(len(spec.prompt) + spec.max_tokens * spec.num_samples, limits,
                                  "this sampling request (prompt + max_tokens * num_samples)")
-            check_sample(spec, h.vocab_size, h.max_context)
+            check_sample(spec, h.vocab_size, h.max_context, h.vision)
         except UserError:
             self.metrics.rejected(h.name, "sample")
             raise
