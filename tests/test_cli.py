@@ -135,3 +135,21 @@ def test_cli_and_dashboard_format_sizes_alike() -> None:
     out = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [format_bytes(n) for n in SIZES + [None]]
+
+
+def test_serve_flags_reach_the_settings(tmp_path: Path) -> None:
+    """Each `serve` flag of a setting arrives in ServerSettings; the defaults are the settings'."""
+    from tinsmith.cli import _settings, build_parser
+    from tinsmith.config import ServerSettings
+
+    parse = build_parser().parse_args
+    s = _settings(parse(["serve", "--data-dir", str(tmp_path), "--sampler-kv-cache", "dynamic",
+                         "--prefill-chunk-tokens", "0", "--max-image-bytes", "1000",
+                         "--max-image-pixels", "4096", "--devices", "2"]))
+    assert (s.sampler_kv_cache, s.prefill_chunk_tokens, s.max_image_bytes, s.max_image_pixels,
+            s.devices) == ("dynamic", 0, 1000, 4096, 2)
+    d = _settings(parse(["serve", "--data-dir", str(tmp_path)]))
+    base = ServerSettings(data_dir=tmp_path)
+    for name in ("sampler_kv_cache", "prefill_chunk_tokens", "max_image_bytes", "max_image_pixels",
+                 "devices"):
+        assert getattr(d, name) == getattr(base, name), name

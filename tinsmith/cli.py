@@ -35,6 +35,11 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         seq_gap_timeout_s=getattr(args, "seq_gap_timeout", ServerSettings.seq_gap_timeout_s),
         debug_slow_writes_s=float(os.environ.get("TINSMITH_DEBUG_SLOW_WRITES_S") or 0),
         prices=Prices.parse(getattr(args, "price", None) or ()),
+        sampler_kv_cache=getattr(args, "sampler_kv_cache", ServerSettings.sampler_kv_cache),
+        prefill_chunk_tokens=getattr(args, "prefill_chunk_tokens",
+                                     ServerSettings.prefill_chunk_tokens),
+        max_image_bytes=getattr(args, "max_image_bytes", ServerSettings.max_image_bytes),
+        max_image_pixels=getattr(args, "max_image_pixels", ServerSettings.max_image_pixels),
         **cli_limits.serve_settings(args),
     )
 
@@ -342,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="skip a training run's seq_id the client never sent once later requests "
                         "waited this long with none arriving (0: wait forever; default %(default)s)")
+    p.add_argument("--sampler-kv-cache", choices=["slab", "dynamic"],
+                   default=ServerSettings.sampler_kv_cache,
+                   help="sampling's KV cache: slab (preallocated, default) or dynamic (the "
+                        "older concatenating path); docs/sampling.md")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=ServerSettings.prefill_chunk_tokens,
+                   metavar="T", help="prefill longer sampling prompts T tokens per decoding step "
+                                     "(0: whole; default %(default)s)")
+    p.add_argument("--max-image-bytes", type=int, default=ServerSettings.max_image_bytes,
+                   metavar="BYTES", help="largest encoded image of an image chunk (default %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=ServerSettings.max_image_pixels,
+                   metavar="PIXELS", help="most pixels (width x height) of one image (default %(default)s)")
     cli_limits.add_serve_args(p)
     p.add_argument("--price", action="append", metavar="KIND=USD",
                    help="a price for billing reports, repeatable: train, forward, prefill, "
