@@ -133,3 +133,129 @@ def test_gpu_memory_gauge(gpu_server: str) -> None:
     assert len(values) == 1
     assert (values[0] > 0) == str(DEVICE).startswith("cuda"), values
 
+
+
+# ----- CUDA-only engine checks: new CPU-tested paths (MoE kernels, Dimuon, slab KV cache) -----
+# These compare a CUDA computation against a CPU or alternative-path reference in-process, so
+# they need a real CUDA device: skipped in the CPU dry run (TINSMITH_TEST_DEVICE=cpu) too.
+CUDA = DEVICE is not None and DEVICE.startswith("cuda") and torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (compares CUDA against a reference)")
+
+
+def _to_device(case: tuple, dev: str) -> tuple:
+    """A tests/test_moe.py kernel case moved to `dev`, with fresh leaves for the gradients."""
+    from tinsmith.engine.lora import LoraWeights
+
+    x, top_idx, top_w, gate_up, down, gu, dn, token_group = case
+
+    def lw(w):
+        return None if w is None else LoraWeights(w.A.detach().to(dev).requires_grad_(),
+                                                   w.B.detach().to(dev).requires_grad_(), w.scale)
+
+    return (x.detach().to(dev).requires_grad_(), top_idx.to(dev), top_w.to(dev), gate_up.to(dev), down.to(dev),
+            [lw(w) for w in gu], [lw(w) for w in dn], None if token_group is None else token_group.to(dev))
+
+
+@cuda_only
+@pytest.mark.parametrize("single", [False, True], ids=["3-adapters", "1-adapter"])
+def test_moe_grouped_experts_cuda_bf16_near_float32_loop(single: bool) -> None:
+    """The grouped expert path on CUDA in bf16 (grouped_mm on sm80+, else padded bmm) is within
+    bf16 rounding of the float32 reference loop on the CPU: 3e-2 of the output's scale, as the
+    CPU bf16 test bounds it; input gradients within 5e-2 of their scale."""
+    from test_moe import _kernel_case, _run_kernel
+
+    from tinsmith.engine import moe_kernels
+
+    case = _to_device(_kernel_case(torch.bfloat16, single), "cuda")
+    if torch.cuda.get_device_capability() >= (8, 0) and hasattr(torch.nn.functional, "grouped_mm"):
+        assert moe_kernels._native_ok(case[0], case[3].transpose(1, 2)), "grouped_mm path not taken on sm80+"
+    y16, g16 = _run_kernel(moe_kernels.experts_forward, case)
+    y32, g32 = _run_kernel(moe_kernels.experts_forward_loop, _kernel_case(torch.float32, single))
+    assert y16.is_cuda and y32.abs().max() > 0.1
+    err = float((y16.cpu() - y32).abs().max() / y32.abs().max())
+    assert err < 3e-2, err
+    gerr = float((g16[0].cpu() - g32[0]).abs().max() / g32[0].abs().max())  # d loss / d x
+    assert g32[0].abs().max() > 0 and gerr < 5e-2, gerr
+
+
+@cuda_only
+def test_dimuon_step_cuda_equals_cpu() -> None:
+    """One Dimuon optim_step (Newton-Schulz, momentum, clipping) on CUDA float32 equals the same
+    step on the CPU within 1e-5 relative (of each parameter's update scale)."""
+    from tinsmith.engine.adapter import Adapter
+    from tinsmith.engine.lora import LoraWeights
+    from tinsmith.types import DIMUON, DimuonSpec, LoraSpec
+
+    rng = np.random.default_rng(0)
+    layers = [(4, 16, 24), (1, 16, 24), (8, 5, 3), (6, 6, 6)]
+    init = [(rng.normal(size=(r, i)).astype(np.float32), rng.normal(size=(o, r)).astype(np.float32))
+            for r, i, o in layers]
+    grads = [rng.normal(size=x.shape).astype(np.float32) for ab in init for x in ab]
+    spec = DimuonSpec(learning_rate=5e-2, grad_clip_norm=3.0, beta1=0.9)
+
+    def step(dev: str) -> tuple[list[np.ndarray], dict]:
+        weights = {f"layers.{k}.proj": LoraWeights(torch.tensor(a, device=dev).requires_grad_(),
+                                                   torch.tensor(b, device=dev).requires_grad_(), 1.0)
+                   for k, (a, b) in enumerate(init)}
+        adapter = Adapter(LoraSpec(rank=4), weights, DIMUON)
+        for p, g in zip(adapter.parameters(), grads, strict=True):
+            p.grad = torch.tensor(g, device=dev)
+        metrics = adapter.optim_step(spec)
+        return [p.detach().cpu().numpy() for p in adapter.parameters()], metrics
+
+    gpu, gpu_m = step("cuda")
+    cpu, cpu_m = step("cpu")
+    assert gpu_m["grad_norm:mean"] == pytest.approx(cpu_m["grad_norm:mean"], rel=1e-5)
+    start = [x for ab in init for x in ab]
+    for g, c, s in zip(gpu, cpu, start, strict=True):
+        update = float(np.abs(c - s).max())
+        assert update > 1e-4, "the step moved nothing"  # not trivially equal
+        assert float(np.abs(g - c).max()) <= 1e-5 * max(update, float(np.abs(c).max())), (g, c)
+
+
+@cuda_only
+def test_slab_kv_cache_greedy_equals_dynamic_on_cuda() -> None:
+    """Greedy sampling (two requests decoding together, one with a LoRA) through the slab KV
+    cache on CUDA draws the tokens the DynamicCache path draws; float32, so the comparison is
+    strict: tokens equal, logprobs within 1e-4."""
+    from conftest import TINY
+    from transformers import AutoTokenizer
+
+    from tinsmith.engine.adapter import Adapter
+    from tinsmith.engine.decode import DecodeBatch
+    from tinsmith.engine.device import placement
+    from tinsmith.engine.runner import ModelRunner
+    from tinsmith.engine.sampler import Sampler
+    from tinsmith.engine.slab_batch import SlabBatch
+    from tinsmith.models.catalog import resolve_model_dir
+    from tinsmith.types import LoraSpec, SampleSpec
+
+    runner = ModelRunner(resolve_model_dir(TINY), TINY, placement("cuda", "float32"))
+    tokenizer = AutoTokenizer.from_pretrained(runner.model_dir)
+    adapter = Adapter.create(LoraSpec(rank=4, seed=1), runner.layers)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for w in adapter.weights.values():
+            w.B.copy_(torch.randn(w.B.shape, generator=gen).to(w.B.device) * 0.2)
+    slot = runner.attach(adapter)
+    prompts = [np.asarray(tokenizer.encode(t), np.int64)
+               for t in ("Hello there, my friend", "The cat sat on the mat and then")]
+
+    def run(kv_cache: str, batch_type: type) -> list:
+        sampler = Sampler(runner, tokenizer, kv_cache=kv_cache)
+        assert isinstance(sampler.batch, batch_type)
+        boxes: list[list] = [[], []]
+        for s, p, box in zip((slot, None), prompts, boxes):
+            sampler.admit(s, SampleSpec(prompt=p, max_tokens=16, temperature=0.0), box.append)
+        while sampler.pending:
+            sampler.step()
+        return [box[0].sequences[0] for box in boxes]
+
+    try:
+        slab, dynamic = run("slab", SlabBatch), run("dynamic", DecodeBatch)
+    finally:
+        runner.detach(slot)
+    for got, want in zip(slab, dynamic, strict=True):
+        assert len(want.tokens) == 16
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-4)

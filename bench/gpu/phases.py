@@ -10,6 +10,9 @@ short by its budget still leaves what it finished.
                 (the server's tinsmith_device_memory_peak_bytes), then the large B4 batch
 - plain-big     plain PEFT on the big model: its peak at the memory shape, then the large batch
                 (out of memory on an H200 at 8B x 32 x 512, which is the point)
+- server-moe    a fresh server on the MoE model (MoE LoRA on the experts): the median
+                forward_backward + optim_step time of one run, pipelined; a plain figure, no
+                plain-PEFT baseline
 - server-small-exact   B1 and B2 again with `--exact-packing`
 """
 
@@ -320,11 +323,29 @@ def phase_server_big(plan: Plan, rec: Recorder, workdir: Path) -> None:
                      peak_bytes=read_peak(url, plan.big))
 
 
+def phase_server_moe(plan: Plan, rec: Recorder, workdir: Path) -> None:
+    import tinker
+    from step_overhead import make_batch, sdk_arm
+    from tinker import types
+
+    vocab = int(model_config(plan.moe).vocab_size)
+    adam = types.AdamParams(learning_rate=LR)
+    with server(plan, plan.moe, workdir, rec) as url:
+        sc = tinker.ServiceClient(base_url=url, api_key=API_KEY)
+        (tc,) = clients(sc, plan.moe, plan.rank, range(1))
+        times, losses = sdk_arm(tc, make_batch(vocab, *plan.moe_shape), adam, plan.big_steps, plan.warmup,
+                                pipelined=True)
+        rec.emit("server", tag="moe", model=plan.moe, **shape_fields(plan.moe_shape),
+                 median_s=round(median(times), 5), losses=losses, finite=finite(losses),
+                 peak_bytes=read_peak(url, plan.moe))
+
+
 PHASE_FUNCS = {
     "matmul": phase_matmul,
     "plain-small": phase_plain_small,
     "server-small": phase_server_small,
     "server-big": phase_server_big,
     "plain-big": phase_plain_big,
+    "server-moe": phase_server_moe,
     "server-small-exact": phase_server_small_exact,
 }

@@ -32,6 +32,8 @@ class Plan:
     rank: int = 32
     phase_budget_s: dict[str, float] = field(default_factory=dict)
     min_phase_s: float = 20.0  # a phase with less time left than this is skipped
+    moe: str = "synthetic/tiny-qwen3-moe"  # the MoE LoRA step-time phase's model
+    moe_shape: Shape = (2, 16)
 
 
 GPU = Plan(
@@ -40,7 +42,8 @@ GPU = Plan(
     b1=(8, 512), b2_runs=8, b2=(2, 64), b3_runs=4, b3=(8, 512), b4=(32, 512), b4_mem=(8, 512),
     warmup=2, steps=5, big_steps=3, matmul_n=8192,
     phase_budget_s={"matmul": 40, "plain-small": 60, "server-small": 150, "server-big": 120,
-                    "plain-big": 90, "server-small-exact": 80},
+                    "plain-big": 90, "server-moe": 150, "server-small-exact": 80},
+    moe="synthetic/qwen3-30b-a3b", moe_shape=(4, 512),
 )
 
 TINY = Plan(
@@ -51,7 +54,7 @@ TINY = Plan(
     # Generous: a dry run on a busy 2-core machine starts a server in up to ~30 s; it takes
     # about 80 s in all on a quiet one.
     phase_budget_s={"matmul": 60, "plain-small": 90, "server-small": 150, "server-big": 150,
-                    "plain-big": 90, "server-small-exact": 150},
+                    "plain-big": 90, "server-moe": 150, "server-small-exact": 150},
     min_phase_s=5.0,
 )
 
@@ -60,5 +63,6 @@ PLANS = {p.name: p for p in (GPU, TINY)}
 # The phases in order of importance: when time runs short the last ones are skipped.
 # Each runs in its own process (bench.py), so GPU memory starts empty and a phase that
 # overruns its budget is killed, server included.
-PHASES = ("matmul", "plain-small", "server-small", "server-big", "plain-big", "server-small-exact")
+PHASES = ("matmul", "plain-small", "server-small", "server-big", "plain-big", "server-moe",
+          "server-small-exact")
 OPTIONAL = {"server-small-exact"}  # only with bench.py --exact-packing

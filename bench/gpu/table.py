@@ -189,6 +189,16 @@ def footer(res: Results) -> list[str]:
                      f"{env['transformers']}, peft {env['peft']}, tinker {env['tinker']}, python {env['python']}")
     if mm:
         lines.append(f"{mm['dtype']} matmul {mm['n']}^3: {mm['tflops']} TFLOP/s")
+    # The MoE step time: a plain figure (no plain-PEFT baseline, no goal), so a footer line
+    # rather than a table row.
+    moe = res.first("server", "moe")
+    moe_model = short(res.plan.get("moe", "?"))
+    if moe:
+        lines.append(f"MoE {moe_model} {moe['batch']}x{moe['seq']}: server forward_backward + optim_step "
+                     f"{fmt_s(moe['median_s'])}" + ("" if moe["finite"] else " (loss not finite)")
+                     + (f", peak {gib(moe.get('peak_bytes'))}" if moe.get("peak_bytes") else ""))
+    elif res.plan:
+        lines.append(f"MoE {moe_model}: {res.why_missing('server-moe')}")
     phases = [r for r in res.records if r["kind"] == "phase"]
     if phases:
         lines.append("phases: " + ", ".join(
