@@ -134,9 +134,9 @@ def write_merged_model(files: Mapping[str, bytes], base_dir: Path, out_dir: Path
     from tinsmith.models.synthetic import is_synthetic
 
     if is_synthetic(base_dir):  # no weight files: the seeded weights the server computes with
-        from tinsmith.engine.runner import _load_model
+        from tinsmith.engine.runner import load_base_model
 
-        model = _load_model(base_dir, AutoConfig.from_pretrained(base_dir),
+        model = load_base_model(base_dir, AutoConfig.from_pretrained(base_dir),
                             Placement(torch.device("cpu"), torch.float32))
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

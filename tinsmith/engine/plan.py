@@ -37,7 +37,7 @@ from tinsmith.engine.budget import adapter_bytes, adapter_layer_shapes, saved_by
 from tinsmith.engine.families import FAMILIES
 from tinsmith.engine.lora import LoraContext, inject_lora, leaf_name
 from tinsmith.engine.moe import inject_moe
-from tinsmith.engine.runner import LOGIT_CHUNK_BYTES
+from tinsmith.engine.runner import logit_chunk_positions
 from tinsmith.types import LoraSpec, UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -60,7 +60,7 @@ class ModelFacts:
     @property
     def logit_chunk(self) -> int:
         """Positions one chunk of the unembedding holds (as the runner's `logit_chunk`)."""
-        return max(1, LOGIT_CHUNK_BYTES // (4 * self.vocab))
+        return logit_chunk_positions(self.vocab)
 
 
 def load_config(name: str):

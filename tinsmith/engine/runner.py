@@ -45,10 +45,16 @@ from tinsmith.types import DatumIn, SampleSpec
 # pass (16k positions x 128k vocabulary would be 8 GiB per copy), and under autograd each
 # chunk is recomputed in the backward instead of kept.
 LOGIT_CHUNK_BYTES = 256 * 2**20
+
+
+def logit_chunk_positions(vocab_size: int) -> int:
+    """Positions whose float32 logits one chunk of the unembedding holds (LOGIT_CHUNK_BYTES)."""
+    return max(1, LOGIT_CHUNK_BYTES // (4 * vocab_size))
+
 SYNTHETIC_MARKER = "synthetic.json"  # a folder with this and no weights: random weights, built here
 
 
-def _load_model(model_dir: Path, config, placement: Placement) -> torch.nn.Module:
+def load_base_model(model_dir: Path, config, placement: Placement) -> torch.nn.Module:
     """The folder's model in the placement's dtype, on its device. A synthetic folder
     (tinsmith/models/synthetic.py: config and tokenizer, no weights) gets seeded random
     weights of the config's shapes, made directly on the device (seconds, even for 8B)."""
@@ -80,7 +86,7 @@ class ModelRunner:
         # measurable, while on a GPU sharing the base GEMMs is the point of packing.
         self.exact_packing = (self.device.type == "cpu") if exact_packing is None else exact_packing
         self.config = AutoConfig.from_pretrained(self.model_dir)
-        self.model = _load_model(self.model_dir, self.config, self.placement)
+        self.model = load_base_model(self.model_dir, self.config, self.placement)
         self.model.eval()  # no dropout: training and sampling see the same function
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -104,8 +110,7 @@ class ModelRunner:
                                                                       with_kwargs=True)
         self._slots: dict[int, Adapter] = {}
         self._slot_ids = itertools.count(1)
-        # Positions whose float32 logits one chunk of the unembedding may hold (LOGIT_CHUNK_BYTES).
-        self.logit_chunk = max(1, LOGIT_CHUNK_BYTES // (4 * self.vocab_size))
+        self.logit_chunk = logit_chunk_positions(self.vocab_size)
         self._check_plain_unembedding()
 
     @property
