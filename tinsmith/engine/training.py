@@ -111,7 +111,7 @@ class LocalTrainer:
             mine = lps[start : start + len(works[i].data)]
             first, start = start, start + len(works[i].data)
             try:
-                loss, out = self._loss(works[i], specs[i], mine, forward_only)
+                loss, out = self.work_loss(works[i], specs[i], mine, forward_only)
                 loss = self._moe(loss, out, works[i].config, routing, range(first, start))
                 results[i] = out
             except Exception as e:
@@ -164,7 +164,7 @@ class LocalTrainer:
                 total = r if total is None else total + r
             yield
         leaves = [lp.detach().requires_grad_(not forward_only) for lp in lps]
-        loss, out = self._loss(work, spec, leaves, forward_only)
+        loss, out = self.work_loss(work, spec, leaves, forward_only)
         loss = self._moe(loss, out, work.config, total, None)
         aux_grad = aux_probs_grad(total, work.config) if total is not None else None
         if forward_only or not loss.requires_grad:
@@ -211,7 +211,7 @@ class LocalTrainer:
         return loss
 
     @staticmethod
-    def _loss(
+    def work_loss(
         work: TrainWork, spec: LossSpec, lps: list[torch.Tensor], forward_only: bool
     ) -> tuple[torch.Tensor, FwdBwdOut]:
         """A work's loss (a scalar, still in the graph) and its result, from its logprobs."""

@@ -108,7 +108,7 @@ def sharded_pass(
         work = works[i]
         leaves = [per_work[i][j].requires_grad_(hot) for j in range(len(work.data))]
         try:
-            loss, out = LocalTrainer._loss(work, specs[i], leaves, forward_only)
+            loss, out = LocalTrainer.work_loss(work, specs[i], leaves, forward_only)
             results[i] = out
         except Exception as e:  # noqa: BLE001 - fails this request alone, as in one process
             results[i] = e
