@@ -1,5 +1,6 @@
-"""Vision-language models (Qwen3-VL) on `synthetic/tiny-qwen3-vl`: image chunks in forward,
-forward_backward and sampling prompts, held to plain transformers + PEFT.
+"""Vision-language models on `synthetic/tiny-qwen3-vl` and `synthetic/tiny-qwen2.5-vl` (the
+`folder` fixture runs a test on both; tests marked `qwen3_only` on Qwen3-VL): image chunks in
+forward, forward_backward and sampling prompts, held to plain transformers + PEFT.
 
 - forward logprobs with images equal PEFT's on the saved checkpoint (1e-4, float32), and the
   checkpoint loads back as a run with the same logprobs;
@@ -33,6 +34,8 @@ from tinsmith.types import IMAGE_SLOT, DatumIn, ImageIn, LoraSpec, SampleSpec
 
 NAME = "synthetic/tiny-qwen3-vl"
 KEY = "tiny-qwen3-vl"
+KEYS = [KEY, "tiny-qwen2.5-vl"]  # one tiny model per VL family
+qwen3_only = pytest.mark.parametrize("folder", [KEY], indirect=True)
 PEFT_ATOL = 1e-4
 IMAGE_TOKEN = 261  # <|image_pad|> of the tiny model's tokenizer
 VISION_START, VISION_END = 259, 260
@@ -55,12 +58,18 @@ def image_tokens(folder: Path, w: int, h: int) -> int:
     return proc.get_number_of_image_patches(h, w, {}) // proc.merge_size**2
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("vl") / KEY
+@pytest.fixture(scope="module", params=KEYS)
+def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The prepared folder of one tiny VL model, named as its key (see `name_of`)."""
+    out = tmp_path_factory.mktemp("vl") / request.param
     out.mkdir()
-    synthetic.write_folder(KEY, out)
+    synthetic.write_folder(request.param, out)
     return out
+
+
+def name_of(folder: Path) -> str:
+    """The catalog name of the model in `folder`."""
+    return synthetic.PREFIX + folder.name
 
 
 def datum(folder: Path, seed: int, sizes: list[tuple[int, int]], n_text: int = 6) -> DatumIn:
@@ -122,7 +131,7 @@ def perturb(adapter: Adapter, seed: int, std: float = 0.2) -> None:
 def trained(folder: Path):
     from transformers import AutoTokenizer
 
-    runner = ModelRunner(folder, NAME)
+    runner = ModelRunner(folder, name_of(folder))
     trainer, _ = local_backends(runner, AutoTokenizer.from_pretrained(folder), LossRegistry.load(()))
     trainer.create_run("r", LoraSpec(rank=4, alpha=8, seed=1))
     perturb(trainer._run("r")[0], seed=5)
@@ -141,7 +150,7 @@ def peft_model(trained, folder: Path, tmp_path_factory: pytest.TempPathFactory):
 
     _, trainer = trained
     out = tmp_path_factory.mktemp("vl-ckpt")
-    files = trainer.export_run("r", NAME, include_optimizer=True)
+    files = trainer.export_run("r", name_of(folder), include_optimizer=True)
     for name, blob in files.items():
         (out / name).write_bytes(blob)
     with warnings.catch_warnings():
@@ -191,7 +200,7 @@ def test_packed_runs_with_images_equal_solo_runs(folder: Path, exact: bool) -> N
     within 1e-5 relative and each gradient within 2e-4 of its norm."""
     from transformers import AutoTokenizer
 
-    runner = ModelRunner(folder, NAME, exact_packing=exact)
+    runner = ModelRunner(folder, name_of(folder), exact_packing=exact)
     trainer, _ = local_backends(runner, AutoTokenizer.from_pretrained(folder), LossRegistry.load(()))
     trainer.create_run("a", LoraSpec(rank=4, seed=1))
     trainer.create_run("b", LoraSpec(rank=2, seed=2))
@@ -260,10 +269,10 @@ MAX_PIXELS = 160 * 160
 
 
 @pytest.fixture(scope="module")
-def vl_url(tmp_path_factory: pytest.TempPathFactory):
+def vl_url(folder: Path, tmp_path_factory: pytest.TempPathFactory):
     import tinsmith
 
-    with tinsmith.local(models=[NAME], data_dir=tmp_path_factory.mktemp("vl-server"),
+    with tinsmith.local(models=[name_of(folder)], data_dir=tmp_path_factory.mktemp("vl-server"),
                         max_image_pixels=MAX_PIXELS, seq_gap_timeout_s=600) as url:
         yield url
 
@@ -288,7 +297,7 @@ def test_sft_with_images_through_sdk_lowers_loss_and_samples(vl_url: str, folder
     from tinker import types
 
     tc = tinker.ServiceClient(base_url=vl_url, api_key="tml-test").create_lora_training_client(
-        base_model=NAME, rank=8)
+        base_model=name_of(folder), rank=8)
     data = [sdk_datum(folder, 1, 64, 48), sdk_datum(folder, 2, 96, 96, fmt="jpeg", data=png(96, 96, 2, "JPEG"))]
     losses = []
     for _ in range(4):
@@ -320,12 +329,13 @@ BAD_IMAGES = {
 }
 
 
+@qwen3_only
 @pytest.mark.parametrize("case", sorted(BAD_IMAGES))
 def test_bad_image_is_a_400_and_the_client_goes_on(case: str, vl_url: str, folder: Path) -> None:
     import tinker
 
     tc = tinker.ServiceClient(base_url=vl_url, api_key="tml-test").create_lora_training_client(
-        base_model=NAME, rank=4, seed=3)
+        base_model=name_of(folder), rank=4, seed=3)
     good = [sdk_datum(folder, 11, 64, 64)]
     before = tc.forward(good, "cross_entropy").result(timeout=60)
     make, message = BAD_IMAGES[case]
@@ -337,12 +347,13 @@ def test_bad_image_is_a_400_and_the_client_goes_on(case: str, vl_url: str, folde
                                   before.loss_fn_outputs[0]["logprobs"].to_numpy())
 
 
+@qwen3_only
 def test_bad_sampling_prompts_are_400s(vl_url: str, folder: Path) -> None:
     import tinker
     from tinker import types
 
     sc = tinker.ServiceClient(base_url=vl_url, api_key="tml-test")
-    sampler = sc.create_sampling_client(base_model=NAME)
+    sampler = sc.create_sampling_client(base_model=name_of(folder))
     params = types.SamplingParams(max_tokens=2, temperature=0.0)
     pointer = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[1, 2]), types.ImageAssetPointerChunk(
         format="png", location="file:///etc/hosts", expected_tokens=4)])
@@ -356,6 +367,7 @@ def test_bad_sampling_prompts_are_400s(vl_url: str, folder: Path) -> None:
 
 
 # ----- cookbook: image parts in messages, and the vlm_sl recipe ---------------------------
+@qwen3_only
 def test_vision_renderer_lays_images_out_as_the_chat_template_does(folder: Path) -> None:
     from PIL import Image
     from transformers import AutoImageProcessor, AutoTokenizer
@@ -385,7 +397,7 @@ def test_vision_renderer_lays_images_out_as_the_chat_template_does(folder: Path)
     assert d.model_input.length == mi.length - 1 == len(d.loss_fn_inputs["target_tokens"].data)
 
 
-def test_vlm_sl_recipe_runs_two_steps(tmp_path: Path) -> None:
+def test_vlm_sl_recipe_runs_two_steps(tmp_path: Path) -> None:  # Qwen3-VL (its default)
     import json
 
     from tinsmith.recipes import vlm_sl
@@ -400,6 +412,7 @@ def test_vlm_sl_recipe_runs_two_steps(tmp_path: Path) -> None:
     assert out["checkpoint"] is not None and out["steps_done"] == 2
 
 
+@qwen3_only
 def test_engine_checks_refuse_images_a_model_cannot_take(trained, folder: Path) -> None:
     """Without the SDK: an image to a text-only model (training and sampling), an image over
     max_image_bytes, and a text token holding the image placeholder id are UserErrors."""

@@ -36,7 +36,13 @@ import safetensors.torch
 import torch
 
 from tinsmith.engine.adapter import Adapter, target_leaves
-from tinsmith.engine.families import ALL_ATTN, ALL_MLP, ALL_UNEMBED
+from tinsmith.engine.families import (
+    ALL_ATTN,
+    ALL_MLP,
+    ALL_UNEMBED,
+    VISION_TOWER_EXCLUDE,
+    VL_LANGUAGE_PREFIX,
+)
 from tinsmith.engine.lora import (
     LoraWeights,
     MultiLoraLinear,
@@ -115,6 +121,9 @@ def _peft_config(adapter: Adapter, base_model: str) -> dict[str, Any]:
         lora_alpha=int(alpha) if float(alpha).is_integer() else alpha,
         target_modules=leaves or None,  # None: only MoE experts (target_parameters)
         target_parameters=target_parameters(adapter.weights) or None,  # MoE experts
+        # A VL model's vision tower may share leaf names with its language model: not a target.
+        exclude_modules=VISION_TOWER_EXCLUDE if any(
+            p.startswith(VL_LANGUAGE_PREFIX) for p in adapter.weights) else None,
         lora_dropout=0.0,
         bias="none",
         fan_in_fan_out=False,

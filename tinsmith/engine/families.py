@@ -109,7 +109,16 @@ FAMILIES: dict[str, Family] = {
 # mlp and merger linear_fc1/fc2) have other leaf names and stay frozen (engine/vision.py).
 VISION_LANGUAGE: dict[str, str] = {
     "qwen3_vl": "qwen3",  # Qwen3-VL-2B/4B/8B/32B (dense)
+    "qwen2_5_vl": "qwen2",  # Qwen2.5-VL-3B/7B/32B/72B (q/k/v biases, like Qwen2.5)
 }
+# The vision tower's module paths: never LoRA targets, even where its leaves share the
+# language model's names (Qwen2.5-VL's vision MLPs are gate_proj/up_proj/down_proj).
+VISION_TOWER_PREFIX = "model.visual."
+# The same for PEFT: LoraConfig.exclude_modules (a regex fullmatched against module paths),
+# written into the checkpoints of vision-language models so PEFT adapts what Tinsmith did.
+VISION_TOWER_EXCLUDE = r"model\.visual(\..*)?"
+# Where a vision-language model's language model lives (its adapted layers' paths).
+VL_LANGUAGE_PREFIX = "model.language_model."
 
 # Types that are known and deliberately refused, with the reason the error gives.
 UNSUPPORTED: dict[str, str] = {

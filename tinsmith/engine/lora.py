@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinsmith.engine.families import family_for
+from tinsmith.engine.families import VISION_TOWER_PREFIX, family_for
 
 if TYPE_CHECKING:
     from tinsmith.engine.moe_routing import RoutingStats
@@ -63,6 +63,9 @@ class LoraContext:
         self.batched = batched
         # Set for one training pass: MoE blocks (moe.py) record their routing into it.
         self.routing: RoutingStats | None = None
+        # Set for one graph decode step (engine/graph_decode.py): a bgmv.SlotTable whose
+        # `apply(layer, x, y)` adds every row's delta in fixed shapes, replacing the groups.
+        self.table = None
 
     @contextmanager
     def rows(
@@ -122,6 +125,8 @@ class MultiLoraLinear(nn.Module):
         return torch.addmm(y.reshape(-1, y.shape[-1]), h, w.B.t().to(y.dtype)).reshape(y.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ctx.table is not None:  # a static decode step (engine/bgmv.py)
+            return self.ctx.table.apply(self, x, self.base(x))
         groups = self.ctx.groups
         if self.ctx.separate:
             return self._separate(x, groups)
@@ -223,6 +228,8 @@ def inject_lora(
     found: dict[str, MultiLoraLinear] = {}
     for path, module in list(model.named_modules()):
         leaf = path.rsplit(".", 1)[-1]
+        if path.startswith(VISION_TOWER_PREFIX):  # a VL model's vision tower stays frozen
+            continue
         if leaf in wanted and isinstance(module, nn.Linear):
             wrapped = MultiLoraLinear(module, ctx)
             parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model

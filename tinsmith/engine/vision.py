@@ -1,4 +1,5 @@
-"""Images for vision-language models (Qwen3-VL): bytes in, image tokens and pixel tensors out.
+"""Images for vision-language models (Qwen3-VL, Qwen2.5-VL): bytes in, image tokens and pixel
+tensors out.
 
 The api layer keeps an image chunk as its bytes (types.ImageIn), with `length` placeholder
 positions (IMAGE_SLOT) in the datum's tokens: the chunk's `expected_tokens`, which is what the
@@ -172,16 +173,22 @@ class Vision:
     def encode(self, model: torch.nn.Module, prepared: Sequence[Prepared]):
         """The vision tower's outputs for the images of a pass, in the order their tokens
         appear in the (row-major) batch, as the model's `mm_encoder_outputs["image"]`: one image
-        at a time, so an image's features never depend on what else is in the pass."""
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import (
-            BaseModelOutputWithDeepstackFeatures,
-        )
-
+        at a time, so an image's features never depend on what else is in the pass.
+        pooler_output: one [tokens, hidden] tensor per image; Qwen3-VL also gives deepstack
+        features (per deepstack layer, one tensor per image), Qwen2.5-VL none."""
         body = model.model
         device = body.visual.patch_embed.proj.weight.device
         outs = [body.get_image_features(p.pixels.to(device), p.grid[None].to(device)) for p in prepared]
         pooled = tuple(t for o in outs for t in o.pooler_output)
-        layers = len(outs[0].deepstack_features or [])
+        if getattr(outs[0], "deepstack_features", None) is None:  # Qwen2.5-VL
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            return BaseModelOutputWithPooling(pooler_output=pooled)
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+            BaseModelOutputWithDeepstackFeatures,
+        )
+
+        layers = len(outs[0].deepstack_features)
         deep = [tuple(t for o in outs for t in o.deepstack_features[i]) for i in range(layers)]
         return BaseModelOutputWithDeepstackFeatures(pooler_output=pooled, deepstack_features=deep)
 
@@ -213,4 +220,17 @@ def model_length(tokens: np.ndarray, images: Sequence[ImageIn], vision: Vision |
     return n + sum(vision.prepare(im, "image").tokens - im.length for im in images)
 
 
-__all__ = ["IMAGE_SLOT", "ImageLimits", "Prepared", "Vision", "is_vision_config", "model_length"]
+def counted_length(tokens: np.ndarray, images: Sequence[ImageIn], vision: Vision | None) -> int:
+    """A request's tokens for limits, packing and usage, counted at submission: as
+    `model_length`, so an image sent without expected_tokens counts the tokens its decode
+    gives (decoded once: `prepare` caches it for the checks and the pass). An image that
+    fails its checks counts as its placeholders here; validation then refuses it, naming
+    the chunk."""
+    try:
+        return model_length(tokens, images, vision)
+    except UserError:
+        return int(np.asarray(tokens).shape[0])
+
+
+__all__ = ["IMAGE_SLOT", "ImageLimits", "Prepared", "Vision", "counted_length", "is_vision_config",
+           "model_length"]

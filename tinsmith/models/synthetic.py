@@ -27,7 +27,8 @@ Vision-language shapes (Qwen3-VL: a `vision` tower config beside the text fields
 image processor config (`preprocessor_config.json`, the processor's own save) and a tokenizer
 with Qwen's vision tokens (<|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>),
 whose ids the config's `image_token_id` etc. name. `tiny-qwen3-vl` has a 2-block vision tower
-of width 32 and takes 32x32 to 128x128 pixel images (1 to 16 image tokens).
+of width 32 and takes 32x32 to 128x128 pixel images (1 to 16 image tokens); `tiny-qwen2.5-vl`
+(Qwen2.5-VL: 14-pixel patches, window attention) 28x28 to 112x112 (1 to 16 image tokens).
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def _fields(**fields: Any) -> dict[str, Any]:
 
 
 def _vl_shape(source: str, text: dict[str, Any], vision: dict[str, Any],
-              processor: dict[str, Any]) -> Shape:
-    return Shape("qwen3_vl", text, "chatml_vl", source, vision, processor)
+              processor: dict[str, Any], model_type: str = "qwen3_vl") -> Shape:
+    return Shape(model_type, text, "chatml_vl", source, vision, processor)
 
 
 SHAPES: dict[str, Shape] = {
@@ -212,6 +213,38 @@ SHAPES: dict[str, Shape] = {
              num_position_embeddings=64, deepstack_visual_indexes=[0]),
         _fields(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5, 0.5, 0.5],
              image_std=[0.5, 0.5, 0.5], size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128})),
+    # Qwen2.5-VL: a Qwen2 text model (q/k/v biases) with multimodal RoPE (mrope_section, not
+    # interleaved, splits head_dim / 2 over time, height, width); the vision tower uses
+    # 14-pixel patches, window attention (full attention in fullatt_block_indexes) and gated
+    # SiLU MLPs whose leaves are named like the language model's (never LoRA targets).
+    "qwen2.5-vl-7b": _vl_shape(
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        _fields(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+             num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+             max_position_embeddings=128000, max_window_layers=28, use_sliding_window=False,
+             rms_norm_eps=1e-6, rope_theta=1000000.0,
+             rope_scaling={"rope_type": "default", "mrope_section": [16, 24, 24]}),
+        _fields(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+             spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584, window_size=112,
+             fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu"),
+        _fields(patch_size=14, merge_size=2, temporal_patch_size=2,
+             image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+             size={"shortest_edge": 3136, "longest_edge": 12845056}),
+        model_type="qwen2_5_vl"),
+    # head_dim 16 (hidden / heads): mrope_section covers its 8 rotary pairs; a 56-pixel window
+    # (2x2 merged patches) in block 0, full attention in block 1.
+    "tiny-qwen2.5-vl": _vl_shape(
+        "",
+        _fields(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
+             max_position_embeddings=4096, use_sliding_window=False, rms_norm_eps=1e-6,
+             rope_theta=1000000.0, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]}),
+        _fields(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+             spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, window_size=56,
+             fullatt_block_indexes=[1], hidden_act="silu"),
+        _fields(patch_size=14, merge_size=2, temporal_patch_size=2, image_mean=[0.5, 0.5, 0.5],
+             image_std=[0.5, 0.5, 0.5], size={"shortest_edge": 28 * 28, "longest_edge": 112 * 112}),
+        model_type="qwen2_5_vl"),
 }
 
 

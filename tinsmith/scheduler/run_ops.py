@@ -21,6 +21,7 @@ from tinsmith.engine.budget import padded_tokens
 from tinsmith.engine.checkpoint import TINSMITH_FILE, read_optimizer_config
 from tinsmith.engine.export import peft_files
 from tinsmith.engine.validation import check_data
+from tinsmith.engine.vision import counted_length
 from tinsmith.scheduler import paths
 from tinsmith.scheduler.access import OPEN, Caller, sees
 from tinsmith.scheduler.checkpoint_ops import write_key
@@ -198,7 +199,8 @@ class RunOps(ServiceCore):
         h = r.handle
         prepared: list[DatumIn] = []
 
-        lengths = [len(d.tokens) for d in data]
+        # Image tokens included, also for images sent without expected_tokens.
+        lengths = [counted_length(d.tokens, d.images, h.vision) for d in data]
         n_tokens = sum(lengths)
         visible = self._stability_visible(caller, data)
 

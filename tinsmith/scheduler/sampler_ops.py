@@ -14,11 +14,13 @@ from collections.abc import Callable
 from functools import cached_property
 
 from tinsmith.engine.validation import check_sample
+from tinsmith.engine.vision import counted_length
 from tinsmith.scheduler import paths
 from tinsmith.scheduler.access import OPEN, Caller, visible
 from tinsmith.scheduler.core import SamplerState, ServiceCore
 from tinsmith.scheduler.limits import check_request_tokens
 from tinsmith.scheduler.paths import parse_path
+from tinsmith.scheduler.sampling_records import RecordedImage, RecordView
 from tinsmith.types import SampleOut, SampleSpec, UserError
 
 CLONE_STRIDE = 1_000_000_000  # a SamplingClient's seq_ids: CLONE_STRIDE * clone id + k
@@ -123,10 +125,15 @@ class SamplerOps(ServiceCore):
             if issued is not None:
                 return issued
         limits = self.keys.limits(s.owner)
+        prompt_tokens = counted_length(spec.prompt, spec.images, h.vision)  # images included
         try:
-            check_request_tokens(len(spec.prompt) + spec.max_tokens * spec.num_samples, limits,
+            check_request_tokens(prompt_tokens + spec.max_tokens * spec.num_samples, limits,
                                  "this sampling request (prompt + max_tokens * num_samples)")
             check_sample(spec, h.vocab_size, h.max_context, h.vision)
+            refusal = getattr(h.sampler, "refusal", None)  # what this engine cannot serve (vLLM)
+            why = refusal(spec) if refusal is not None else None
+            if why is not None:
+                raise UserError(why)
         except UserError:
             self.metrics.rejected(h.name, "sample")
             raise
@@ -147,7 +154,7 @@ class SamplerOps(ServiceCore):
             def finish(out: SampleOut | BaseException) -> None:
                 if record_stability_info and isinstance(out, SampleOut):
                     try:
-                        self.stability.record(seq_ids, spec.prompt, out)
+                        self.stability.record(seq_ids, spec.prompt, out, spec.images)
                     except Exception as e:
                         out = e
                 done(out)
@@ -156,8 +163,27 @@ class SamplerOps(ServiceCore):
 
         def tokens(out: object) -> int:  # prompt once per sample, plus what was generated
             assert isinstance(out, SampleOut)
-            return len(spec.prompt) * spec.num_samples + sum(len(q.tokens) for q in out.sequences)
+            return prompt_tokens * spec.num_samples + sum(len(q.tokens) for q in out.sequences)
 
         h.worker.submit_sample(rid, start, tokens)
         return rid, seq_ids
+
+    # ----- sampling records, read back (GET /api/v1/sampling_records/...) -----------------
+    def _record_visible(self, caller: Caller, sequence_id: str) -> Callable[[str], bool] | None:
+        """Whether the caller may read that record: one of its own sessions' (admins: all).
+        Looked up here, not under the records' lock; someone else's reads as missing."""
+        if caller.admin:
+            return None
+        mine = self._own_session(paths.session_of(sequence_id), caller)
+        return lambda _sid: mine
+
+    def sampling_record(self, sequence_id: str, caller: Caller = OPEN) -> RecordView:
+        """The record of a sequence sampled with record_stability_info (NotFound if none)."""
+        return self.stability.read(sequence_id, self._record_visible(caller, sequence_id))
+
+    def sampling_record_image(self, sequence_id: str, index: int,
+                              caller: Caller = OPEN) -> tuple[RecordedImage, bytes]:
+        """Image `index` of that record's prompt, and its bytes."""
+        return self.stability.image(sequence_id, index,
+                                    self._record_visible(caller, sequence_id))
 

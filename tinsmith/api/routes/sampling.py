@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from tinker.types import CreateSamplingSessionRequest, JoinSamplingSessionRequest, SampleRequest
 
 from tinsmith.api.auth import CallerDep
@@ -63,3 +63,32 @@ def asample(req: SampleRequest, request: Request, caller: CallerDep) -> dict[str
     rid, seq_ids = svc.sample(sampler_id, seq_id, spec,
                               record_stability_info=bool(req.record_stability_info))
     return future_response(rid, None, sample_sequence_ids=seq_ids)
+
+
+# Sampling records (record_stability_info) read back, images included: the record names each
+# image of its prompt by SHA-256 and the second route gives its bytes (content-addressed on
+# the server: an image sent many times is stored once).
+_IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+
+
+@router.get("/sampling_records/{sequence_id}")
+def get_sampling_record(sequence_id: str, request: Request, caller: CallerDep) -> dict[str, object]:
+    rec = service(request).sampling_record(sequence_id, caller)
+    return {
+        "sequence_id": rec.sequence_id,
+        "prompt_tokens": rec.prompt.tolist(),  # -1 at image positions
+        "tokens": rec.tokens.tolist(),
+        "logprobs": rec.logprobs.tolist(),
+        "images": [{"index": k, "sha256": im.sha256, "format": im.format, "offset": im.at,
+                    "expected_tokens": im.length or None, "size_bytes": im.size,
+                    "url": f"/api/v1/sampling_records/{sequence_id}/images/{k}"}
+                   for k, im in enumerate(rec.images)],
+    }
+
+
+@router.get("/sampling_records/{sequence_id}/images/{index}")
+def get_sampling_record_image(sequence_id: str, index: int, request: Request,
+                              caller: CallerDep) -> Response:
+    im, data = service(request).sampling_record_image(sequence_id, index, caller)
+    return Response(data, media_type=_IMAGE_TYPES.get(im.format, "application/octet-stream"),
+                    headers={"X-Content-SHA256": im.sha256})
