@@ -3,19 +3,24 @@ DynamicCache path and plain Hugging Face `generate`, side by side in one run.
 
 N concurrent requests (default 32) of P-token prompts (default 128, seeded random ids) each
 generate T tokens (default 64; no stop tokens, so every row runs to T). Arms:
-  slab        Sampler(kv_cache="slab"): all N admitted at once, stepped until done
+  slab        Sampler(kv_cache="slab", cuda_graphs="off"): all N admitted at once, stepped
+              until done (the eager slab step)
+  static      the same with cuda_graphs="on": the static-shape step (engine/graph_decode.py),
+              replayed from CUDA graphs on a GPU, run eagerly on a CPU (--no-static skips)
   dynamic     Sampler(kv_cache="dynamic"): the same, on the DynamicCache batch
   generate    model.generate on the [N, P] batch (greedy, min_new_tokens=T)
   sequential  the slab sampler, the same N requests one after another (--no-sequential skips)
 Arms alternate for `--repeats` rounds; medians of generated tokens/s are printed, with
-ratios against `slab`. Then the decode phase alone is compared with the slab's and the
-dynamic path's steps alternated one by one, which a busy machine's drifting load affects
+ratios against `slab`. Then the decode phase alone is compared with the slab's, the static
+step's and the dynamic path's steps alternated one by one, which a busy machine's drifting load affects
 alike (--no-interleaved skips it). Greedy decoding, so the table also says whether the arms' tokens
 agree (batched rows round differently, so a near-tie can flip a token; a count near zero
 shows the arms computed the same thing).
 
     .venv/bin/python bench/sampling.py                      # bundled SmolLM2-135M
     .venv/bin/python bench/sampling.py --tiny --max-tokens 4  # seconds: a dry run
+    .venv/bin/python bench/sampling.py --device cuda --dtype bfloat16  # on a GPU
+    .venv/bin/python bench/sampling.py --tiny --choice-split --max-tokens 20  # model vs token choice
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tinsmith.config import DEFAULT_MODEL
+from tinsmith.engine.device import placement
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.engine.sampler import Sampler
 from tinsmith.models.catalog import resolve_model_dir
@@ -56,8 +62,8 @@ def specs(vocab: int, n: int, prompt_len: int, max_tokens: int) -> list[SampleSp
 
 
 def run_sampler(runner: ModelRunner, tok, reqs: list[SampleSpec], kv_cache: str, label: str,
-                prefill_chunk: int) -> list[list[int]]:
-    sampler = Sampler(runner, tok, kv_cache=kv_cache, prefill_chunk=prefill_chunk)
+                prefill_chunk: int, graphs: str = "off") -> list[list[int]]:
+    sampler = Sampler(runner, tok, kv_cache=kv_cache, prefill_chunk=prefill_chunk, cuda_graphs=graphs)
     boxes: list[list] = [[] for _ in reqs]
     for i, (spec, box) in enumerate(zip(reqs, boxes)):
         if i % 8 == 7 or i + 1 == len(reqs):
@@ -72,10 +78,15 @@ def run_sampler(runner: ModelRunner, tok, reqs: list[SampleSpec], kv_cache: str,
     return [list(map(int, b[0].sequences[0].tokens)) for b in boxes]
 
 
-def interleaved_decode(runner: ModelRunner, tok, reqs: list[SampleSpec], prefill_chunk: int) -> dict[str, float]:
-    """Decode-phase seconds of the slab and dynamic paths, their steps alternated so that a
-    busy machine's drifting load falls on both alike (prefills not timed)."""
-    samplers = {kv: Sampler(runner, tok, kv_cache=kv, prefill_chunk=prefill_chunk) for kv in ("slab", "dynamic")}
+def interleaved_decode(runner: ModelRunner, tok, reqs: list[SampleSpec], prefill_chunk: int,
+                       static: bool) -> dict[str, float]:
+    """Decode-phase seconds of the slab, static and dynamic paths, their steps alternated so
+    that a busy machine's drifting load falls on all alike (prefills not timed)."""
+    arms = {"slab": ("slab", "off"), "static": ("slab", "on"), "dynamic": ("dynamic", "off")}
+    if not static:
+        del arms["static"]
+    samplers = {arm: Sampler(runner, tok, kv_cache=kv, prefill_chunk=prefill_chunk, cuda_graphs=g)
+                for arm, (kv, g) in arms.items()}
     for kv, sampler in samplers.items():
         for spec in reqs:
             sampler.admit(None, spec, lambda out: None)
@@ -92,14 +103,50 @@ def interleaved_decode(runner: ModelRunner, tok, reqs: list[SampleSpec], prefill
     return spent
 
 
-def run_sequential(runner: ModelRunner, tok, reqs: list[SampleSpec], prefill_chunk: int) -> list[list[int]]:
-    sampler = Sampler(runner, tok, kv_cache="slab", prefill_chunk=prefill_chunk)
+def run_sequential(runner: ModelRunner, tok, reqs: list[SampleSpec], prefill_chunk: int,
+                   graphs: str = "off") -> list[list[int]]:
+    sampler = Sampler(runner, tok, kv_cache="slab", prefill_chunk=prefill_chunk, cuda_graphs=graphs)
     out = []
     for i, spec in enumerate(reqs):
         if i % 8 == 7:
             progress(f"sequential: request {i + 1}/{len(reqs)}")
         out.append(list(map(int, sampler.sample(None, spec).sequences[0].tokens)))
     return out
+
+
+def choice_split(runner: ModelRunner, tok, n: int, steps: int, graphs: str) -> None:
+    """Per decoding step of n rows (16-token random prompts): the model step vs the rest
+    (host-side token choice, bookkeeping), greedy and seeded temperature 1, with the
+    requests choosing one after another and in 2 threads (identical draws)."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, runner.vocab_size - 100, 16).astype(np.int64) for _ in range(n)]
+    for label, kw in (("greedy", {"temperature": 0.0}), ("seeded t=1", {"temperature": 1.0, "seed": 1})):
+        for threads in (0, 2):
+            sampler = Sampler(runner, tok, cuda_graphs=graphs, pick_threads=threads)
+            for p in prompts:
+                sampler.admit(None, SampleSpec(prompt=p, max_tokens=steps + 4, **kw), lambda out: None)
+            batch, spent = sampler.batch, [0.0]
+            forward = batch.forward
+
+            def timed_forward(forward=forward, spent=spent) -> torch.Tensor:
+                t0 = time.perf_counter()
+                out = forward()
+                spent[0] += time.perf_counter() - t0
+                return out
+
+            batch.forward = timed_forward  # type: ignore[method-assign]
+            for _ in range(2):
+                sampler.step()
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                sampler.step()
+            total = (time.perf_counter() - t0) / steps * 1e3
+            model = spent[0] / steps * 1e3
+            print(f"choice split, {n} rows, {label}, {threads} choice threads: step {total:.1f} ms = "
+                  f"model {model:.1f} ms + rest {total - model:.1f} ms")
+            while sampler.pending:
+                sampler.step()
 
 
 def run_generate(runner: ModelRunner, reqs: list[SampleSpec]) -> list[list[int]]:
@@ -122,6 +169,11 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-sequential", action="store_true")
+    ap.add_argument("--no-static", action="store_true", help="skip the static-step (graph) arms")
+    ap.add_argument("--choice-split", action="store_true",
+                    help="only time the model step vs host-side token choice (see choice_split)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-interleaved", action="store_true",
                     help="skip the decode-only comparison with alternating slab/dynamic steps")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -129,19 +181,29 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     name = TINY if args.tiny else args.model
-    runner = ModelRunner(resolve_model_dir(name), name)
+    runner = ModelRunner(resolve_model_dir(name), name, placement(args.device, args.dtype))
     tok = AutoTokenizer.from_pretrained(runner.model_dir)
+    if args.choice_split:
+        choice_split(runner, tok, args.requests, args.max_tokens, "off" if args.no_static else "on")
+        return
     reqs = specs(runner.vocab_size, args.requests, args.prompt_len, args.max_tokens)
     arms: dict[str, Callable[[], list[list[int]]]] = {
         "slab": lambda: run_sampler(runner, tok, reqs, "slab", "slab", args.prefill_chunk),
+        "static": lambda: run_sampler(runner, tok, reqs, "slab", "static", args.prefill_chunk, "on"),
         "dynamic": lambda: run_sampler(runner, tok, reqs, "dynamic", "dynamic", args.prefill_chunk),
         "generate": lambda: run_generate(runner, reqs),
     }
+    if args.no_static:
+        del arms["static"]
     if not args.no_sequential:
         arms["sequential"] = lambda: run_sequential(runner, tok, reqs, args.prefill_chunk)
+        if not args.no_static:
+            arms["sequential static"] = lambda: run_sequential(runner, tok, reqs, args.prefill_chunk, "on")
     warm = specs(runner.vocab_size, 2, 8, 2)  # one-time costs (kernels, lazy inits) out of the figures
     for kv in ("slab", "dynamic"):
         run_sampler(runner, tok, warm, kv, f"warm-up {kv}", args.prefill_chunk)
+    if not args.no_static:
+        run_sampler(runner, tok, warm, "slab", "warm-up static", args.prefill_chunk, "on")
     run_generate(runner, warm)
     times: dict[str, list[float]] = {k: [] for k in arms}
     tokens: dict[str, list[list[int]]] = {}
@@ -157,18 +219,18 @@ def main() -> None:
     print(f"{name}: {args.requests} requests x {args.prompt_len}-token prompts x {args.max_tokens} "
           f"new tokens, {torch.get_num_threads()} threads, device {runner.device}, "
           f"median of {args.repeats}")
-    print(f"{'arm':<12}{'seconds':>10}{'tokens/s':>12}{'slab tok/s / arm tok/s':>24}{'seqs != slab':>14}")
+    print(f"{'arm':<18}{'seconds':>10}{'tokens/s':>12}{'slab tok/s / arm tok/s':>24}{'seqs != slab':>14}")
     for arm in arms:
         s = statistics.median(times[arm])
         diff = sum(a != b for a, b in zip(tokens[arm], tokens["slab"]))
-        print(f"{arm:<12}{s:>10.2f}{generated / s:>12.1f}{s / base:>23.2f}x{diff:>14}")
+        print(f"{arm:<18}{s:>10.2f}{generated / s:>12.1f}{s / base:>23.2f}x{diff:>14}")
     if not args.no_interleaved:
-        spent = interleaved_decode(runner, tok, reqs, args.prefill_chunk)
+        spent = interleaved_decode(runner, tok, reqs, args.prefill_chunk, not args.no_static)
         print(file=sys.stderr)
         decoded = args.requests * (args.max_tokens - 1)  # the first token comes from the prefill
-        print(f"decode steps alternated (prefill not timed): slab {decoded / spent['slab']:.1f} tok/s, "
-              f"dynamic {decoded / spent['dynamic']:.1f} tok/s, slab/dynamic "
-              f"{spent['dynamic'] / spent['slab']:.2f}x")
+        rates = ", ".join(f"{arm} {decoded / t:.1f} tok/s" for arm, t in spent.items())
+        ratios = ", ".join(f"{arm}/slab {spent['slab'] / t:.2f}x" for arm, t in spent.items() if arm != "slab")
+        print(f"decode steps alternated (prefill not timed): {rates}; {ratios}")
 
 
 if __name__ == "__main__":

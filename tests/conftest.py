@@ -76,6 +76,41 @@ def logprobs_of(out: types.ForwardBackwardOutput) -> list[np.ndarray]:
     return [np.asarray(o["logprobs"].to_numpy()) for o in out.loss_fn_outputs]
 
 
+def attach_random_adapter(runner, rank: int, seed: int) -> int:
+    """A LoRA adapter with seeded non-zero B (a fresh one adds nothing) attached to a new
+    slot of an engine-level ModelRunner; the slot."""
+    import torch
+
+    from tinsmith.engine.adapter import Adapter
+    from tinsmith.types import LoraSpec
+
+    adapter = Adapter.create(LoraSpec(rank=rank, seed=seed), runner.layers)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in adapter.weights.values():
+            w.B.copy_(torch.randn(w.B.shape, generator=gen) * 0.2)
+    return runner.attach(adapter)
+
+
+def token_array(tokenizer, text: str) -> np.ndarray:
+    return np.asarray(tokenizer.encode(text), np.int64)
+
+
+def assert_same_samples(got, want, tol: dict[str, float]) -> None:
+    """Two samplers' SampleOut (engine level) for one request: equal tokens and stop
+    reasons, logprobs (sampled, top-k, prompt) within `tol` (np.testing.assert_allclose)."""
+    assert len(got.sequences) == len(want.sequences)
+    for g, w in zip(got.sequences, want.sequences):
+        np.testing.assert_array_equal(g.tokens, w.tokens)
+        assert g.stop_reason == w.stop_reason
+        np.testing.assert_allclose(g.logprobs, w.logprobs, **tol)
+        if w.topk_ids is not None:
+            np.testing.assert_array_equal(g.topk_ids, w.topk_ids)
+            np.testing.assert_allclose(g.topk_logprobs, w.topk_logprobs, **tol)
+    if want.prompt_logprobs is not None:
+        np.testing.assert_allclose(got.prompt_logprobs, want.prompt_logprobs, **tol)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

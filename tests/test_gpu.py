@@ -259,3 +259,102 @@ def test_slab_kv_cache_greedy_equals_dynamic_on_cuda() -> None:
         assert len(want.tokens) == 16
         np.testing.assert_array_equal(got.tokens, want.tokens)
         np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-4)
+
+
+def _graph_runner(dtype: str):
+    """The tiny model on CUDA in `dtype`, with one LoRA adapter (non-zero B) attached."""
+    from conftest import TINY
+    from transformers import AutoTokenizer
+
+    from tinsmith.engine.adapter import Adapter
+    from tinsmith.engine.device import placement
+    from tinsmith.engine.runner import ModelRunner
+    from tinsmith.models.catalog import resolve_model_dir
+    from tinsmith.types import LoraSpec
+
+    runner = ModelRunner(resolve_model_dir(TINY), TINY, placement("cuda", dtype))
+    tokenizer = AutoTokenizer.from_pretrained(runner.model_dir)
+    adapter = Adapter.create(LoraSpec(rank=4, seed=1), runner.layers)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for w in adapter.weights.values():
+            w.B.copy_(torch.randn(w.B.shape, generator=gen).to(w.B.device) * 0.2)
+    return runner, tokenizer, runner.attach(adapter)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("bfloat16", 5e-2)])
+def test_graph_replay_equals_eager_static_step(dtype: str, atol: float) -> None:
+    """Sampling's decode step replayed from CUDA graphs (engine/graph_decode.py) gives the
+    logits the same static step gives run eagerly, step by step on the same slab and inputs,
+    with an adapter and the base model in one batch; the slab grows twice on the way (rows
+    past 8, columns past 64), which rebuilds and recaptures the graphs. Tolerance: float32
+    1e-4 absolute, bfloat16 5e-2 (a replay runs the captured kernels, so the two normally
+    agree bitwise; the margin covers a different GEMM algorithm choice under capture)."""
+    from tinsmith.engine.graph_decode import GraphDecoder
+    from tinsmith.engine.sampler import Sampler
+    from tinsmith.types import SampleSpec
+
+    runner, tokenizer, slot = _graph_runner(dtype)
+    try:
+        sampler = Sampler(runner, tokenizer, cuda_graphs="on")
+        batch, eager = sampler.batch, GraphDecoder(runner, capture=False)
+        graphs = batch.graphs
+        assert graphs is not None and graphs.capture
+
+        def admit(s: int | None, text: str, n: int) -> None:
+            spec = SampleSpec(prompt=np.asarray(tokenizer.encode(text), np.int64), num_samples=n,
+                              max_tokens=1000, temperature=0.0)
+            sampler.admit(s, spec, lambda out: None)
+
+        admit(slot, "word " * 50, 2)  # 51 prompt tokens: the columns outgrow 64 after ~13 steps
+        admit(None, "Hello there", 1)
+        worst = 0.0
+        with torch.inference_mode():
+            for step in range(20):
+                if step == 5:
+                    admit(slot, "More rows join the batch now", 6)  # 9 rows: the slab rows grow
+                batch._slab.reserve(batch._hi() + 1, batch.width + 1)  # as forward() does
+                want = eager.step(batch._slab, batch.next_tok, batch.lens, batch.slab_rows, batch.slots)
+                got = batch.forward()  # the graph replay; rewrites the cells eager.step wrote
+                worst = max(worst, float((got - want).abs().max()))
+                batch.keep(list(range(batch.rows)), got.argmax(-1))
+        assert worst <= atol, worst
+        counts = (graphs.steps, graphs.rebuilds, graphs.captures)
+        assert counts[0] == 20 and counts[1] >= 3 and counts[2] >= 3, counts
+    finally:
+        runner.detach(slot)
+
+
+@cuda_only
+def test_graph_decode_timing_print() -> None:
+    """Not an assertion on speed: prints the per-step time of the eager slab step, the static
+    step run eagerly and its graph replay, for 1 and 8 rows of the tiny model in bf16
+    (bench/sampling.py --device cuda measures whole runs)."""
+    import time
+
+    from tinsmith.engine.sampler import Sampler
+    from tinsmith.types import SampleSpec
+
+    runner, tokenizer, slot = _graph_runner("bfloat16")
+    try:
+        for rows in (1, 8):
+            line = []
+            for mode in ("off", "eager-static", "on"):
+                sampler = Sampler(runner, tokenizer, cuda_graphs="off" if mode == "off" else "on")
+                if mode == "eager-static":
+                    sampler.batch.graphs.capture = False
+                spec = SampleSpec(prompt=np.asarray(tokenizer.encode("Timing the decode"), np.int64),
+                                  num_samples=rows, max_tokens=60, temperature=0.0)
+                sampler.admit(slot, spec, lambda out: None)
+                for _ in range(5):  # warm-up (and the capture)
+                    sampler.step()
+                t0 = time.perf_counter()
+                for _ in range(40):
+                    sampler.step()  # each step's logits reach the host: synchronised
+                line.append(f"{mode} {(time.perf_counter() - t0) / 40 * 1e3:.2f} ms")
+                while sampler.pending:
+                    sampler.step()
+            print(f"\ngraph decode, {rows} rows, tiny bf16, per step: " + ", ".join(line))
+    finally:
+        runner.detach(slot)

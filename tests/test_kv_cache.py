@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, assert_same_samples, attach_random_adapter, token_array
 from transformers import AutoTokenizer
 
 from tinsmith.engine.adapter import Adapter
@@ -42,34 +42,14 @@ def tokenizer(runner: ModelRunner):
 
 @pytest.fixture(scope="module")
 def slots(runner: ModelRunner):
-    attached = []
-    for seed in (1, 2):
-        adapter = Adapter.create(LoraSpec(rank=4, seed=seed), runner.layers)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for w in adapter.weights.values():
-                w.B.copy_(torch.randn(w.B.shape, generator=gen) * 0.2)
-        attached.append(runner.attach(adapter))
+    attached = [attach_random_adapter(runner, 4, seed) for seed in (1, 2)]
     yield attached
     for slot in attached:
         runner.detach(slot)
 
 
-def _prompt(tokenizer, text: str) -> np.ndarray:
-    return np.asarray(tokenizer.encode(text), np.int64)
-
-
 def _assert_same(got: SampleOut, want: SampleOut) -> None:
-    assert len(got.sequences) == len(want.sequences)
-    for g, w in zip(got.sequences, want.sequences):
-        np.testing.assert_array_equal(g.tokens, w.tokens)
-        assert g.stop_reason == w.stop_reason
-        np.testing.assert_allclose(g.logprobs, w.logprobs, **TOL)
-        if w.topk_ids is not None:
-            np.testing.assert_array_equal(g.topk_ids, w.topk_ids)
-            np.testing.assert_allclose(g.topk_logprobs, w.topk_logprobs, **TOL)
-    if want.prompt_logprobs is not None:
-        np.testing.assert_allclose(got.prompt_logprobs, want.prompt_logprobs, **TOL)
+    assert_same_samples(got, want, TOL)
 
 
 def _requests(tokenizer, slots: list[int]) -> list[tuple[int | None, SampleSpec]]:
@@ -83,7 +63,7 @@ def _requests(tokenizer, slots: list[int]) -> list[tuple[int | None, SampleSpec]
         {"num_samples": 1, "max_tokens": 10, "temperature": 0.0, "prompt_logprobs": True, "topk_prompt_logprobs": 2},
     ]
     which = [slots[0], None, slots[1], slots[0], None]
-    return [(slot, SampleSpec(prompt=_prompt(tokenizer, t), **kw)) for slot, t, kw in zip(which, texts, specs)]
+    return [(slot, SampleSpec(prompt=token_array(tokenizer, t), **kw)) for slot, t, kw in zip(which, texts, specs)]
 
 
 def _staggered(sampler: Sampler, requests: list[tuple[int | None, SampleSpec]]) -> list[SampleOut]:
@@ -109,7 +89,7 @@ def test_slab_equals_dynamic_cache_path(runner: ModelRunner, tokenizer, slots: l
 
 
 def test_greedy_equals_generate(runner: ModelRunner, tokenizer) -> None:
-    prompts = [_prompt(tokenizer, t) for t in ("Hello there, my friend", "The cat sat on the mat and then")]
+    prompts = [token_array(tokenizer, t) for t in ("Hello there, my friend", "The cat sat on the mat and then")]
     sampler = Sampler(runner, tokenizer)
     boxes: list[list] = [[], []]
     for p, box in zip(prompts, boxes):  # both decode together, with different lengths
@@ -130,13 +110,13 @@ def test_greedy_equals_generate(runner: ModelRunner, tokenizer) -> None:
 
 
 def test_rows_joining_and_leaving_leave_others_unchanged(runner: ModelRunner, tokenizer, slots: list[int]) -> None:
-    long = SampleSpec(prompt=_prompt(tokenizer, "A long story begins"), max_tokens=20, temperature=1.0, seed=3)
+    long = SampleSpec(prompt=token_array(tokenizer, "A long story begins"), max_tokens=20, temperature=1.0, seed=3)
     want = Sampler(runner, tokenizer).sample(slots[0], long)
     sampler = Sampler(runner, tokenizer)
     box: list = []
     sampler.admit(slots[0], long, box.append)
     row = sampler.batch.slab_rows[0]
-    others = [SampleSpec(prompt=_prompt(tokenizer, t), num_samples=n, max_tokens=m, temperature=0.0)
+    others = [SampleSpec(prompt=token_array(tokenizer, t), num_samples=n, max_tokens=m, temperature=0.0)
               for t, n, m in (("Hi", 2, 3), ("Good morning to you", 3, 5), ("x", 1, 2), ("Bye now", 2, 4))]
     seen_rows: set[int] = set()
     for step in range(19):
@@ -152,7 +132,7 @@ def test_rows_joining_and_leaving_leave_others_unchanged(runner: ModelRunner, to
 
 
 def test_prefix_shared_rows_equal_unshared(runner: ModelRunner, tokenizer, slots: list[int]) -> None:
-    prompt = _prompt(tokenizer, "Sharing a prompt between samples")
+    prompt = token_array(tokenizer, "Sharing a prompt between samples")
     one = SampleSpec(prompt=prompt, num_samples=1, max_tokens=10, temperature=0.0, topk_sample_logprobs=2)
     four = SampleSpec(prompt=prompt, num_samples=4, max_tokens=10, temperature=0.0, topk_sample_logprobs=2)
     want = Sampler(runner, tokenizer).sample(slots[1], one).sequences[0]
@@ -172,7 +152,7 @@ def test_prefix_shared_rows_equal_unshared(runner: ModelRunner, tokenizer, slots
 
 @pytest.mark.parametrize("chunk", [1, 7, 16])
 def test_chunked_prefill_equals_one_shot(runner: ModelRunner, tokenizer, slots: list[int], chunk: int) -> None:
-    prompt = _prompt(tokenizer, "word " * 12 + "and then the story went on and on until the end")
+    prompt = token_array(tokenizer, "word " * 12 + "and then the story went on and on until the end")
     targets = np.full((len(prompt) - 1, 1), -1, np.int64)  # [P - 1, 1]: three positions asked
     targets[[2, 9, 17], 0] = (5, 7, 9)
     spec = SampleSpec(prompt=prompt, num_samples=2, max_tokens=8, temperature=1.0, seed=9, prompt_logprobs=True,
@@ -187,8 +167,8 @@ def test_chunked_prefill_equals_one_shot(runner: ModelRunner, tokenizer, slots: 
 
 
 def test_chunked_prefill_interleaves_with_decoding(runner: ModelRunner, tokenizer) -> None:
-    short = SampleSpec(prompt=_prompt(tokenizer, "Hi"), max_tokens=12, temperature=0.0)
-    long = SampleSpec(prompt=_prompt(tokenizer, "word " * 40), max_tokens=4, temperature=0.0)
+    short = SampleSpec(prompt=token_array(tokenizer, "Hi"), max_tokens=12, temperature=0.0)
+    long = SampleSpec(prompt=token_array(tokenizer, "word " * 40), max_tokens=4, temperature=0.0)
     want = [Sampler(runner, tokenizer).sample(None, s) for s in (short, long)]
     sampler = Sampler(runner, tokenizer, prefill_chunk=8)
     boxes: list[list] = [[], []]
@@ -214,8 +194,8 @@ def test_detached_slot_fails_a_chunked_prefill_alone(runner: ModelRunner, tokeni
     sampler = Sampler(runner, tokenizer, prefill_chunk=4)
     ok: list = []
     bad: list = []
-    sampler.admit(None, SampleSpec(prompt=_prompt(tokenizer, "Hi"), max_tokens=5, temperature=0.0), ok.append)
-    sampler.admit(slot, SampleSpec(prompt=_prompt(tokenizer, "word " * 10), max_tokens=5), bad.append)
+    sampler.admit(None, SampleSpec(prompt=token_array(tokenizer, "Hi"), max_tokens=5, temperature=0.0), ok.append)
+    sampler.admit(slot, SampleSpec(prompt=token_array(tokenizer, "word " * 10), max_tokens=5), bad.append)
     runner.detach(slot)
     while sampler.pending:
         sampler.step()
@@ -226,8 +206,8 @@ def test_detached_slot_fails_a_chunked_prefill_alone(runner: ModelRunner, tokeni
 def test_slab_grows_and_compacts(runner: ModelRunner, tokenizer) -> None:
     """12 rows outgrow the first 8 slab rows, a 70-token prompt the first 64 columns; when
     all but the last-admitted row leave, it moves down to slab row 0 and decodes on."""
-    specs = [SampleSpec(prompt=_prompt(tokenizer, f"Request {i}"), max_tokens=2, temperature=0.0) for i in range(11)]
-    last = SampleSpec(prompt=_prompt(tokenizer, "tok " * 69), max_tokens=10, temperature=1.0, seed=2)
+    specs = [SampleSpec(prompt=token_array(tokenizer, f"Request {i}"), max_tokens=2, temperature=0.0) for i in range(11)]
+    last = SampleSpec(prompt=token_array(tokenizer, "tok " * 69), max_tokens=10, temperature=1.0, seed=2)
     want = Sampler(runner, tokenizer).sample(None, last)
     sampler = Sampler(runner, tokenizer)
     box: list = []

@@ -8,7 +8,9 @@ per `step()` together with every other live row, under their own adapter slots. 
 a `SlabBatch` (engine/slab_batch.py: a preallocated KV cache, each sample row getting a copy
 of the one prefill's KV) unless `kv_cache="dynamic"` asks for the `DecodeBatch` of
 engine/decode.py (Hugging Face DynamicCache rows, concatenated every step), which models
-with sliding-window layers always use, one request at a time. A prompt longer than
+with sliding-window layers always use, one request at a time. With `cuda_graphs` on (by
+default on CUDA) the slab's decoding step runs in static shapes and is replayed from CUDA
+graphs (engine/graph_decode.py; on a CPU, "on" runs the same static step eagerly). A prompt longer than
 `prefill_chunk` tokens is prefilled one chunk per `step()`, interleaved with the decoding
 steps of the rows in flight, and joins the batch after its last chunk (docs/sampling.md). Rows that stop leave the batch at once, and a request whose rows have all
 stopped completes through its `on_done` callback, so nobody waits for the longest sequence.
@@ -37,8 +39,10 @@ Shapes: P = prompt length, B = rows of a request still decoding (<= num_samples)
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -46,6 +50,7 @@ from transformers import DynamicCache
 
 from tinsmith.engine.decode import DecodeBatch, mergeable
 from tinsmith.engine.draw import race
+from tinsmith.engine.graph_decode import GraphDecoder, graphs_wanted
 from tinsmith.engine.prompt_scoring import first_position, score_prompt
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.engine.slab_batch import SlabBatch
@@ -60,6 +65,9 @@ _NUCLEUS_GUESSES = (1024, 8192)
 
 # Called once with the finished output, or with the exception that ended the request.
 OnDone = Callable[[SampleOut | BaseException], None]
+
+# One request's draw for a step: tokens [b], their raw logprobs, top-k ([b, k] logprobs, ids).
+_Choice = tuple[torch.Tensor, list[float], tuple[np.ndarray, np.ndarray] | None]
 
 
 class _StopStringWatcher:
@@ -181,9 +189,11 @@ class Sampler:
 
     def __init__(
         self, runner: ModelRunner, tokenizer, *, kv_cache: str = "slab", prefill_chunk: int = 512,
+        cuda_graphs: str = "auto", pick_threads: int | None = None,
     ) -> None:
         if kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES}, not {kv_cache!r}")
+        graphs = graphs_wanted(cuda_graphs, runner.device)  # ValueError for an unknown mode
         self.runner = runner
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk  # prompt tokens per prefill pass; <= 0: whole prompts
@@ -194,7 +204,18 @@ class Sampler:
         # The preallocated slab (kv_cache.py) unless asked for the DynamicCache batch, which
         # the one-request-at-a-time models keep.
         slab = kv_cache == "slab" and self._shared
-        self.batch: DecodeBatch | SlabBatch = SlabBatch(runner) if slab else DecodeBatch(runner)
+        # Static (graph) steps for the slab of a dense text model (graph_decode.supported).
+        static = (GraphDecoder(runner, capture=runner.device.type == "cuda")
+                  if slab and graphs and GraphDecoder.supported(runner) else None)
+        self.batch: DecodeBatch | SlabBatch = SlabBatch(runner, static) if slab else DecodeBatch(runner)
+        # Token choice runs on the host, per request (its own generator, a pass over V per
+        # row): with a replayed GPU step it outweighs the step, so on CUDA the requests of a
+        # step choose in parallel threads (results are the same: each request touches only
+        # its own rows and generator). None: min(8, cores / 2) on CUDA, none on a CPU, where
+        # the model's own ops use the cores.
+        if pick_threads is None:
+            pick_threads = min(8, (os.cpu_count() or 1) // 2) if runner.device.type == "cuda" else 0
+        self._pool = ThreadPoolExecutor(pick_threads, "tinsmith-pick") if pick_threads > 1 else None
         self._waiting: deque[tuple[int | None, SampleSpec, OnDone]] = deque()
         self._prefilling: deque[_Prefill] = deque()  # long prompts, one chunk per step()
 
@@ -223,7 +244,8 @@ class Sampler:
         if spec.temperature == 0:
             tokens = logits.argmax(dim=-1)
         else:
-            scaled = logits / spec.temperature
+            # x / 1.0 == x exactly: skip that pass over [B, V] at temperature 1.
+            scaled = logits if spec.temperature == 1.0 else logits / spec.temperature
             vocab = scaled.shape[-1]
             # `probs` [B, C] are the weights of the candidates `cand` [B, C] (sorted by
             # descending probability), or of the whole vocabulary when cand is None.
@@ -372,15 +394,22 @@ class Sampler:
                 for req in failed:
                     req.on_done(e)
                 raise
+            parts: list[tuple[_Request, torch.Tensor]] = []
+            start = 0
+            for req in self._live:  # each request draws from its own rows, with its own generator
+                parts.append((req, logits[start : start + len(req.live)]))
+                start += len(req.live)
+            choices: list[_Choice | None] = [None] * len(parts)
+            if self._pool is not None and len(parts) > 1:
+                choices = list(self._pool.map(lambda p: self._choose(p[0], p[1], shared=False), parts))
             rows: list[int] = []
             nexts: list[torch.Tensor] = []
             start = 0
-            for req in self._live:  # each request draws from its own rows, with its own generator
-                n = len(req.live)
-                kept, tokens = self._advance(req, logits[start : start + n], shared=False)
+            for (req, part), choice in zip(parts, choices):  # recorded in order, on this thread
+                kept, tokens = self._advance(req, part, shared=False, choice=choice)
                 rows.extend(start + b for b in kept)
                 nexts.append(tokens)
-                start += n
+                start += part.shape[0]
             self.batch.keep(rows, torch.cat(nexts))
         finished = [r for r in self._live if r.done]
         self._live = [r for r in self._live if not r.done]
@@ -414,16 +443,25 @@ class Sampler:
             raise box[0]
         return box[0]
 
-    def _advance(self, req: _Request, logits: torch.Tensor, *, shared: bool) -> tuple[list[int], torch.Tensor]:
-        """Draw the next token of each of the request's live rows from fp32 logits [b, V];
-        returns (positions of the rows that go on, their tokens)."""
-        tokens, logprobs, log_z = self._pick(logits, req.spec, req.gen)
-        k = req.spec.topk_sample_logprobs
-        tops = None
-        if k > 0:  # when shared, every row has the same logits: one row is enough
-            rows = slice(0, 1) if shared else slice(None)
-            tops = self._topk(logits[rows], log_z[rows], k)
-        kept = req.take(tokens.tolist(), logprobs.tolist(), tops, shared)
+    def _choose(self, req: _Request, logits: torch.Tensor, *, shared: bool) -> _Choice:
+        """The next token of each of the request's live rows from fp32 logits [b, V], its raw
+        logprob and (with topk_sample_logprobs) the step's top k; touches only `req.gen`, so
+        requests may choose in parallel threads."""
+        with torch.inference_mode():  # thread-local: a pool thread enters it itself
+            tokens, logprobs, log_z = self._pick(logits, req.spec, req.gen)
+            k = req.spec.topk_sample_logprobs
+            tops = None
+            if k > 0:  # when shared, every row has the same logits: one row is enough
+                rows = slice(0, 1) if shared else slice(None)
+                tops = self._topk(logits[rows], log_z[rows], k)
+        return tokens, logprobs.tolist(), tops
+
+    def _advance(self, req: _Request, logits: torch.Tensor, *, shared: bool,
+                 choice: _Choice | None = None) -> tuple[list[int], torch.Tensor]:
+        """Draw (or take the `choice` already drawn) and record the next token of each of the
+        request's live rows; returns (positions of the rows that go on, their tokens)."""
+        tokens, logprobs, tops = choice if choice is not None else self._choose(req, logits, shared=shared)
+        kept = req.take(tokens.tolist(), logprobs, tops, shared)
         return kept, tokens[kept]
 
     @staticmethod

@@ -39,11 +39,12 @@ class LocalSampler:
 
     def __init__(
         self, runner: ModelRunner, tokenizer, spill_dir: Path, max_adapters: int = 16,
-        *, kv_cache: str = "slab", prefill_chunk: int = 512,
+        *, kv_cache: str = "slab", prefill_chunk: int = 512, cuda_graphs: str = "auto",
     ) -> None:
         self.runner = runner
         self._tokenizer = tokenizer
-        self._sampler = Sampler(runner, tokenizer, kv_cache=kv_cache, prefill_chunk=prefill_chunk)
+        self._sampler = Sampler(runner, tokenizer, kv_cache=kv_cache, prefill_chunk=prefill_chunk,
+                                cuda_graphs=cuda_graphs)
         self.spill_dir = spill_dir
         self._samplers: OrderedDict[str, tuple[Adapter, int]] = OrderedDict()
         self._max_samplers = max_adapters

@@ -9,6 +9,11 @@ on the host; the model's inputs go to the device once per step.
 
 A row's logits differ from decoding it alone by float rounding only (its attention reads a
 wider, masked slab view; matmuls run over more rows), as with DecodeBatch.
+
+With a `GraphDecoder` (engine/graph_decode.py) the step runs in static shapes (rows padded
+to a bucket, attention over a bucketed view of the slab, the LoRA delta from a slot table),
+captured in CUDA graphs on a GPU. The slab is then kept (not dropped) when the last row
+leaves, so its graphs stay valid.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import itertools
 import torch
 from transformers import DynamicCache
 
+from tinsmith.engine.graph_decode import GraphDecoder
 from tinsmith.engine.kv_cache import SlabCache, route_of
 from tinsmith.engine.runner import ModelRunner
 
@@ -25,15 +31,18 @@ from tinsmith.engine.runner import ModelRunner
 class SlabBatch:
     """Rows decoding together under one model; touched only by the model's worker thread."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, graphs: GraphDecoder | None = None) -> None:
         self.runner = runner
         self.route = route_of(runner.model)
+        self.graphs = graphs  # None: the eager step below
         self._slab: SlabCache | None = None
         self.clear()
 
-    def clear(self) -> None:
-        """No rows (at start, when the last row leaves, and after a failed step): the slab goes."""
-        self._slab = None
+    def clear(self, keep_slab: bool = False) -> None:
+        """No rows (at start, when the last row leaves, and after a failed step): the slab
+        goes, unless `keep_slab` (static steps: its captured graphs stay valid)."""
+        if not keep_slab:
+            self._slab = None
         self.slots: list[int | None] = []  # [B] adapter slot per batch row
         self.slab_rows: list[int] = []  # [B] slab row per batch row
         self.lens = torch.zeros(0, dtype=torch.long)  # [B] filled columns = next position id
@@ -97,6 +106,10 @@ class SlabBatch:
             raise RuntimeError(f"adapter slots {sorted(missing)} were detached while decoding")
         dev = self.runner.device
         hi, width = self._hi(), self.width + 1  # after this step the longest row has width cols
+        if self.graphs is not None:  # it reserves the (bucketed) view it reads itself
+            logits = self.graphs.step(slab, self.next_tok, self.lens, self.slab_rows, self.slots)
+            self.lens = self.lens + 1
+            return logits
         slab.reserve(hi, width)
         rows = torch.tensor(self.slab_rows, dtype=torch.long)
         identity = self.slab_rows == list(range(hi))
@@ -128,7 +141,7 @@ class SlabBatch:
         """Keep only batch `rows` (ascending), which feed `tokens` [len(rows)] next; the
         others' slab rows are freed (nothing is copied)."""
         if not rows:
-            self.clear()
+            self.clear(keep_slab=self.graphs is not None)
             return
         if len(rows) < self.rows:
             gone = set(range(self.rows)) - set(rows)
