@@ -1,6 +1,9 @@
 """The GPU check (bench/gpu/) dry-runs on the CPU: `run.sh` with TINSMITH_GPU_CHECK_DRY=1
 runs the GPU tests with TINSMITH_TEST_DEVICE=cpu and the bench with tiny shapes, through the
-same code as on the GPU machine, and must print the table with every row. Also: the wheel
+same code as on the GPU machine, and must print the table with every row; the ratio rows
+(S1-S3 sampling, the 1-rank group of `serve --sharded`, MoE and VL against plain PEFT) with
+finite, positive figures, the group server really training through one rank process, and
+plain PEFT really adapting the MoE's fused experts. Also: the wheel
 collector's shell is valid and its package picker leaves the image's packages behind
 (nothing is downloaded here).
 """
@@ -8,6 +11,7 @@ collector's shell is valid and its package picker leaves the image's packages be
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +22,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / "bench" / "gpu"
 ROWS = ("GPU tests", "B1 1 run", "B2 ", "B2 fairness", "B3 MFU", "B4 ", "peak GPU memory",
-        "B1-exact", "B2-exact")
+        "S1 ", "S2 ", "S3 ", "G 1-rank group", "MoE ", "VL ", "B1-exact", "B2-exact")
+# The rows that are ratios of two figures this run measured (S1-S3, the group, MoE and VL).
+RATIO_ROWS = ("S1 ", "S2 ", "S3 ", "G 1-rank group", "MoE ", "VL ")
 
 
 @pytest.mark.parametrize("script", ["collect_wheels.sh", "run.sh"])
@@ -69,11 +75,32 @@ def test_run_sh_dry_run_prints_every_row(tmp_path: Path) -> None:
     lines = [line for line in table.splitlines() if line.startswith("| ")]
     for row in ROWS:
         assert any(row in line for line in lines), f"no {row!r} row in:\n{table}"
-    assert len(lines) == 1 + 9, table  # header + rows
+    assert len(lines) == 1 + len(ROWS), table  # header + rows
     # Every figure measured, but the GPU's memory and the optional --exact-packing phase.
     for line in lines:
         assert "n/a" not in line or "no GPU" in line or "not asked" in line, table
-    assert "5 passed" in lines[1], table
+    assert " passed" in lines[1] and "| met" in lines[1], table
+    for row in RATIO_ROWS:
+        cells = [c.strip() for c in next(line for line in lines if row in line).split("|")[1:-1]]
+        ratio = float(cells[3].removesuffix("x"))
+        assert math.isfinite(ratio) and ratio > 0, table
     records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert all(r["status"] == "ok" for r in records if r["kind"] == "phase"), records
+    # The new phases' raw figures: positive and finite, every generated token counted.
+    speeds = [r for r in records if r["kind"] in ("generate", "sampling")]
+    assert {r["tag"] for r in speeds} == {"batch4", "batch1", "s1", "s2", "s3"}, speeds
+    for r in speeds:
+        assert r["tokens"] > 0 and math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0, r
+        assert r["tokens"] <= r["batch" if r["kind"] == "generate" else "requests"] * r["new_tokens"], r
+    steps = {(r["kind"], r["tag"]): r for r in records if r.get("tag") in ("b1-group", "moe", "vl")}
+    assert set(steps) == {("server", "b1-group"), ("server", "moe"), ("plain", "moe"), ("server", "vl"),
+                          ("plain", "vl")}, steps
+    for r in steps.values():
+        assert math.isfinite(r["median_s"]) and r["median_s"] > 0 and all(map(math.isfinite, r["losses"])), r
+    assert steps["plain", "moe"]["lora"] == "attention + experts"  # PEFT targets the fused experts
+    # `serve --sharded` trained through a 1-rank group; the B1 server through the local engine.
+    logs = {p: next(tmp_path.glob(f"tinsmith-gpu-check.*/bench/{p}/server.log")).read_text()
+            for p in ("server-small", "server-group")}
+    assert "sharded engine: 1 ranks up" in logs["server-group"], logs["server-group"][-3000:]
+    assert "sharded engine" not in logs["server-small"] and "runs stay resident" in logs["server-small"]
     assert {p.name for p in out.iterdir()} == {"run.log", "table.txt", "results.jsonl", "servers.log"}

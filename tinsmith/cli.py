@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
-from tinsmith import cli_limits, cli_plan
+from tinsmith import cli_limits, cli_plan, cli_worker
 from tinsmith.config import DEFAULT_MODEL, Prices, ServerSettings
 from tinsmith.types import UserError
 
@@ -29,6 +29,9 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         device=getattr(args, "device", "auto"),
         dtype=getattr(args, "dtype", "auto"),
         devices=getattr(args, "devices", 1),
+        **_group_settings(args),
+        replicas=getattr(args, "replicas", 1),
+        sharded=getattr(args, "sharded", False),
         exact_packing=getattr(args, "exact_packing", None),
         pack_linger_ms=getattr(args, "pack_linger_ms", None),
         max_resident_adapters=getattr(args, "max_resident_adapters", None),
@@ -36,12 +39,34 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         debug_slow_writes_s=float(os.environ.get("TINSMITH_DEBUG_SLOW_WRITES_S") or 0),
         prices=Prices.parse(getattr(args, "price", None) or ()),
         sampler_kv_cache=getattr(args, "sampler_kv_cache", ServerSettings.sampler_kv_cache),
+        sampler_cuda_graphs=getattr(args, "sampler_cuda_graphs", ServerSettings.sampler_cuda_graphs),
         prefill_chunk_tokens=getattr(args, "prefill_chunk_tokens",
                                      ServerSettings.prefill_chunk_tokens),
+        sampler=getattr(args, "sampler", ServerSettings.sampler),
+        vllm_url=getattr(args, "vllm_url", None),
+        vllm_python=Path(args.vllm_python) if getattr(args, "vllm_python", None) else None,
+        vllm_max_lora_rank=getattr(args, "vllm_max_lora_rank", ServerSettings.vllm_max_lora_rank),
+        vllm_max_logprobs=getattr(args, "vllm_max_logprobs", ServerSettings.vllm_max_logprobs),
+        vllm_tensor_parallel=getattr(args, "vllm_tensor_parallel", ServerSettings.vllm_tensor_parallel),
         max_image_bytes=getattr(args, "max_image_bytes", ServerSettings.max_image_bytes),
         max_image_pixels=getattr(args, "max_image_pixels", ServerSettings.max_image_pixels),
         **cli_limits.serve_settings(args),
     )
+
+
+def _group_settings(args: argparse.Namespace) -> dict[str, object]:
+    """A rank group spanning machines (`serve --group-listen`, docs/scale-out.md)."""
+    listen = getattr(args, "group_listen", None)
+    if not listen:
+        return {}
+    if getattr(args, "replicas", 1) != 1:
+        raise ValueError("--group-listen serves one rank group per model: use --replicas 1")
+    token = cli_worker.group_token(args.group_token_file)
+    if token is None:
+        raise ValueError(f"--group-listen needs the group's shared token: set "
+                         f"{cli_worker.TOKEN_ENV} or --group-token-file")
+    return {"group_listen": listen, "local_ranks": args.local_ranks, "group_token": token,
+            "group_join_timeout_s": args.group_join_timeout}
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -54,11 +79,13 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tinsmith.embedded import serve
+    from tinsmith.engine.sharded import GroupFailed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         serve(_settings(args))
-    except (ImportError, ValueError) as e:  # e.g. a --loss-module that cannot be used
+    except (ImportError, ValueError, GroupFailed) as e:  # e.g. a --loss-module that cannot be
+        # used, or a rank group whose workers did not join
         print(f"tinsmith serve: {e}", file=sys.stderr)
         return 2
     return 0
@@ -332,6 +359,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard each served model's training over N devices with FSDP2: N GPUs "
                         "(NCCL) with a CUDA device, else N CPU processes (gloo); 1 (default): "
                         "one process, no sharding (docs/scale-out.md)")
+    p.add_argument("--replicas", type=int, default=1, metavar="M",
+                   help="M engine replicas per served model, each a group of --devices rank "
+                        "processes (GPUs [k*N, (k+1)*N) for replica k); each training run lives "
+                        "on one, placed and moved by load; 1 (default): one engine "
+                        "(docs/scale-out.md, Replicas)")
+    p.add_argument("--sharded", action="store_true",
+                   help="train through the rank-group engine even with --devices 1 (one rank "
+                        "process; for measuring the group path's overhead)")
+    p.add_argument("--group-listen", default=None, metavar="HOST:PORT",
+                   help="let `tinsmith worker --join HOST:PORT` on other machines run ranks of "
+                        "the --devices N group (docs/scale-out.md, Several machines)")
+    p.add_argument("--local-ranks", type=int, default=1, metavar="L",
+                   help="with --group-listen: ranks run on this machine, rank 0 among them; the "
+                        "other N-L come from workers (default %(default)s)")
+    p.add_argument("--group-token-file", default=None, metavar="FILE",
+                   help="with --group-listen: file holding the shared token workers must prove "
+                        f"(default: ${cli_worker.TOKEN_ENV})")
+    p.add_argument("--group-join-timeout", type=float, default=ServerSettings.group_join_timeout_s,
+                   metavar="SECONDS", help="with --group-listen: how long a group start waits "
+                                           "for the workers' ranks (default %(default)s)")
     p.add_argument("--exact-packing", action=argparse.BooleanOptionalAction, default=None,
                    help="packed passes bitwise equal to each request alone (default: on a CPU "
                         "only; on a GPU the base GEMMs are shared, equal within float tolerance)")
@@ -351,9 +398,26 @@ def build_parser() -> argparse.ArgumentParser:
                    default=ServerSettings.sampler_kv_cache,
                    help="sampling's KV cache: slab (preallocated, default) or dynamic (the "
                         "older concatenating path); docs/sampling.md")
+    p.add_argument("--sampler-cuda-graphs", choices=["auto", "on", "off"],
+                   default=ServerSettings.sampler_cuda_graphs,
+                   help="sampling decode steps in static shapes replayed from CUDA graphs: auto "
+                        "(on with CUDA, default), on, off; docs/sampling.md")
     p.add_argument("--prefill-chunk-tokens", type=int, default=ServerSettings.prefill_chunk_tokens,
                    metavar="T", help="prefill longer sampling prompts T tokens per decoding step "
                                      "(0: whole; default %(default)s)")
+    p.add_argument("--sampler", choices=["native", "vllm"], default=ServerSettings.sampler,
+                   help="sampling engine: native (default) or vllm, a vLLM server in its own "
+                        "environment (scripts/setup_vllm.sh; docs/sampling.md)")
+    p.add_argument("--vllm-url", default=None, metavar="URL",
+                   help="with --sampler vllm: use this running vLLM server instead of starting one")
+    p.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="with --sampler vllm: vLLM's Python (default .venv-vllm/bin/python)")
+    p.add_argument("--vllm-max-lora-rank", type=int, default=ServerSettings.vllm_max_lora_rank,
+                   metavar="R", help="largest LoRA rank the vLLM sampler loads (default %(default)s)")
+    p.add_argument("--vllm-max-logprobs", type=int, default=ServerSettings.vllm_max_logprobs,
+                   metavar="K", help="most top-k logprobs per token from vLLM (default %(default)s)")
+    p.add_argument("--vllm-tensor-parallel", type=int, default=ServerSettings.vllm_tensor_parallel,
+                   metavar="N", help="GPUs the vLLM sampler spreads the base over (default %(default)s)")
     p.add_argument("--max-image-bytes", type=int, default=ServerSettings.max_image_bytes,
                    metavar="BYTES", help="largest encoded image of an image chunk (default %(default)s)")
     p.add_argument("--max-image-pixels", type=int, default=ServerSettings.max_image_pixels,
@@ -365,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 0 (see docs/operating.md, Accounting)")
     _store_args(p)
     p.set_defaults(fn=cmd_serve)
+
+    cli_worker.add_parser(sub)
 
     p = sub.add_parser("keys", help="create, list or revoke API keys, or set their limits "
                        "(see docs/operating.md)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -72,9 +72,28 @@ class ServerSettings:
     """How sampling decodes (docs/sampling.md): "slab", a preallocated KV cache that rows
     join and leave without copying the others' cache, or "dynamic", the Hugging Face
     DynamicCache batch (the old path, kept for comparison)."""
+    sampler_cuda_graphs: str = "auto"
+    """Sampling's decoding step in static shapes, replayed from CUDA graphs per batch-size
+    bucket (docs/sampling.md): "auto" (on when the model runs on CUDA), "on" (on a CPU the
+    static step runs eagerly), "off" (the eager slab step)."""
     prefill_chunk_tokens: int = 512
     """A sampling prompt longer than this is prefilled in chunks of this many tokens, one
     chunk per decoding step of the rows in flight, so it does not stall them. 0: whole."""
+    sampler: str = "native"
+    """Which engine samples: "native" (Tinsmith's own sampler) or "vllm", a vLLM server with
+    its multi-LoRA (docs/sampling.md "vLLM as the sampler"); training stays native."""
+    vllm_url: str | None = None
+    """With sampler "vllm": an existing vLLM server's URL; None starts one per model."""
+    vllm_python: Path | None = None
+    """With sampler "vllm" and no URL: the Python of vLLM's own environment; None:
+    `.venv-vllm/bin/python` (scripts/setup_vllm.sh makes it)."""
+    vllm_max_lora_rank: int = 64
+    """The largest LoRA rank the vLLM sampler loads (vLLM's --max-lora-rank)."""
+    vllm_max_logprobs: int = 64
+    """The most top-k logprobs a request may ask the vLLM sampler for (--max-logprobs)."""
+    vllm_tensor_parallel: int = 1
+    """GPUs the vLLM sampler a Tinsmith server starts spreads the base model over (vLLM's
+    --tensor-parallel-size): the sampling side of a model too big for one GPU."""
     device: str = "auto"
     """Where base models run: "auto" (the first CUDA GPU when there is one, else the CPU),
     "cuda", "cuda:N" or "cpu" (engine/device.py)."""
@@ -85,6 +104,27 @@ class ServerSettings:
     """Devices each served model's training is sharded over (FSDP2, docs/scale-out.md): 1 is
     the single-process engine; N > 1 spawns N rank processes, one per GPU (cuda:0..N-1, NCCL)
     when `device` is a GPU, else N CPU processes (gloo). Sampling stays in the server process."""
+    group_listen: str | None = None
+    """HOST:PORT where `tinsmith worker --join` processes on other machines join the rank
+    group (docs/scale-out.md, "Several machines"): `local_ranks` of the `devices` ranks run
+    here, the others on workers. None: every rank is spawned on this machine."""
+    local_ranks: int = 1
+    """With `group_listen`: ranks spawned on this machine (rank 0 among them), 1..devices-1."""
+    group_token: bytes | None = field(default=None, repr=False)
+    """The shared secret workers must prove to join (TINSMITH_GROUP_TOKEN or
+    --group-token-file); required with `group_listen`."""
+    group_join_timeout_s: float = 600.0
+    """How long starting a group waits for the workers' ranks before failing with a message
+    naming how many joined."""
+    replicas: int = 1
+    """Engine replicas per served model (docs/scale-out.md, Replicas): M > 1 starts M
+    independent rank groups of `devices` ranks each (replica k on GPUs [k*devices,
+    (k+1)*devices), or CPU processes); each training run lives on one, placed by load and
+    moved when loads are uneven. 1: one engine, as without the option."""
+    sharded: bool = False
+    """Train through the rank-group engine even when `devices` is 1 (one rank process): the
+    group path without sharding, to measure its overhead against the single-process engine
+    (bench/gpu). Always the case when `devices` > 1."""
     exact_packing: bool | None = None
     """Packed passes compute every request's products on its own block, bitwise equal to the
     request alone (slower on a GPU). None: on a CPU only, where it costs nothing measurable;

@@ -9,6 +9,12 @@ the official `tinker` SDK driving a real `tinsmith serve --device cuda` subproce
       peak (8192^3, measured here) >= 45% MFU
   B4  Llama-3.1-8B shapes at 32 x 512 trains through the server (plain PEFT: out of memory
       or its time); the server's peak GPU memory at 8 x 512 vs plain PEFT's <= 1.0x
+  S1  32 concurrent sampling requests (128-token prompts, 128 new tokens, temperature 1) on
+      one adapter: tokens/s vs plain HF generate at batch 32 >= 3x; S2 one request alone vs
+      generate at batch 1 >= 4x; S3 the S1 requests over 8 adapters vs S1 >= 0.8x
+  G   B1 on `tinsmith serve --sharded` (the rank-group engine, one rank) vs B1 <= 1.05x
+  MoE, VL  step time and tokens/s, server vs plain PEFT (Qwen3-30B-A3B 4 x 512; Qwen3-VL-8B
+      4 x 512 with a 448x448 image each), reported
   and, with --exact-packing, B1 and B2 again on a server started with that flag.
 
 Every phase (phases.py) runs in its own process with a time budget, killed with its server
@@ -79,7 +85,7 @@ def orchestrate(args: argparse.Namespace, plan: Plan) -> int:
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text("")
     workroot = Path(args.workdir or tempfile.mkdtemp(prefix="tinsmith-gpu-bench-"))
-    phases = [p for p in PHASES if (p not in OPTIONAL or args.exact_packing)]
+    phases = [p for p in PHASES if p not in OPTIONAL or getattr(args, OPTIONAL[p])]
     if args.only:
         phases = [p for p in phases if p in args.only.split(",")]
     append(results, {"kind": "plan", **dataclasses.asdict(plan), "phases": phases,
@@ -111,13 +117,16 @@ def orchestrate(args: argparse.Namespace, plan: Plan) -> int:
 
 
 def child(args: argparse.Namespace, plan: Plan) -> int:
+    import phases_models
+    import phases_sampling
     from phases import PHASE_FUNCS, Recorder
 
+    funcs = {**PHASE_FUNCS, **phases_sampling.PHASE_FUNCS, **phases_models.PHASE_FUNCS}
     rec = Recorder(Path(args.results), args.phase)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        PHASE_FUNCS[args.phase](plan, rec, workdir)
+        funcs[args.phase](plan, rec, workdir)
     except Exception as e:  # noqa: BLE001 - recorded, and the bench goes on with the next phase
         import traceback
 
@@ -132,8 +141,10 @@ def main() -> int:
     ap.add_argument("--tiny", "--dry-run", action="store_true", help="the tiny CPU plan")
     ap.add_argument("--plan", choices=sorted(PLANS), default=None)
     ap.add_argument("--exact-packing", action="store_true", help="also B1/B2 with --exact-packing")
+    ap.add_argument("--sampler-graphs-off", action="store_true",
+                    help="also S1-S3 with --sampler-cuda-graphs off")
     ap.add_argument("--budget-s", type=float, default=None, help="the whole bench's time (default: "
-                    "330 s on the GPU plan, 150 s tiny)")
+                    "380 s on the GPU plan, 600 s tiny; run.sh gives it what the tests left)")
     ap.add_argument("--only", default="", help="comma-separated phases: " + ",".join(PHASES))
     ap.add_argument("--results", default=None, help="JSON lines (default: $OUT/results.jsonl)")
     ap.add_argument("--workdir", default=None, help="server data and logs (default: a temp dir)")
@@ -144,7 +155,7 @@ def main() -> int:
     if args.phase:
         return child(args, plan)
     if args.budget_s is None:
-        args.budget_s = 150.0 if plan.name == "tiny" else 330.0
+        args.budget_s = 600.0 if plan.name == "tiny" else 380.0
     return orchestrate(args, plan)
 
 

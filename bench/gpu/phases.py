@@ -11,9 +11,12 @@ short by its budget still leaves what it finished.
 - plain-big     plain PEFT on the big model: its peak at the memory shape, then the large batch
                 (out of memory on an H200 at 8B x 32 x 512, which is the point)
 - server-moe    a fresh server on the MoE model (MoE LoRA on the experts): the median
-                forward_backward + optim_step time of one run, pipelined; a plain figure, no
-                plain-PEFT baseline
+                forward_backward + optim_step time of one run, pipelined (its plain-PEFT
+                baseline: phases_models.py's plain-moe)
 - server-small-exact   B1 and B2 again with `--exact-packing`
+
+The sampling phases (S1-S3) are in phases_sampling.py; the 1-rank group, plain MoE and the
+VL phases in phases_models.py. bench.py merges the three modules' PHASE_FUNCS.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,21 +122,23 @@ def finite(xs: list[float]) -> bool:
     return all(math.isfinite(x) for x in xs)
 
 
-def serve_args(plan: Plan, exact: bool) -> list[str]:
+def serve_args(plan: Plan, exact: bool, extra: Sequence[str] = ()) -> list[str]:
     """`tinsmith serve` flags; $TINSMITH_BENCH_SERVE_ARGS adds any (e.g. --pass-tokens 16384)."""
-    args = ["--device", plan.device, "--dtype", plan.dtype]
+    args = ["--device", plan.device, "--dtype", plan.dtype, *extra]
     if exact:
         args.append("--exact-packing")
     return args + shlex.split(os.environ.get("TINSMITH_BENCH_SERVE_ARGS", ""))
 
 
 @contextmanager
-def server(plan: Plan, model: str, workdir: Path, rec: Recorder, exact: bool = False) -> Iterator[str]:
-    """A fresh `tinsmith serve` on `model`, its output in <workdir>/server.log; stopped after."""
+def server(plan: Plan, model: str, workdir: Path, rec: Recorder, exact: bool = False,
+           extra: Sequence[str] = ()) -> Iterator[str]:
+    """A fresh `tinsmith serve` on `model` (with `extra` flags), its output in
+    <workdir>/server.log; stopped after."""
     from step_overhead import start_server
 
     workdir.mkdir(parents=True, exist_ok=True)
-    args = serve_args(plan, exact)
+    args = serve_args(plan, exact, extra)
     rec.say(f"starting tinsmith serve --models {model} {' '.join(args)}")
     t = time.perf_counter()
     proc, url = start_server(model, workdir / "data", args, log=workdir / "server.log", timeout_s=600)
@@ -194,6 +199,34 @@ def phase_matmul(plan: Plan, rec: Recorder, workdir: Path) -> None:
     rec.emit("matmul", n=n, dtype=str(dt).removeprefix("torch."), tflops=float(f"{2 * n**3 / s / 1e12:.4g}"))
 
 
+def train_steps(plan: Plan, model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: dict[str, Any],
+                steps: int) -> tuple[list[float], list[float], bool]:
+    """The plain eager loop: `plan.warmup` untimed then `steps` timed steps of forward (HF's
+    own causal-LM loss from `inputs`' labels), backward, AdamW. (step seconds, losses, out of
+    memory); after an OOM the gradients and the CUDA cache are freed."""
+    times: list[float] = []
+    losses: list[float] = []
+    oom = False
+    try:
+        for i in range(plan.warmup + steps):
+            t0 = time.perf_counter()
+            loss = model(**inputs).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            sync(plan)
+            if i >= plan.warmup:
+                times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        oom = True  # freed below, once the exception (its frames hold activations) is gone
+    if oom:
+        loss = None
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+    return times, losses, oom
+
+
 def plain_train(plan: Plan, rec: Recorder, model_name: str, shapes: list[tuple[str, Shape, int]]) -> None:
     """The plain transformers + PEFT eager loop of anchor.py (LoRA on all linear layers,
     AdamW, HF's own causal-LM loss) on random weights built on the device; one "plain" record
@@ -213,26 +246,7 @@ def plain_train(plan: Plan, rec: Recorder, model_name: str, shapes: list[tuple[s
     g = torch.Generator(device="cpu").manual_seed(0)
     for tag, (b, t), steps in shapes:
         ids = torch.randint(0, cfg.vocab_size, (b, t), generator=g).to(plan.device)
-        times: list[float] = []
-        losses: list[float] = []
-        oom = False
-        try:
-            for i in range(plan.warmup + steps):
-                t0 = time.perf_counter()
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                sync(plan)
-                if i >= plan.warmup:
-                    times.append(time.perf_counter() - t0)
-        except torch.OutOfMemoryError:
-            oom = True
-        if oom:
-            loss = None
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+        times, losses, oom = train_steps(plan, model, opt, {"input_ids": ids, "labels": ids}, steps)
         rec.emit("plain", tag=tag, model=model_name, **shape_fields((b, t)), oom=oom,
                  median_s=None if oom else round(median(times), 5), losses=losses,
                  peak_bytes=int(torch.cuda.max_memory_allocated()) if cuda else 0)

@@ -170,12 +170,97 @@ def b4_rows(res: Results) -> list[Row]:
     return [row1, row2]
 
 
+def tps(r: Rec) -> str:
+    return f"{r['tokens_per_s']:,.0f} tok/s"
+
+
+def sampling_rows(res: Results) -> list[Row]:
+    """S1-S3 (issue 14): the server's tokens/s through the SDK against plain HF generate at
+    the same batch (S1, S2), and S3 (many adapters) against S1."""
+    p = res.plan
+    n, a = p.get("sample_requests", "?"), p.get("sample_adapters", "?")
+    lengths = f"{p.get('sample_prompt', '?')}+{p.get('sample_tokens', '?')} tokens"
+    s1 = (f"S1 {n} requests x {lengths} {short(p.get('small', '?'))}, 1 adapter: tokens/s, "
+          f"server (SDK) / HF generate batch {n}")
+    specs = [
+        (s1, ("generate", f"batch{n}"), "s1", 3.0, "plain-generate"),
+        ("S2 1 request alone: tokens/s, server / HF generate batch 1", ("generate", "batch1"), "s2", 4.0,
+         "plain-generate"),
+        (f"S3 the S1 requests over {a} adapters: tokens/s, S3 / S1", ("sampling", "s1"), "s3", 0.8,
+         "server-sampling"),
+    ]
+    rows: list[Row] = []
+    for fig, (kind, tag), mine_tag, goal, base_phase in specs:
+        base, mine = res.first(kind, tag), res.first("sampling", mine_tag)
+        goal_s = f">= {goal:g}x"
+        if not base or not mine:
+            rows.append((fig, tps(base) if base else "-", tps(mine) if mine else "-", "-", goal_s,
+                         res.why_missing(base_phase, "server-sampling")))
+            continue
+        r = mine["tokens_per_s"] / base["tokens_per_s"]
+        rows.append((fig, tps(base), tps(mine), f"{r:.2f}x", goal_s, verdict(r >= goal)))
+    return rows
+
+
+def group_row(res: Results) -> Row:
+    """Issue 15: the 1-rank group (serve --sharded) against the single-process engine's B1."""
+    p = res.plan
+    single, group = res.first("server", "b1"), res.first("server", "b1-group")
+    fig = (f"G 1-rank group (serve --sharded) {short(p.get('small', '?'))} {shape(group, p, 'b1')}: "
+           "step time, group / single-process B1")
+    goal = "<= 1.05x"
+    if not single or not group:
+        return (fig, fmt_s(single and single.get("median_s")), fmt_s(group and group.get("median_s")), "-",
+                goal, res.why_missing("server-small", "server-group"))
+    r = group["median_s"] / single["median_s"]
+    return (fig, fmt_s(single["median_s"]), fmt_s(group["median_s"]), f"{r:.2f}x", goal,
+            verdict(r <= 1.05 and group["finite"]) + loss_note(group))
+
+
+def step_tps(r: Rec) -> str:
+    """A step time and the tokens/s it makes, e.g. "0.412 s (4,971 tok/s)"."""
+    return f"{fmt_s(r['median_s'])} ({r['batch'] * r['seq'] / r['median_s']:,.0f} tok/s)"
+
+
+def model_rows(res: Results) -> list[Row]:
+    """Issue 16: MoE and VL step time (and tokens/s), server against plain PEFT; no goal set."""
+    p = res.plan
+    rows: list[Row] = []
+    for label, model_key, shape_key, tag in (("MoE", "moe", "moe_shape", "moe"), ("VL", "vl", "vl_shape", "vl")):
+        srv, plain = res.first("server", tag), res.first("plain", tag)
+        oom = res.first("plain", f"{tag}-oom")
+        b, t = (srv["batch"], srv["seq"]) if srv else p.get(shape_key, ("?", "?"))
+        image = p.get("vl_image") if tag == "vl" else None
+        fig = (f"{label} {short(p.get(model_key, '?'))} {b}x{t}" + (f" (one {image[0]}x{image[1]} image each)"
+               if image else "") + ": step time (tokens/s), server / plain PEFT")
+        phases = [f"server-{tag}", f"plain-{tag}"]
+        if plain is None and oom is not None:
+            base = "out of memory"
+        elif plain is None:
+            base = "-"
+        else:
+            base = step_tps(plain)
+        if srv is None or plain is None:
+            rows.append((fig, base, step_tps(srv) if srv else "-", "-", "reported",
+                         res.why_missing(*phases) if base != "out of memory" or srv is None
+                         else "measured (plain PEFT out of memory)"))
+            continue
+        note = "" if not plain.get("lora") or plain["lora"] == "attention + experts" else \
+            f" (plain PEFT: LoRA on {plain['lora']})"
+        rows.append((fig, base, step_tps(srv), f"{srv['median_s'] / plain['median_s']:.2f}x", "reported",
+                     ("measured" if srv["finite"] else "measured, loss not finite!") + note))
+    return rows
+
+
 ROW_BUILDERS: list[Callable[[Results], list[Row]]] = [
     lambda r: [tests_row(r)],
     lambda r: [b1_row(r)],
     lambda r: b2_rows(r),
     lambda r: [b3_row(r)],
     b4_rows,
+    sampling_rows,
+    lambda r: [group_row(r)],
+    model_rows,
     lambda r: [b1_row(r, "-exact")],
     lambda r: b2_rows(r, "-exact", fairness=False),
 ]
@@ -189,16 +274,18 @@ def footer(res: Results) -> list[str]:
                      f"{env['transformers']}, peft {env['peft']}, tinker {env['tinker']}, python {env['python']}")
     if mm:
         lines.append(f"{mm['dtype']} matmul {mm['n']}^3: {mm['tflops']} TFLOP/s")
-    # The MoE step time: a plain figure (no plain-PEFT baseline, no goal), so a footer line
-    # rather than a table row.
-    moe = res.first("server", "moe")
-    moe_model = short(res.plan.get("moe", "?"))
-    if moe:
-        lines.append(f"MoE {moe_model} {moe['batch']}x{moe['seq']}: server forward_backward + optim_step "
-                     f"{fmt_s(moe['median_s'])}" + ("" if moe["finite"] else " (loss not finite)")
-                     + (f", peak {gib(moe.get('peak_bytes'))}" if moe.get("peak_bytes") else ""))
-    elif res.plan:
-        lines.append(f"MoE {moe_model}: {res.why_missing('server-moe')}")
+    eager = [(r["tag"].removesuffix("-eager"), r) for r in res.records
+             if r["kind"] == "sampling" and r["tag"].endswith("-eager")]
+    if eager:
+        lines.append("S1-S3 with --sampler-cuda-graphs off: " + ", ".join(
+            f"{tag.upper()} {tps(r)}" + (f" (default: {tps(d)})" if (d := res.first("sampling", tag)) else "")
+            for tag, r in eager))
+    peaks = [f"{r['phase']} {gib(r['peak_bytes'])}" + (" (out of memory)" if r.get("oom") else "")
+             for r in res.records
+             if r["kind"] in ("server", "plain") and r.get("tag") in ("moe", "moe-oom", "vl")
+             and r.get("peak_bytes")]
+    if peaks:
+        lines.append("MoE/VL peak GPU memory: " + ", ".join(peaks))
     phases = [r for r in res.records if r["kind"] == "phase"]
     if phases:
         lines.append("phases: " + ", ".join(

@@ -55,6 +55,8 @@ class TrainingStats:
     resident_runs: int  # runs whose weights are in memory (the rest are spilled)
     run_spills: int  # runs moved out of memory since start
     run_restores: int  # and back
+    replica_runs: tuple[int, ...] = ()  # resident runs per engine replica (engine/replicas.py)
+    replica_moves: int = 0  # runs moved between replicas since start
 
 
 class TrainingBackend(Protocol):

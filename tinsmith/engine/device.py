@@ -30,6 +30,10 @@ class Placement:
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
 
+    def shapes_only(self) -> Placement:
+        """The meta device in this dtype: a model with shapes and no values."""
+        return Placement(torch.device("meta"), self.dtype)
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """"auto" -> the first CUDA device if there is one, else the CPU; "cuda", "cuda:N" and

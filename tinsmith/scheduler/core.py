@@ -130,14 +130,17 @@ class ServiceCore:
     def _metrics_snapshot(self) -> dict[str, ModelSnapshot]:
         with self._lock:
             runs, samplers = list(self.runs.values()), list(self.samplers.values())
+        stats = {name: h.trainer.stats() for name, h in self.models.items()}
         return {name: ModelSnapshot(
             queued=h.worker.queued,
             held=sum(r.gate.waiting() for r in runs if r.handle is h),
             training_runs=sum(r.handle is h for r in runs),
             sampling_sessions=sum(s.handle is h for s in samplers),
-            resident_runs=h.trainer.stats().resident_runs,
-            run_spills=h.trainer.stats().run_spills,
-            run_restores=h.trainer.stats().run_restores,
+            resident_runs=stats[name].resident_runs,
+            run_spills=stats[name].run_spills,
+            run_restores=stats[name].run_restores,
+            replica_runs=stats[name].replica_runs,
+            replica_moves=stats[name].replica_moves,
         ) for name, h in self.models.items()}
 
     # ----- lookups ------------------------------------------------------------------------

@@ -10,7 +10,9 @@ with `request_done`); the service reports requests it rejects before they reach 
 snapshot callback and a custom collector, so nothing has to keep them up to date.
 
 `readiness` runs the readiness checks of `GET /readyz`: every served base model is loaded,
-its engine worker thread is alive, and the metadata database answers a trivial query.
+its engine worker thread is alive, a sharded model's rank group is up or can start without
+waiting for workers to join (docs/scale-out.md), and the metadata database answers a trivial
+query.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class ModelSnapshot:
     resident_runs: int = 0  # training runs whose adapter is in memory (the rest are spilled)
     run_spills: int = 0  # idle runs moved out to disk since start
     run_restores: int = 0  # and back
+    replica_runs: tuple[int, ...] = ()  # resident runs per engine replica (--replicas > 1)
+    replica_moves: int = 0  # runs moved between replicas since start
 
 
 class _BusyWindow:
@@ -227,7 +231,16 @@ class _ScrapeCollector(Collector):
         moves = CounterMetricFamily("tinsmith_run_moves", "Idle training runs spilled to disk "
                                     "(direction=out) and restored (direction=in)",
                                     labels=["model", "direction"])
+        replica = GaugeMetricFamily("tinsmith_replica_resident_runs", "Training runs resident "
+                                    "on each engine replica (--replicas > 1)",
+                                    labels=["model", "replica"])
+        replica_moves = CounterMetricFamily("tinsmith_replica_moves", "Training runs moved "
+                                            "between engine replicas", labels=["model"])
         for model, s in sorted(snap.items()):
+            for k, n in enumerate(s.replica_runs):
+                replica.add_metric([model, str(k)], n)
+            if s.replica_runs:
+                replica_moves.add_metric([model], s.replica_moves)
             depth.add_metric([model, "queued"], s.queued)
             depth.add_metric([model, "held"], s.held)
             runs.add_metric([model], s.training_runs)
@@ -235,7 +248,7 @@ class _ScrapeCollector(Collector):
             resident.add_metric([model], s.resident_runs)
             moves.add_metric([model, "out"], s.run_spills)
             moves.add_metric([model, "in"], s.run_restores)
-        yield from (depth, runs, samplers, resident, moves)
+        yield from (depth, runs, samplers, resident, moves, replica, replica_moves)
 
 
 def device_memory_peak_bytes() -> int:
@@ -277,6 +290,10 @@ def readiness(names: Iterable[str], models: Mapping[str, _Served],
             alive = h.worker.alive
             checks[f"engine_worker:{name}"] = Check(
                 alive, "thread alive" if alive else "engine worker thread is not running")
+            group = getattr(h.trainer, "group_state", None)  # a sharded model's rank group
+            if group is not None:
+                g = group()
+                checks[f"rank_group:{name}"] = Check(g.ready, g.describe())
     try:
         probe_db()
         checks["database"] = Check(True, "answers queries")

@@ -8,6 +8,13 @@ sentinels, so a rank that exits (killed, out of memory, a crash in a kernel) is 
 instead of leaving the coordinator waiting on a collective that will never finish: the whole
 group is then killed (the survivors may be blocked in a collective with the dead rank) and the
 call raises `GroupFailed`. A later `call` starts a fresh group.
+
+With `GroupSpec.listen` the group spans machines: ranks `0 .. local_ranks-1` are spawned here
+as above, the others are started by `tinsmith worker` processes that joined through a
+`JoinDesk` (desk.py) and connect back, one socket per rank, carrying the same commands as a
+pipe. A remote rank's connection closing, or its worker's (or the worker's heartbeats
+stopping), fails the group exactly like a local rank's sentinel; the next call starts a new
+group from the workers joined by then (waiting up to `join_timeout_s` for them).
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ import logging
 import socket
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from typing import NoReturn
 
 import torch.multiprocessing as mp
 
+from tinsmith.engine.sharded.desk import Assignment, JoinDesk
 from tinsmith.engine.sharded.rank import rank_main
 from tinsmith.types import UserError
 
@@ -46,6 +55,45 @@ class GroupSpec:
     dtype: str  # a key of engine/device.py's DTYPES
     exact_packing: bool | None
     loss_modules: tuple[str, ...]
+    # Several machines (desk.py): listen on HOST:PORT for `tinsmith worker --join`; ranks
+    # 0..local_ranks-1 are spawned here (rank 0 hosts the torch.distributed store), the
+    # others come from workers. None: every rank is local (the fields below are unused).
+    listen: str | None = None
+    local_ranks: int = 1
+    token: bytes | None = field(default=None, repr=False)  # the shared secret joins prove
+    join_timeout_s: float = 600.0  # how long a start waits for the workers' ranks
+
+    @property
+    def remote_ranks(self) -> int:
+        return self.world - self.local_ranks if self.listen else 0
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """The group as /readyz reports it."""
+
+    state: str  # "up", "starting", or "down" (not started yet, or failed)
+    world: int
+    remote_expected: int  # ranks that come from workers (0: a one-machine group)
+    remote_joined: int  # of those, offered by the workers connected now
+    generation: int
+    last_failure: str | None
+
+    @property
+    def ready(self) -> bool:
+        """A training request can be served without waiting for anyone to join: the group
+        is up, or a start would find all its ranks (a local group restarts on demand)."""
+        return self.state == "up" or (self.state == "down"
+                                      and self.remote_joined >= self.remote_expected)
+
+    def describe(self) -> str:
+        joined = (f"; {self.remote_joined} of {self.remote_expected} remote rank(s) joined"
+                  if self.remote_expected else "")
+        failed = f"; last failure: {self.last_failure}" if self.last_failure else ""
+        then = ("" if self.state != "down" else
+                "; starts on the next training request" if self.ready else
+                "; waiting for workers to join")
+        return f"{self.state}, {self.world} ranks (generation {self.generation}){joined}{then}{failed}"
 
 
 def _free_port() -> int:
@@ -67,10 +115,23 @@ class RankGroup:
 
     def __init__(self, spec: GroupSpec) -> None:
         self.spec = spec
-        self._procs: list = []
-        self._conns: list[Connection] = []
+        self._procs: list = []  # the local ranks' processes (ranks 0..len-1)
+        self._conns: list[Connection] = []  # every rank's, by rank: pipes, then sockets
+        self._where: list[str] = []  # a remote rank's worker, for messages
         self.generation = 0  # how many groups were started: a run belongs to one generation
         self._finalizer: weakref.finalize | None = None
+        self._starting = False
+        self.last_failure: str | None = None
+        self._desk: JoinDesk | None = None
+        if spec.listen:
+            if not 1 <= spec.local_ranks < spec.world:
+                raise ValueError(f"local ranks must be 1..{spec.world - 1} with a group address "
+                                 f"(--devices {spec.world}), got {spec.local_ranks}")
+            if not spec.token:
+                raise ValueError("a group that workers join needs a shared token "
+                                 "(TINSMITH_GROUP_TOKEN or --group-token-file)")
+            self._desk = JoinDesk(spec.listen, spec.token, device_type=spec.device_type,
+                                  remote_ranks=spec.remote_ranks)
 
     @property
     def alive(self) -> bool:
@@ -79,12 +140,61 @@ class RankGroup:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
+    def state(self) -> GroupState:
+        """What /readyz shows (read from other threads: plain attribute reads)."""
+        s, desk = self.spec, self._desk
+        broken = desk.broken if desk is not None and self._procs else None
+        state = ("starting" if self._starting else
+                 "up" if self._procs and broken is None else "down")
+        joined = s.remote_ranks if state == "up" else desk.joined_ranks() if desk else 0
+        return GroupState(state, s.world, s.remote_ranks, joined, self.generation,
+                          broken or self.last_failure)
+
     def start(self) -> None:
-        """Spawn the ranks and wait until each has its shard (GroupFailed otherwise)."""
-        ctx = mp.get_context("spawn")
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        """Start the ranks and wait until each has its shard (GroupFailed otherwise)."""
+        self._starting = True
+        try:
+            if self._desk is None:
+                self._spawn(range(self.spec.world), f"tcp://127.0.0.1:{_free_port()}")
+                self.generation += 1
+            else:
+                self._start_joined(self._desk)
+            self._collect(timeout=START_TIMEOUT_S)
+        finally:
+            self._starting = False
+        self.last_failure = None
+        log.info("sharded engine: %d ranks up (%s, generation %d)", self.spec.world,
+                 self.spec.device_type, self.generation)
+
+    def _start_joined(self, desk: JoinDesk) -> None:
+        """Local ranks spawned here, the others assigned to joined workers, which connect
+        back (rank 0 hosts the rendezvous store on a free port of this machine)."""
         s = self.spec
-        for rank in range(s.world):
+        self.generation += 1
+        gen, port = self.generation, _free_port()
+
+        def assignment(first: int, count: int) -> Assignment:
+            return Assignment(gen, first, count, s.world, port, s.model_dir, s.name,
+                              s.device_type, s.dtype, s.exact_packing, s.loss_modules)
+
+        try:
+            workers = desk.assign(assignment, gen, s.local_ranks, s.join_timeout_s)
+        except RuntimeError as e:
+            self._fail(str(e))
+        host = desk.host if desk.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        self._spawn(range(s.local_ranks), f"tcp://{host}:{port}")
+        for w in workers:
+            self._where += [w.label] * w.hello.local_ranks
+        try:
+            self._conns += desk.rank_connections(gen, range(s.local_ranks, s.world),
+                                                 START_TIMEOUT_S)
+        except RuntimeError as e:
+            self._fail(str(e))
+
+    def _spawn(self, ranks: range, init: str) -> None:
+        ctx = mp.get_context("spawn")
+        s = self.spec
+        for rank in ranks:
             ours, theirs = ctx.Pipe()
             p = ctx.Process(target=rank_main, name=f"tinsmith-rank-{rank}", daemon=True,
                             args=(rank, s.world, theirs, init, s.model_dir, s.name, s.device_type,
@@ -93,19 +203,18 @@ class RankGroup:
             theirs.close()
             self._procs.append(p)
             self._conns.append(ours)
-        self.generation += 1
+            self._where.append(f"pid {p.pid}")
         # Never outlive the coordinator's object (nor the interpreter): daemon processes are
         # also killed by multiprocessing at exit.
         self._finalizer = weakref.finalize(self, _kill, list(self._procs))
-        self._collect(timeout=START_TIMEOUT_S)
-        log.info("sharded engine: %d ranks up (%s, generation %d)", s.world, s.device_type,
-                 self.generation)
 
     def call(self, method: str, *args: object) -> object:
         """Run `method(*args)` on every rank; rank 0's value, or the exception rank 0 (else
         any rank) raised. GroupFailed when a rank died: the group is gone."""
         if not self._procs:
             self.start()
+        if self._desk is not None and self._desk.broken is not None:  # died while idle
+            self._fail(self._desk.broken)
         try:
             for c in self._conns:
                 c.send((method, args))
@@ -121,11 +230,14 @@ class RankGroup:
         replies: dict[int, tuple[str, object]] = {}
         waiting = {c: i for i, c in enumerate(self._conns)}
         sentinels = {p.sentinel: i for i, p in enumerate(self._procs)}
+        wake = [] if self._desk is None else [self._desk.wake]  # a worker died
         wedged: float | None = None  # deadline once a rank failed alone
         while waiting:
             limits = [t for t in (timeout, None if wedged is None else wedged - time.monotonic())
                       if t is not None]
-            ready = wait([*waiting, *sentinels], max(0.0, min(limits)) if limits else None)
+            ready = wait([*waiting, *sentinels, *wake], max(0.0, min(limits)) if limits else None)
+            if wake and wake[0] in ready:
+                self._fail(self._desk.broken or "a worker died")  # type: ignore[union-attr]
             if not ready:
                 late = sorted(waiting.values())
                 if wedged is not None:
@@ -139,7 +251,10 @@ class RankGroup:
                     try:
                         replies[i] = r.recv()
                     except (EOFError, OSError):
-                        continue  # its sentinel follows
+                        if i < len(self._procs):
+                            continue  # a local rank: its sentinel follows
+                        self._fail(f"rank {i} ({self._where[i]}) closed its connection: its "
+                                   "process or its machine is gone")
                     if timeout is not None and replies[i][0] == "error":  # starting: fail fast
                         self._fail(str(replies[i][1]))
                     if replies[i][0] == "error" and not isinstance(replies[i][1], UserError):
@@ -159,14 +274,15 @@ class RankGroup:
             self._fail(f"rank {odd[0][0]} failed alone: {type(odd[0][1]).__name__}: {odd[0][1]}")
         return value
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str) -> NoReturn:
+        self.last_failure = why
         self.stop(force=True)
         raise GroupFailed(f"the sharded engine failed: {why}")
 
     def stop(self, force: bool = False) -> None:
         """Stop the ranks (politely unless `force`), within seconds; idempotent."""
         procs, conns = self._procs, self._conns
-        self._procs, self._conns = [], []
+        self._procs, self._conns, self._where = [], [], []
         if not force:
             for c in conns:
                 try:
@@ -178,6 +294,15 @@ class RankGroup:
         _kill(procs)
         for c in conns:
             c.close()
+        if self._desk is not None:  # its workers stop their ranks and stay joined
+            self._desk.release(self.generation)
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
+
+    def close(self) -> None:
+        """Stop the ranks and, for a group of several machines, stop listening: the
+        workers' connections close (the server is going away)."""
+        self.stop()
+        if self._desk is not None:
+            self._desk.close()

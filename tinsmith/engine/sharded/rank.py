@@ -153,9 +153,9 @@ class RankEngine:
 
 
 def _build(model_dir: Path, name: str, device_type: str, dtype: str,
-           exact_packing: bool | None) -> tuple[ModelRunner, _Pass, object]:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+           exact_packing: bool | None, local_rank: int) -> tuple[ModelRunner, _Pass, object]:
+    world = dist.get_world_size()
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
     # Loaded on the host first (FSDP moves each group to the mesh's device as it shards it).
     runner = ModelRunner(model_dir, name, Placement(torch.device("cpu"), DTYPES[dtype]),
                          exact_packing=exact_packing)
@@ -172,20 +172,24 @@ def _build(model_dir: Path, name: str, device_type: str, dtype: str,
 
 def rank_main(rank: int, world: int, conn: Connection, init_method: str, model_dir: str,
               name: str, device_type: str, dtype: str, exact_packing: bool | None,
-              loss_modules: tuple[str, ...]) -> None:
-    """A spawned rank: join the group, build, then serve commands `(method, args)` until
-    `None` or a closed pipe. Replies: ("ok", value) or ("error", exception)."""
+              loss_modules: tuple[str, ...], local_rank: int | None = None) -> None:
+    """A rank's process: join the group, build, then serve commands `(method, args)` until
+    `None` or a closed connection (a pipe from the coordinator, or a socket to it for a rank
+    a worker started: joiner.py). Replies: ("ok", value) or ("error", exception).
+    `local_rank`: the rank's GPU index on its machine (default: `rank`)."""
+    local_rank = rank if local_rank is None else local_rank
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the coordinator stops us
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     if device_type == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(local_rank)
     try:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=init_method,
                                 rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-        runner, root, mesh = _build(Path(model_dir), name, device_type, dtype, exact_packing)
+        runner, root, mesh = _build(Path(model_dir), name, device_type, dtype, exact_packing,
+                                    local_rank)
         engine = RankEngine(runner, root, mesh, LossRegistry.load(loss_modules))
     except BaseException as e:
         conn.send(("error", RuntimeError(f"rank {rank} failed to start: {type(e).__name__}: {e}")))

@@ -26,7 +26,7 @@ from tinsmith.engine.backend import TrainingStats, TrainWork
 from tinsmith.engine.lora import LoraWeights
 from tinsmith.engine.runner import ModelRunner
 from tinsmith.engine.sampling import LocalSampler
-from tinsmith.engine.sharded.group import GroupFailed, GroupSpec, RankGroup
+from tinsmith.engine.sharded.group import GroupFailed, GroupSpec, GroupState, RankGroup
 from tinsmith.types import (
     ADAMW,
     FwdBwdOut,
@@ -107,11 +107,7 @@ class ShardedTrainer:
     ) -> Generator[None, None, FwdBwdOut]:
         """Not split into micro-batches here: the group computes the request in one pass, each
         rank holding about 1/N of its rows (docs/scale-out.md)."""
-        (out,) = self.forward_backward_many([work], forward_only=forward_only)
-        if isinstance(out, Exception):
-            raise out
-        return out
-        yield  # a generator
+        return (yield from whole_pass(self, work, forward_only))
 
     def optim_step(self, run_id: str, params: OptimSpec) -> dict[str, float]:
         self._known(run_id)
@@ -136,18 +132,40 @@ class ShardedTrainer:
         with self._lock:
             return TrainingStats(len(self._runs), 0, 0)
 
+    def group_state(self) -> GroupState:
+        """The rank group's state, for /readyz (any thread)."""
+        return self.group.state()
+
     def close(self) -> None:
-        self.group.stop()
+        self.group.close()
 
 
 class SnapshotSampler(LocalSampler):
     """The coordinator's LocalSampler, taking the sharded trainer's snapshots (host factors)."""
 
     def put_snapshot(self, key: str, snapshot: object) -> None:
-        spec, factors = snapshot  # type: ignore[misc]
-        dev, scale = self.runner.device, spec.alpha / spec.rank
-        weights = {p: LoraWeights(a.to(dev), b.to(dev), scale) for p, (a, b) in factors.items()}
-        super().put_snapshot(key, Adapter(spec, weights))
+        super().put_snapshot(key, snapshot_adapter(snapshot, self.runner.device))
+
+
+def whole_pass(backend, work: TrainWork, forward_only: bool) -> Generator[None, None, FwdBwdOut]:
+    """`forward_backward_chunked` of a backend that does not split requests: one
+    `forward_backward_many` pass of the whole request, never yielding."""
+    (out,) = backend.forward_backward_many([work], forward_only=forward_only)
+    if isinstance(out, Exception):
+        raise out
+    return out
+    yield  # a generator
+
+
+def snapshot_adapter(snapshot: object, device: object = "cpu") -> Adapter:
+    """A training snapshot as a frozen Adapter on `device`: a rank group's snapshot is
+    `(LoraSpec, {layer path: (A, B)})` on the host; a local trainer's already is an Adapter."""
+    if isinstance(snapshot, Adapter):
+        return snapshot
+    spec, factors = snapshot  # type: ignore[misc]
+    scale = spec.alpha / spec.rank
+    return Adapter(spec, {p: LoraWeights(a.to(device), b.to(device), scale)
+                          for p, (a, b) in factors.items()})
 
 
 def sharded_backends(
