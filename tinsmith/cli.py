@@ -28,30 +28,26 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         pass_tokens=getattr(args, "pass_tokens", None),
         device=getattr(args, "device", "auto"),
         dtype=getattr(args, "dtype", "auto"),
-        devices=getattr(args, "devices", 1),
         **_group_settings(args),
-        replicas=getattr(args, "replicas", 1),
-        sharded=getattr(args, "sharded", False),
         exact_packing=getattr(args, "exact_packing", None),
         pack_linger_ms=getattr(args, "pack_linger_ms", None),
         max_resident_adapters=getattr(args, "max_resident_adapters", None),
         seq_gap_timeout_s=getattr(args, "seq_gap_timeout", ServerSettings.seq_gap_timeout_s),
         debug_slow_writes_s=float(os.environ.get("TINSMITH_DEBUG_SLOW_WRITES_S") or 0),
         prices=Prices.parse(getattr(args, "price", None) or ()),
-        sampler_kv_cache=getattr(args, "sampler_kv_cache", ServerSettings.sampler_kv_cache),
-        sampler_cuda_graphs=getattr(args, "sampler_cuda_graphs", ServerSettings.sampler_cuda_graphs),
-        prefill_chunk_tokens=getattr(args, "prefill_chunk_tokens",
-                                     ServerSettings.prefill_chunk_tokens),
-        sampler=getattr(args, "sampler", ServerSettings.sampler),
-        vllm_url=getattr(args, "vllm_url", None),
         vllm_python=Path(args.vllm_python) if getattr(args, "vllm_python", None) else None,
-        vllm_max_lora_rank=getattr(args, "vllm_max_lora_rank", ServerSettings.vllm_max_lora_rank),
-        vllm_max_logprobs=getattr(args, "vllm_max_logprobs", ServerSettings.vllm_max_logprobs),
-        vllm_tensor_parallel=getattr(args, "vllm_tensor_parallel", ServerSettings.vllm_tensor_parallel),
-        max_image_bytes=getattr(args, "max_image_bytes", ServerSettings.max_image_bytes),
-        max_image_pixels=getattr(args, "max_image_pixels", ServerSettings.max_image_pixels),
+        # Flags whose value is the setting as it is; a command without them gets the defaults.
+        **{name: getattr(args, name) for name in _PLAIN_SERVE_FLAGS if hasattr(args, name)},
         **cli_limits.serve_settings(args),
     )
+
+
+# `serve` flags named exactly as their ServerSettings field, taken unchanged.
+_PLAIN_SERVE_FLAGS = (
+    "devices", "replicas", "sharded", "sampler_kv_cache", "sampler_cuda_graphs",
+    "prefill_chunk_tokens", "sampler", "vllm_url", "vllm_max_lora_rank", "vllm_max_logprobs",
+    "vllm_tensor_parallel", "max_image_bytes", "max_image_pixels",
+)
 
 
 def _group_settings(args: argparse.Namespace) -> dict[str, object]:
