@@ -140,10 +140,11 @@ def vl_batch(plan: Plan, folder: Path) -> list[tuple[list[int], bytes, int]]:
     positions set to the image token, the PNG, n) each."""
     from transformers import AutoImageProcessor
 
+    from tinsmith.cookbook.renderers_vision import image_tokens
+
     cfg = model_config(plan.vl)
-    proc = AutoImageProcessor.from_pretrained(folder)
     w, h = plan.vl_image
-    n = proc.get_number_of_image_patches(h, w, {}) // proc.merge_size**2
+    n = image_tokens(AutoImageProcessor.from_pretrained(folder), w, h)
     b, t = plan.vl_shape
     text = t - n - 2
     if text < 2:

@@ -24,6 +24,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from tinsmith.engine.families import VISION_TOWER_PREFIX
 from tinsmith.engine.kv_cache import slab_route
 from tinsmith.engine.lora import LoraContext, pad_positions
 
@@ -68,11 +69,15 @@ AttentionInterface.register(NAME, _attention)
 
 
 def install(model: torch.nn.Module, ctx: LoraContext) -> None:
-    """Make `model` attend through grouped SDPA, reading the row groups from `ctx`."""
+    """Make `model` attend through grouped SDPA, reading the row groups from `ctx`. A VL
+    model's vision tower is left out: it attends over its own patch sequences, never in the
+    runner's row groups (it has no context, so it takes the plain path)."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         raise ValueError(f"{model.config.model_type}: expected SDPA attention, found "
                          f"{model.config._attn_implementation!r}")
-    for module in model.modules():
+    for path, module in model.named_modules():
+        if path.startswith(VISION_TOWER_PREFIX):
+            continue
         if hasattr(module, "num_key_value_groups") or module.__class__.__name__.endswith("Attention"):
             setattr(module, _CTX, ctx)
     model.set_attn_implementation(NAME)

@@ -103,10 +103,6 @@ class ModelRunner:
         # Vision-language: images are decoded by vision.py; the vision tower is frozen (no
         # LoRA) and attends over its own patch sequences, never in the runner's row groups.
         self.vision = Vision(self.model_dir, self.config) if is_vision_config(self.config) else None
-        if self.vision is not None:
-            for module in self.model.model.visual.modules():
-                if hasattr(module, attention._CTX):
-                    delattr(module, attention._CTX)
         self._rope_offsets: torch.Tensor | None = None  # see rope_offsets()
         if self.vision is not None:
             self.model.model.language_model.register_forward_pre_hook(self._offset_positions,

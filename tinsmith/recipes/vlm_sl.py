@@ -45,6 +45,7 @@ from tinsmith.cookbook.recipe import (
 )
 from tinsmith.cookbook.renderers import Message, TrainOn
 from tinsmith.cookbook.renderers_vision import VisionRenderer, to_datum
+from tinsmith.recipes.chat_sl import normalised  # weights sum to 1 over a batch
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220),
            "yellow": (235, 210, 30), "purple": (140, 50, 170), "black": (10, 10, 10)}
@@ -110,15 +111,6 @@ def image_processor(model_name: str) -> Any:
     from tinsmith.models.catalog import resolve_model_dir
 
     return AutoImageProcessor.from_pretrained(resolve_model_dir(model_name))
-
-
-def normalised(data: list[types.Datum]) -> list[types.Datum]:
-    """Scale weights so they sum to 1 over the batch: loss:sum = mean NLL per answer token."""
-    total = sum(float(d.loss_fn_inputs["weights"].to_numpy().sum()) for d in data) or 1.0
-    return [types.Datum(model_input=d.model_input,
-                        loss_fn_inputs={**d.loss_fn_inputs,
-                                        "weights": d.loss_fn_inputs["weights"].to_numpy() / total})
-            for d in data]
 
 
 def accuracy(training: tinker.TrainingClient, renderer: VisionRenderer,
