@@ -27,16 +27,14 @@ import httpx
 import numpy as np
 import pytest
 import tinker
-from conftest import API_KEY, TINY, ServeProcess, free_port, logprobs_of, text_datum
+from conftest import API_KEY, TINY, ServeProcess, free_port, logprobs_of
+from test_sharded import SENTENCES, _batches, _close, _steps  # the same batches and steps
 from tinker import types
 
 import tinsmith
 from tinsmith.engine.sharded.desk import MISSED_S
 from tinsmith.engine.sharded.passes import PAUSE_ENV
 
-SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world, this is a test",
-             "a b c"]
-TOL = 1e-5
 TOKEN = "multinode-test-secret"
 
 
@@ -101,25 +99,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         server.stop()
         worker.kill()
-
-
-def _batches(tok) -> list[list[types.Datum]]:
-    full = [text_datum(tok, s) for s in SENTENCES]
-    return [full, full[:1], [text_datum(tok, SENTENCES[1], weight=0.5)]]  # 1 datum < 2 ranks too
-
-
-def _steps(tc, batches) -> list[float]:
-    losses = []
-    for b in batches:
-        losses.append(tc.forward_backward(b, "cross_entropy").result().metrics["loss:sum"])
-        tc.optim_step(types.AdamParams(learning_rate=2e-3, weight_decay=0.01,
-                                       grad_clip_norm=5.0)).result()
-    return losses
-
-
-def _close(a, b) -> None:
-    np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
-                               rtol=TOL, atol=TOL)
 
 
 def _group_check(url: str) -> tuple[int, dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-DTYPE_NAMES = ("bfloat16", "float16", "float32")  # engine/plan.py DTYPES, without importing torch
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # engine/device.py DTYPES, without importing torch
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -29,7 +29,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from tinsmith.cli import format_bytes
     from tinsmith.engine.budget import free_memory_bytes
-    from tinsmith.engine.plan import DTYPES, max_pass_tokens, model_facts, plan_memory
+    from tinsmith.engine.device import DTYPES
+    from tinsmith.engine.plan import max_pass_tokens, model_facts, plan_memory
 
     device = args.device_memory
     if device is None:  # this machine's first GPU, else the host's free memory

@@ -40,7 +40,6 @@ from tinsmith.engine.moe import inject_moe
 from tinsmith.engine.runner import logit_chunk_positions
 from tinsmith.types import LoraSpec, UserError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LOGIT_COPIES = 3  # float32 [chunk, vocab] tensors alive at once in the unembedding's backward
 
 

@@ -43,6 +43,7 @@ class ModelHandle:
     max_context: int
     arch: str
     eos_token_ids: tuple[int, ...]
+    vision: Vision | None = None  # a vision-language model's image checks (engine/vision.py)
 
     def close(self) -> None:
         """Stop the engine's own processes, if its backends have any (a sharded group, a
@@ -51,7 +52,6 @@ class ModelHandle:
             close = getattr(backend, "close", None)
             if close is not None:
                 close()
-    vision: Vision | None = None  # a vision-language model's image checks (engine/vision.py)
 
 
 def load_model(

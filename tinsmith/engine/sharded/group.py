@@ -20,7 +20,6 @@ group from the workers joined by then (waiting up to `join_timeout_s` for them).
 from __future__ import annotations
 
 import logging
-import socket
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import NoReturn
 
 import torch.multiprocessing as mp
 
+from tinsmith.engine.loopback import free_port
 from tinsmith.engine.sharded.desk import Assignment, JoinDesk
 from tinsmith.engine.sharded.rank import rank_main
 from tinsmith.types import UserError
@@ -96,12 +96,6 @@ class GroupState:
         return f"{self.state}, {self.world} ranks (generation {self.generation}){joined}{then}{failed}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _kill(procs: list) -> None:
     for p in procs:
         if p.is_alive():
@@ -155,7 +149,7 @@ class RankGroup:
         self._starting = True
         try:
             if self._desk is None:
-                self._spawn(range(self.spec.world), f"tcp://127.0.0.1:{_free_port()}")
+                self._spawn(range(self.spec.world), f"tcp://127.0.0.1:{free_port()}")
                 self.generation += 1
             else:
                 self._start_joined(self._desk)
@@ -171,7 +165,7 @@ class RankGroup:
         back (rank 0 hosts the rendezvous store on a free port of this machine)."""
         s = self.spec
         self.generation += 1
-        gen, port = self.generation, _free_port()
+        gen, port = self.generation, free_port()
 
         def assignment(first: int, count: int) -> Assignment:
             return Assignment(gen, first, count, s.world, port, s.model_dir, s.name,
