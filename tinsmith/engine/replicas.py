@@ -122,9 +122,7 @@ class ReplicatedTrainer:
                              "is not supported yet")
         self.replicas: list[ShardedTrainer] = []
         for k, env in enumerate(replica_env(spec, replicas)):
-            trainer = ShardedTrainer(spec, start=False)
-            trainer.group = ReplicaGroup(spec, k, env)
-            self.replicas.append(trainer)
+            self.replicas.append(ShardedTrainer(spec, start=False, group=ReplicaGroup(spec, k, env)))
         self.base_model = spec.name
         self.move_gap = move_gap
         self._home: dict[str, int] = {}  # run id -> its replica

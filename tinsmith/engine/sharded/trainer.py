@@ -44,8 +44,8 @@ LOST = ("training run {run!r} was lost when the sharded engine's rank group fail
 class ShardedTrainer:
     """A TrainingBackend over a RankGroup; one thread (the model's worker) calls it."""
 
-    def __init__(self, spec: GroupSpec, *, start: bool = True) -> None:
-        self.group = RankGroup(spec)
+    def __init__(self, spec: GroupSpec, *, start: bool = True, group: RankGroup | None = None) -> None:
+        self.group = group or RankGroup(spec)  # `group`: a RankGroup subclass (replicas.py)
         self._runs: set[str] = set()  # runs of the live group
         self._lost: set[str] = set()  # runs of a group that failed, until replaced or dropped
         self._lock = threading.Lock()  # stats() reads from other threads
