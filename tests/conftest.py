@@ -88,7 +88,7 @@ def attach_random_adapter(runner, rank: int, seed: int) -> int:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for w in adapter.weights.values():
-            w.B.copy_(torch.randn(w.B.shape, generator=gen) * 0.2)
+            w.B.copy_(torch.randn(w.B.shape, generator=gen) * 0.2)  # drawn on the CPU, any device
     return runner.attach(adapter)
 
 

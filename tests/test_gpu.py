@@ -218,26 +218,12 @@ def test_slab_kv_cache_greedy_equals_dynamic_on_cuda() -> None:
     """Greedy sampling (two requests decoding together, one with a LoRA) through the slab KV
     cache on CUDA draws the tokens the DynamicCache path draws; float32, so the comparison is
     strict: tokens equal, logprobs within 1e-4."""
-    from conftest import TINY
-    from transformers import AutoTokenizer
-
-    from tinsmith.engine.adapter import Adapter
     from tinsmith.engine.decode import DecodeBatch
-    from tinsmith.engine.device import placement
-    from tinsmith.engine.runner import ModelRunner
     from tinsmith.engine.sampler import Sampler
     from tinsmith.engine.slab_batch import SlabBatch
-    from tinsmith.models.catalog import resolve_model_dir
-    from tinsmith.types import LoraSpec, SampleSpec
+    from tinsmith.types import SampleSpec
 
-    runner = ModelRunner(resolve_model_dir(TINY), TINY, placement("cuda", "float32"))
-    tokenizer = AutoTokenizer.from_pretrained(runner.model_dir)
-    adapter = Adapter.create(LoraSpec(rank=4, seed=1), runner.layers)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for w in adapter.weights.values():
-            w.B.copy_(torch.randn(w.B.shape, generator=gen).to(w.B.device) * 0.2)
-    slot = runner.attach(adapter)
+    runner, tokenizer, slot = _graph_runner("float32")
     prompts = [np.asarray(tokenizer.encode(t), np.int64)
                for t in ("Hello there, my friend", "The cat sat on the mat and then")]
 
@@ -263,23 +249,16 @@ def test_slab_kv_cache_greedy_equals_dynamic_on_cuda() -> None:
 
 def _graph_runner(dtype: str):
     """The tiny model on CUDA in `dtype`, with one LoRA adapter (non-zero B) attached."""
-    from conftest import TINY
+    from conftest import TINY, attach_random_adapter
     from transformers import AutoTokenizer
 
-    from tinsmith.engine.adapter import Adapter
     from tinsmith.engine.device import placement
     from tinsmith.engine.runner import ModelRunner
     from tinsmith.models.catalog import resolve_model_dir
-    from tinsmith.types import LoraSpec
 
     runner = ModelRunner(resolve_model_dir(TINY), TINY, placement("cuda", dtype))
     tokenizer = AutoTokenizer.from_pretrained(runner.model_dir)
-    adapter = Adapter.create(LoraSpec(rank=4, seed=1), runner.layers)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for w in adapter.weights.values():
-            w.B.copy_(torch.randn(w.B.shape, generator=gen).to(w.B.device) * 0.2)
-    return runner, tokenizer, runner.attach(adapter)
+    return runner, tokenizer, attach_random_adapter(runner, 4, 1)
 
 
 @cuda_only

@@ -117,6 +117,7 @@ class _Prefill:
         self.start = first_position(spec, self.n_prompt)
         self.done = 0  # prompt tokens prefilled so far
         self.logits: list[torch.Tensor] = []
+        self.rope_delta = 0  # an image prompt's RoPE delta (runner.prefill_inputs)
 
 
 class _Request:
@@ -142,6 +143,7 @@ class _Request:
         )
         self.live = list(range(n)) if spec.max_tokens > 0 else []
         self.steps = 0
+        self.rope_delta = 0  # image prompts: see runner.rope_offsets
 
     @property
     def done(self) -> bool:
@@ -308,7 +310,7 @@ class Sampler:
         if job.slot is not None and not self.runner.attached(job.slot):
             raise RuntimeError(f"adapter slot {job.slot} was detached while prefilling")
         n, a = job.n_prompt, job.done
-        chunked = self.prefill_chunk > 0 and not getattr(job.spec, "images", ())
+        chunked = self.prefill_chunk > 0 and not job.spec.images
         b = min(n, a + self.prefill_chunk) if chunked else n
         # Logits are kept from the first position any output needs (position i-1 scores
         # prompt[i]); a chunk before it keeps one (logits_to_keep=0 would mean all).
@@ -343,7 +345,7 @@ class Sampler:
         last = logits[-1:].clone()  # [1, V]; lets the prompt-wide logits go
         del logits
         req = _Request(job.slot, spec, job.gen, result, job.on_done, self.tokenizer)
-        req.rope_delta = getattr(job, "rope_delta", 0)  # image prompts: see runner.rope_offsets
+        req.rope_delta = job.rope_delta
         if req.live:  # the first token of every sample comes from the same logits
             kept, tokens = self._advance(req, last.expand(spec.num_samples, -1), shared=True)
         if req.done:
@@ -420,9 +422,9 @@ class Sampler:
     def _rope_offsets(self) -> torch.Tensor | None:
         """Each live row's RoPE delta [rows] when some request's prompt held images (its
         positions run behind its length), else None: text decoding is left as it was."""
-        if not any(getattr(r, "rope_delta", 0) for r in self._live):
+        if not any(r.rope_delta for r in self._live):
             return None
-        return torch.tensor([getattr(r, "rope_delta", 0) for r in self._live for _ in r.live])
+        return torch.tensor([r.rope_delta for r in self._live for _ in r.live])
 
     def _admit_waiting(self) -> None:
         while self._waiting and not self._live and not self._prefilling:

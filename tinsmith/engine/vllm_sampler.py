@@ -27,7 +27,6 @@ import logging
 import queue
 import re
 import shutil
-import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -102,7 +101,6 @@ class VllmSampler:
         self._versions = 0
         self.loads = 0  # adapters loaded into vLLM since start (metrics, tests)
         self.unloads = 0
-        self._lock = threading.Lock()  # guards `_rows` against the pool's callbacks
 
     # ----- adapters -------------------------------------------------------------------
     def _new_folder(self, key: str, files: Mapping[str, bytes], snapshot: bool) -> _Folder:
@@ -215,8 +213,7 @@ class VllmSampler:
         name = self._adapter_name(key, load)
         self._inflight[name] += 1
         rows = spec.num_samples
-        with self._lock:
-            self._rows += rows
+        self._rows += rows  # only the worker's thread touches it (here and in step())
         body = completion_body(name, spec)
 
         def run() -> None:
@@ -252,8 +249,7 @@ class VllmSampler:
             except queue.Empty:
                 break
         for out, on_done, name, rows in items:
-            with self._lock:
-                self._rows -= rows
+            self._rows -= rows
             self._inflight[name] -= 1
             if self._inflight[name] <= 0:
                 del self._inflight[name]

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from tinsmith.engine.loopback import free_port
 
 log = logging.getLogger("tinsmith.vllm")
 
@@ -51,12 +52,6 @@ class VllmLaunch:
     tensor_parallel: int = 1  # vLLM's --tensor-parallel-size: a base that needs several GPUs
     log_file: Path | None = None
     start_timeout_s: float = 600.0  # a cold CPU start takes ~35 s alone, minutes when busy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def check_python(python: Path) -> None:
