@@ -225,7 +225,7 @@ def main() -> int:
                             n * args.train_steps * datums * length, True, check_repeats=False))
                         notes.append(f"after {n} runs, {label} batches: server peak memory "
                                      f"{peak_rss_gib(proc.pid):.2f} GiB")
-                if args.pause > 0:
+                if args.pause > 0 and args.pause_runs > 0:
                     n, data = args.pause_runs, make_batch(vocab, *args.small)
                     arms = [[sc.create_lora_training_client(base_model=args.model, rank=8, seed=k).result()
                              for k in range(n)] for _ in range(2)]

@@ -21,10 +21,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / "bench" / "gpu"
-ROWS = ("GPU tests", "B1 1 run", "B2 ", "B2 fairness", "B3 MFU", "B4 ", "peak GPU memory",
-        "S1 ", "S2 ", "S3 ", "G 1-rank group", "MoE ", "VL ", "B1-exact", "B2-exact")
-# The rows that are ratios of two figures this run measured (S1-S3, the group, MoE and VL).
-RATIO_ROWS = ("S1 ", "S2 ", "S3 ", "G 1-rank group", "MoE ", "VL ")
+ROWS = ("GPU tests", "B1 1 run", "B2 ", "B2 fairness", "B2 engine only", "B3 MFU", "B4 ", "peak GPU memory",
+        "S1 ", "S2 ", "S3 ", "G 1-rank group", "MoE ", "VL ", "B1-exact", "B2-exact", "B2 engine 4 runs",
+        "B3 engine")
+# The rows that are ratios of two figures this run measured (B2 at the engine, S1-S3, the
+# group, MoE and VL).
+RATIO_ROWS = ("B2 engine only", "S1 ", "S2 ", "S3 ", "G 1-rank group", "MoE ", "VL ")
 
 
 @pytest.mark.parametrize("script", ["collect_wheels.sh", "run.sh"])

@@ -46,7 +46,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
 _PLAIN_SERVE_FLAGS = (
     "devices", "replicas", "sharded", "sampler_kv_cache", "sampler_cuda_graphs",
     "prefill_chunk_tokens", "sampler", "vllm_url", "vllm_max_lora_rank", "vllm_max_logprobs",
-    "vllm_tensor_parallel", "max_image_bytes", "max_image_pixels",
+    "vllm_tensor_parallel", "max_image_bytes", "max_image_pixels", "compile_passes",
 )
 
 
@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-packing", action=argparse.BooleanOptionalAction, default=None,
                    help="packed passes bitwise equal to each request alone (default: on a CPU "
                         "only; on a GPU the base GEMMs are shared, equal within float tolerance)")
+    p.add_argument("--compile-passes", action="store_true",
+                   help="shared training passes run the decoder layers through torch.compile "
+                        "(dense text models; the first passes compile, docs/gpu.md)")
     p.add_argument("--pack-linger-ms", type=float, default=None,
                    help="how long a small training pass may wait for runs that were just in "
                         "one (default: 10 on a GPU, 0 on a CPU)")

@@ -129,6 +129,10 @@ class ServerSettings:
     """Packed passes compute every request's products on its own block, bitwise equal to the
     request alone (slower on a GPU). None: on a CPU only, where it costs nothing measurable;
     False shares the base GEMMs across requests (equal within float tolerance)."""
+    compile_passes: bool = False
+    """Shared training passes run their decoder layers through `torch.compile` (dense text
+    models; engine/compiled.py). The first passes compile (seconds to minutes); later ones
+    launch fewer, fused kernels. Off by default: not yet measured on a GPU."""
     pack_linger_ms: float | None = None
     """How long a small training pass may wait for runs that were just in a pass and have
     nothing queued (they are between a result and their next request), so they share it

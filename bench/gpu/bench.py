@@ -4,7 +4,9 @@ the official `tinker` SDK driving a real `tinsmith serve --device cuda` subproce
   B1  one run, Llama-3.2-1B shapes, 8 x 512 tokens: SDK pipelined step vs the plain PEFT
       eager loop (bf16, LoRA r=32 on all linear layers, AdamW), median step time. <= 1.0x
   B2  8 runs, each 2 x 64 tokens a step, concurrent (a thread each) vs one after another:
-      aggregate tokens/s >= 5x; fairness (slowest/fastest run's throughput) >= 0.8
+      aggregate tokens/s >= 5x; fairness (slowest/fastest run's throughput) >= 0.8; and the
+      same runs' forward+backward at the engine alone (no API), packed vs one after another,
+      with kernel launches (reported)
   B3  4 concurrent runs of 8 x 512: trained tokens/s x 4N FLOPs / this GPU's bf16 matmul
       peak (8192^3, measured here) >= 45% MFU
   B4  Llama-3.1-8B shapes at 32 x 512 trains through the server (plain PEFT: out of memory
@@ -15,7 +17,8 @@ the official `tinker` SDK driving a real `tinsmith serve --device cuda` subproce
   G   B1 on `tinsmith serve --sharded` (the rank-group engine, one rank) vs B1 <= 1.05x
   MoE, VL  step time and tokens/s, server vs plain PEFT (Qwen3-30B-A3B 4 x 512; Qwen3-VL-8B
       4 x 512 with a 448x448 image each), reported
-  and, with --exact-packing, B1 and B2 again on a server started with that flag.
+  and, with --exact-packing, B1 and B2 again on a server started with that flag; with
+  --compiled, B2's and B3's shapes at the engine, eager against --compile-passes.
 
 Every phase (phases.py) runs in its own process with a time budget, killed with its server
 if it overruns; the whole bench stays within --budget-s. Records go to results.jsonl, one
@@ -141,6 +144,8 @@ def main() -> int:
     ap.add_argument("--tiny", "--dry-run", action="store_true", help="the tiny CPU plan")
     ap.add_argument("--plan", choices=sorted(PLANS), default=None)
     ap.add_argument("--exact-packing", action="store_true", help="also B1/B2 with --exact-packing")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also B2's and B3's shapes at the engine with --compile-passes (compiles first)")
     ap.add_argument("--sampler-graphs-off", action="store_true",
                     help="also S1-S3 with --sampler-cuda-graphs off")
     ap.add_argument("--budget-s", type=float, default=None, help="the whole bench's time (default: "

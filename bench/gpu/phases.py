@@ -13,6 +13,12 @@ short by its budget still leaves what it finished.
 - server-moe    a fresh server on the MoE model (MoE LoRA on the experts): the median
                 forward_backward + optim_step time of one run, pipelined (its plain-PEFT
                 baseline: phases_models.py's plain-moe)
+- engine-packing  B2's shape at the engine, no API: the 8 runs' forward+backward as one
+                shared pass, as exact packing, one after another and as plain PEFT steps, with
+                each arm's kernel launches (bench/packing.py), to tell the engine's share of B2
+                from the API's
+- engine-compiled B2's and B3's shapes at the engine, the shared pass eager and with
+                `--compile-passes` (only with bench.py --compiled)
 - server-small-exact   B1 and B2 again with `--exact-packing`
 
 The sampling phases (S1-S3) are in phases_sampling.py; the 1-rank group, plain MoE and the
@@ -36,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 BENCH = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(BENCH))  # step_overhead.py, multi_tenant.py
+sys.path.insert(0, str(BENCH))  # step_overhead.py, multi_tenant.py, packing.py
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -319,6 +325,38 @@ def phase_server_small_exact(plan: Plan, rec: Recorder, workdir: Path) -> None:
     server_small(plan, rec, workdir, exact=True)
 
 
+def phase_engine_packing(plan: Plan, rec: Recorder, workdir: Path) -> None:
+    from packing import measure
+
+    from tinsmith.engine.device import placement
+    from tinsmith.models import resolve_model_dir
+
+    arms = measure(resolve_model_dir(plan.small), plan.small, placement(plan.device, plan.dtype),
+                   runs=plan.b2_runs, rows=plan.b2[0], tokens=plan.b2[1], rank=plan.rank,
+                   repeats=plan.steps, progress=rec.say)
+    rec.emit("engine", tag="b2-engine", model=plan.small, runs=plan.b2_runs, **shape_fields(plan.b2),
+             arms={name: {"median_s": round(t, 5), "launches": n} for name, (t, n) in arms.items()})
+
+
+def phase_engine_compiled(plan: Plan, rec: Recorder, workdir: Path) -> None:
+    """B2's and B3's shapes at the engine, forward+backward: the shared pass eager and with
+    `--compile-passes` (inductor; its warm-up compiles, a fresh compilation per shape)."""
+    from packing import measure
+
+    from tinsmith.engine.device import placement
+    from tinsmith.models import resolve_model_dir
+
+    for tag, runs, (rows, tokens) in (("b2-compiled", plan.b2_runs, plan.b2), ("b3-compiled", plan.b3_runs, plan.b3)):
+        torch._dynamo.reset()
+        t = time.perf_counter()
+        arms = measure(resolve_model_dir(plan.small), plan.small, placement(plan.device, plan.dtype),
+                       runs=runs, rows=rows, tokens=tokens, rank=plan.rank, repeats=plan.steps,
+                       arms=("shared packed", "shared packed, compiled"), progress=rec.say)
+        rec.emit("engine", tag=tag, model=plan.small, runs=runs, batch=rows, seq=tokens,
+                 wall_s=round(time.perf_counter() - t, 1), matmul_params=matmul_params(model_config(plan.small)),
+                 arms={name: {"median_s": round(m, 5), "launches": n} for name, (m, n) in arms.items()})
+
+
 def phase_server_big(plan: Plan, rec: Recorder, workdir: Path) -> None:
     import tinker
     from step_overhead import make_batch, sdk_arm
@@ -358,6 +396,8 @@ PHASE_FUNCS = {
     "matmul": phase_matmul,
     "plain-small": phase_plain_small,
     "server-small": phase_server_small,
+    "engine-packing": phase_engine_packing,
+    "engine-compiled": phase_engine_compiled,
     "server-big": phase_server_big,
     "plain-big": phase_plain_big,
     "server-moe": phase_server_moe,

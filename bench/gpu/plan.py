@@ -57,10 +57,12 @@ GPU = Plan(
     # Caps, not estimates: bench.py also stops at its whole budget (run.sh: what its 470 s
     # leave after the tests, ~340-400 s), so the last phases are the ones skipped when the
     # first run long (README.md: expected times).
-    phase_budget_s={"matmul": 30, "plain-small": 45, "server-small": 100, "server-big": 90,
+    phase_budget_s={"matmul": 30, "plain-small": 45, "server-small": 100, "engine-packing": 40,
+                    "server-big": 90,
                     "plain-big": 60, "plain-generate": 40, "server-sampling": 75, "server-group": 60,
                     "server-moe": 120, "plain-moe": 90, "server-vl": 70, "plain-vl": 50,
-                    "server-small-exact": 60, "server-sampling-eager": 60},
+                    "server-small-exact": 60, "server-sampling-eager": 60,
+                    "engine-compiled": 300},
     moe="synthetic/qwen3-30b-a3b", moe_shape=(4, 512),
     sample_requests=32, sample_prompt=128, sample_tokens=128, sample_adapters=8, sample_rounds=3,
     # 4 x (one 448x448 image: 196 tokens, its 2 vision markers and 314 text tokens).
@@ -74,10 +76,12 @@ TINY = Plan(
     warmup=1, steps=2, big_steps=2, matmul_n=256, rank=8,
     # Generous: a dry run on a busy 2-core machine starts a server in up to ~30 s; it takes
     # about 80 s in all on a quiet one.
-    phase_budget_s={"matmul": 60, "plain-small": 90, "server-small": 150, "server-big": 150,
+    phase_budget_s={"matmul": 60, "plain-small": 90, "server-small": 150, "engine-packing": 90,
+                    "server-big": 150,
                     "plain-big": 90, "plain-generate": 90, "server-sampling": 150,
                     "server-group": 150, "server-moe": 150, "plain-moe": 90, "server-vl": 150,
-                    "plain-vl": 90, "server-small-exact": 150, "server-sampling-eager": 150},
+                    "plain-vl": 90, "server-small-exact": 150, "server-sampling-eager": 150,
+                    "engine-compiled": 300},
     min_phase_s=5.0,
 )
 
@@ -86,8 +90,9 @@ PLANS = {p.name: p for p in (GPU, TINY)}
 # The phases in order of importance: when time runs short the last ones are skipped.
 # Each runs in its own process (bench.py), so GPU memory starts empty and a phase that
 # overruns its budget is killed, server included.
-PHASES = ("matmul", "plain-small", "server-small", "server-big", "plain-big", "plain-generate",
+PHASES = ("matmul", "plain-small", "server-small", "engine-packing", "server-big", "plain-big", "plain-generate",
           "server-sampling", "server-group", "server-vl", "plain-vl", "server-moe", "plain-moe",
-          "server-small-exact", "server-sampling-eager")
+          "server-small-exact", "server-sampling-eager", "engine-compiled")
 # Phases run only when asked, each by a bench.py flag (the argparse dest named here).
-OPTIONAL = {"server-small-exact": "exact_packing", "server-sampling-eager": "sampler_graphs_off"}
+OPTIONAL = {"server-small-exact": "exact_packing", "server-sampling-eager": "sampler_graphs_off",
+            "engine-compiled": "compiled"}

@@ -45,7 +45,7 @@ if [[ "$DRY" == 1 ]]; then
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
     say "dry run on the CPU: no wheel install"
 else
-    TEST_BUDGET_S=${TEST_BUDGET_S:-75}
+    TEST_BUDGET_S=${TEST_BUDGET_S:-100}
     TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-470}
     BENCH_MODE=(--exact-packing)
     SITE=/tmp/tinsmith-site

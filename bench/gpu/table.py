@@ -121,6 +121,48 @@ def b2_rows(res: Results, suffix: str = "", fairness: bool = True) -> list[Row]:
     return rows
 
 
+def engine_row(res: Results) -> Row:
+    """B2's shape at the engine (no API): shared packed vs one after another, forward+backward,
+    with kernel launches; plain PEFT's time and launches for the same steps in the goal cell."""
+    p = res.plan
+    e = res.first("engine", "b2-engine")
+    n = e["runs"] if e else p.get("b2_runs", "?")
+    fig = f"B2 engine only {n} runs x {shape(e, p, 'b2')}: fwd+bwd time, one after another / packed"
+    if not e:
+        return (fig, "-", "-", "-", "reported", res.why_missing("engine-packing"))
+    seq, packed = e["arms"]["one after another"], e["arms"]["shared packed"]
+    peft = e["arms"].get("plain PEFT, one after another")
+    launches = f"launches {seq['launches']:,} / {packed['launches']:,}"
+    if peft:
+        launches += f"; plain PEFT {fmt_s(peft['median_s'])}, {peft['launches']:,}"
+    return (fig, fmt_s(seq["median_s"]), fmt_s(packed["median_s"]),
+            f"{seq['median_s'] / packed['median_s']:.2f}x", "reported", f"measured; {launches}")
+
+
+def compiled_rows(res: Results) -> list[Row]:
+    """B2's and B3's shapes at the engine (forward+backward), eager / `--compile-passes`; B3's
+    as MFU (4N FLOPs per token over the matmul peak)."""
+    p, mm = res.plan, res.first("matmul")
+    rows: list[Row] = []
+    for tag, key in (("b2-compiled", "b2"), ("b3-compiled", "b3")):
+        e = res.first("engine", tag)
+        n = e["runs"] if e else p.get(f"{key}_runs", "?")
+        fig = f"{key.upper()} engine {n} runs x {shape(e, p, key)}: fwd+bwd, eager / --compile-passes"
+        if not e:
+            rows.append((fig, "-", "-", "-", "reported", res.why_missing("engine-compiled")))
+            continue
+        eager, comp = e["arms"]["shared packed"], e["arms"]["shared packed, compiled"]
+        base, mine = fmt_s(eager["median_s"]), fmt_s(comp["median_s"])
+        if key == "b3" and mm and mm["tflops"] > 0:
+            flops = e["runs"] * e["batch"] * e["seq"] * 4 * e["matmul_params"] / 1e12 / mm["tflops"]
+            base += f" ({flops / eager['median_s']:.1%} MFU)"
+            mine += f" ({flops / comp['median_s']:.1%} MFU)"
+        launches = "" if comp.get("launches") is None else f"; launches {eager['launches']:,} / {comp['launches']:,}"
+        rows.append((fig, base, mine, f"{eager['median_s'] / comp['median_s']:.2f}x", "reported",
+                     f"measured (with compiling: {e['wall_s']:.0f} s){launches}"))
+    return rows
+
+
 def b3_row(res: Results) -> Row:
     p = res.plan
     m, mm = res.first("mfu", "b3"), res.first("matmul")
@@ -256,6 +298,7 @@ ROW_BUILDERS: list[Callable[[Results], list[Row]]] = [
     lambda r: [tests_row(r)],
     lambda r: [b1_row(r)],
     lambda r: b2_rows(r),
+    lambda r: [engine_row(r)],
     lambda r: [b3_row(r)],
     b4_rows,
     sampling_rows,
@@ -263,6 +306,7 @@ ROW_BUILDERS: list[Callable[[Results], list[Row]]] = [
     model_rows,
     lambda r: [b1_row(r, "-exact")],
     lambda r: b2_rows(r, "-exact", fairness=False),
+    compiled_rows,
 ]
 
 

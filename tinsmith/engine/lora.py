@@ -90,6 +90,11 @@ class MultiLoraLinear(nn.Module):
         # Not nn.Parameters of this module: adapters own their tensors (and optimizer state),
         # so base-model parameters() never include them.
         self.adapters: dict[int, LoraWeights] = {}
+        # Set for one compiled pass (engine/compiled.py): the pass's G groups' factors stacked
+        # in the activations' dtype, A [G, r, in] and B [G, out, r] with the scales folded in.
+        # The layer then reads no row groups or adapter slots, so a compiled decoder layer has
+        # nothing per-pass in its guards but these tensors' shapes.
+        self.pass_factors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -121,10 +126,17 @@ class MultiLoraLinear(nn.Module):
         float32 model); their gradients flow back to the float32 masters through the cast.
         """
         x2 = x.reshape(-1, x.shape[-1])
-        h = F.linear(x2, w.A.to(x.dtype)) * w.scale  # [rows, r]
+        h = F.linear(x2, w.A.to(x.dtype))  # [rows, r]
+        if w.scale != 1.0:  # alpha = rank (the default) multiplies by exactly 1: no kernel
+            h = h * w.scale
         return torch.addmm(y.reshape(-1, y.shape[-1]), h, w.B.t().to(y.dtype)).reshape(y.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pass_factors is not None:  # a compiled pass: G equal groups, factors stacked
+            A, B = self.pass_factors
+            y = self.base(x)
+            h = torch.bmm(x.reshape(A.shape[0], -1, x.shape[-1]), A.transpose(1, 2))  # [G, n, r]
+            return torch.baddbmm(y.reshape(A.shape[0], -1, y.shape[-1]), h, B.transpose(1, 2)).reshape(y.shape)
         if self.ctx.table is not None:  # a static decode step (engine/bgmv.py)
             return self.ctx.table.apply(self, x, self.base(x))
         groups = self.ctx.groups
@@ -165,24 +177,16 @@ class MultiLoraLinear(nn.Module):
         xg = x.reshape(G, -1, x.shape[-1])
         r = max(w.A.shape[0] for w in weights if w is not None)
         out_f, in_f = y.shape[-1], x.shape[-1]
-        As, Bs, scales = [], [], []
-        for w in weights:
-            if w is None:
-                As.append(x.new_zeros(r, in_f, dtype=torch.float32))
-                Bs.append(x.new_zeros(out_f, r, dtype=torch.float32))
-                scales.append(0.0)
-                continue
-            pad = r - w.A.shape[0]
-            As.append(F.pad(w.A, (0, 0, 0, pad)) if pad else w.A)
-            Bs.append(F.pad(w.B, (0, pad)) if pad else w.B)
-            scales.append(w.scale)
-        A = torch.stack(As).to(x.dtype)  # [G, r, in]
-        B = torch.stack(Bs).to(y.dtype)  # [G, out, r]
+        A = stack_factors([w.A if w is not None else None for w in weights], (r, in_f), x.dtype)
+        B = stack_factors([w.B if w is not None else None for w in weights], (out_f, r), y.dtype)
         h = torch.bmm(xg, A.transpose(1, 2))  # [G, n, r]
-        if len(set(scales)) == 1:
-            h = h * scales[0]
-        else:
-            h = h * torch.tensor(scales, dtype=h.dtype).to(h.device, non_blocking=True)[:, None, None]
+        # A group without this layer has zero factors: any scale serves it.
+        scales = {w.scale for w in weights if w is not None}
+        if len(scales) > 1:
+            per_group = [w.scale if w is not None else 0.0 for w in weights]
+            h = h * torch.tensor(per_group, dtype=h.dtype).to(h.device, non_blocking=True)[:, None, None]
+        elif scales != {1.0}:
+            h = h * scales.pop()
         return torch.baddbmm(y.reshape(G, -1, out_f), h, B.transpose(1, 2)).reshape(y.shape)
 
     def _separate(self, x: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
@@ -202,6 +206,41 @@ class MultiLoraLinear(nn.Module):
             parts.append(pad_positions(ys if w is None else self._add_delta(ys, xs, w), x.shape[1]))
             start += g.rows
         return torch.cat(parts, dim=0)
+
+
+class _StackFactors(torch.autograd.Function):
+    """A stack of G factors [G, ...] (float32 masters) cast to the activations' dtype, whose
+    backward casts and lays out the stack's gradient contiguously in one kernel. A bmm's
+    gradient arrives transposed, and autograd would then copy it once per adapter before
+    accumulating it (16 kernels a layer for 8 runs: over a third of a small packed pass's
+    launches); laid out here, the stack's backward (unbind) gives each adapter a contiguous
+    view that autograd accumulates without a copy."""
+
+    @staticmethod
+    def forward(ctx, stacked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.master = stacked.dtype
+        # A view when no cast is needed: `.to` would return the input itself, and autograd
+        # would then bypass this backward.
+        return stacked.view_as(stacked) if dtype == stacked.dtype else stacked.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.empty(grad.shape, dtype=ctx.master, device=grad.device).copy_(grad), None
+
+
+def stack_factors(factors: list[torch.Tensor | None], shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """[G, *shape] in `dtype` from G factors, each zero-padded on the right to `shape`
+    (exact: padded rank columns add 0, and their gradients are sliced away); None: zeros."""
+    like = next(f for f in factors if f is not None)
+    parts = []
+    for f in factors:
+        if f is None:
+            parts.append(like.new_zeros(shape))
+        elif tuple(f.shape) != shape:
+            parts.append(F.pad(f, (0, shape[1] - f.shape[1], 0, shape[0] - f.shape[0])))
+        else:
+            parts.append(f)
+    return _StackFactors.apply(torch.stack(parts), dtype)
 
 
 def pad_positions(t: torch.Tensor, length: int) -> torch.Tensor:

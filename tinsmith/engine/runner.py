@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from tinsmith.engine import attention
 from tinsmith.engine.adapter import Adapter
+from tinsmith.engine.compiled import CompiledPasses, decoder_layers, is_compile_error
 from tinsmith.engine.device import Placement
 from tinsmith.engine.families import FAMILIES
 from tinsmith.engine.lora import LoraContext, MultiLoraLinear, RowGroup, inject_lora
@@ -40,6 +42,8 @@ from tinsmith.engine.moe import ExpertLora, inject_moe, moe_blocks
 from tinsmith.engine.moe_routing import RoutingStats
 from tinsmith.engine.vision import Prepared, Vision, is_vision_config
 from tinsmith.types import DatumIn, SampleSpec
+
+log = logging.getLogger("tinsmith.runner")
 
 # Float32 logits one chunk of the unembedding may hold: [k, V] is never built whole for a big
 # pass (16k positions x 128k vocabulary would be 8 GiB per copy), and under autograd each
@@ -80,7 +84,7 @@ class ModelRunner:
 
     def __init__(
         self, model_dir: str | Path, name: str, placement: Placement | None = None,
-        *, exact_packing: bool | None = None,
+        *, exact_packing: bool | None = None, compile_passes: str | Callable[..., object] | None = None,
     ) -> None:
         self.name = name
         self.model_dir = Path(model_dir)
@@ -111,6 +115,15 @@ class ModelRunner:
         self._slot_ids = itertools.count(1)
         self.logit_chunk = logit_chunk_positions(self.vocab_size)
         self._check_plain_unembedding()
+        # Compiled shared passes (engine/compiled.py), `compile_passes` naming torch.compile's
+        # backend; dense text models only (MoE blocks and vision inputs stay eager).
+        self.compiled: CompiledPasses | None = None
+        if compile_passes and not self.moe_blocks and self.vision is None and self.device.type != "meta":
+            layers = decoder_layers(self.model)
+            if layers is None:
+                log.warning("%s: no uniform decoder layers at model.model.layers; passes stay eager", name)
+            else:
+                self.compiled = CompiledPasses(layers, compile_passes)
 
     @property
     def device(self) -> torch.device:
@@ -288,6 +301,22 @@ class ModelRunner:
         # faster fwd+bwd on CPU than gather - logsumexp.
         return torch.log_softmax(logits.float(), dim=-1).gather(-1, index)
 
+    def _decode(self, ids: torch.Tensor, extra: dict[str, object], groups: list[RowGroup],
+                separate: bool) -> torch.Tensor:
+        """The decoder's final hidden states [B, T, H] for padded ids [B, T] under `groups`:
+        through the compiled layers when that applies (engine/compiled.py), else eager."""
+        compiled = self.compiled
+        if compiled is not None and compiled.applies(groups, separate):
+            try:
+                with self.ctx.rows(groups), compiled.active(groups, self.dtype):
+                    return self.model.model(input_ids=ids, use_cache=False, **extra).last_hidden_state
+            except Exception as e:
+                if not is_compile_error(e):
+                    raise
+                compiled.disable(e)  # and the pass runs eagerly below
+        with self.ctx.rows(groups, separate=separate):
+            return self.model.model(input_ids=ids, use_cache=False, **extra).last_hidden_state
+
     def target_logprobs(
         self,
         rows: Sequence[tuple[int | None, DatumIn]],
@@ -347,8 +376,7 @@ class ModelRunner:
             try:
                 ids = self._pad(slot_rows)
                 extra = self.vision.model_inputs(self.model, ids, images)[0] if images else {}
-                with self.ctx.rows(groups, separate=separate):
-                    hidden = self.model.model(input_ids=ids, use_cache=False, **extra).last_hidden_state
+                hidden = self._decode(ids, extra, groups, separate)
             finally:
                 self.ctx.routing = None
             lp_all = torch.zeros(batch, width, k_max, dtype=torch.float32, device=dev)  # [B, T, K]

@@ -70,7 +70,8 @@ def load_model(
     shapes_only = grouped and settings.sampler == "vllm"
     runner = ModelRunner(model_dir, name,
                          place.shapes_only() if shapes_only else place,
-                         exact_packing=settings.exact_packing)
+                         exact_packing=settings.exact_packing,
+                         compile_passes="inductor" if settings.compile_passes and not grouped else None)
     if shapes_only:
         log.info(SHAPES_ONLY, name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -119,7 +120,8 @@ def load_model(
                 "process(es) each (docs/scale-out.md)")
     log.info("serving %s from %s on %s in %s (%s packing); a training pass holds up to %d "
              "tokens, %s", name, model_dir, place.device, str(place.dtype).removeprefix("torch."),
-             "exact" if runner.exact_packing else "shared-GEMM", pass_tokens, runs)
+             "exact" if runner.exact_packing else
+             "shared-GEMM, compiled" if runner.compiled is not None else "shared-GEMM", pass_tokens, runs)
     return ModelHandle(
         name=name,
         model_dir=model_dir,
