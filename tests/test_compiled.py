@@ -4,7 +4,8 @@ a GPU, without code generation (inductor's kernels are checked on a GPU, tests/t
 
 - a compiled shared pass gives the eager shared pass's logprobs and gradients (float32:
   logprobs equal, gradients within 1e-5 of their norm), with ranks 8 and 4, a LoRA scale
-  other than 1, and a run that adapts attention only;
+  other than 1, and a run that adapts attention only; in bfloat16 within 5e-2, nearer the
+  eager pass than that is to float32;
 - the decoder layers share one compiled forward, and new mixes and orders of runs reuse it:
   nothing about a pass's adapters is in its guards; new shapes recompile once (symbolic
   sizes), then reuse that;
@@ -88,11 +89,20 @@ def _close(got, want, lp_atol: float = 1e-6, grad_rel: float = 1e-5, per_factor:
     w_lps, w_grads = want
     for a, b in zip(g_lps, w_lps, strict=True):
         assert float((a - b).abs().max()) <= lp_atol
-    pairs = [(a, b) for ga, wa in zip(g_grads, w_grads, strict=True) for a, b in zip(ga, wa, strict=True)]
     if not per_factor:
-        pairs = [(torch.cat([a.flatten() for a, _ in pairs]), torch.cat([b.flatten() for _, b in pairs]))]
-    for a, b in pairs:
-        assert float((a - b).norm()) <= grad_rel * max(float(b.norm()), 1e-9)
+        assert _grad_rel(got, want) <= grad_rel
+        return
+    for ga, wa in zip(g_grads, w_grads, strict=True):
+        for a, b in zip(ga, wa, strict=True):
+            assert float((a - b).norm()) <= grad_rel * max(float(b.norm()), 1e-9)
+
+
+def _grad_rel(got, want) -> float:
+    """|got - want| / |want| over all the gradients of `_pass` results as one vector."""
+    def flat(result) -> torch.Tensor:
+        return torch.cat([g.float().flatten().cpu() for grads in result[1] for g in grads])
+
+    return float((flat(got) - flat(want)).norm() / flat(want).norm())
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +140,22 @@ def test_new_shapes_recompile_once(runners) -> None:
         graphs.append(counters["stats"]["unique_graphs"])
     assert comp.compiled.enabled
     assert 1 <= graphs[1] - graphs[0] <= 2 and graphs[-1] == graphs[1], graphs
+
+
+def test_compiled_bfloat16_near_eager(runners) -> None:
+    """In bfloat16 a compiled pass rounds differently from the eager one (its backward is
+    AOTAutograd's); as one vector its gradients stay closer to the eager pass's than the eager
+    pass is to float32. `pytest -s -k bfloat16` prints both (measured: 1.7% and 3.1%)."""
+    (f32, fa, fs), _ = runners
+    eager, ea, es = _runner(None, dtype="bfloat16")
+    comp, ca, cs = _runner("aot_eager", dtype="bfloat16")
+    want = _pass(eager, ea, es, *PASSES[0], 0)
+    got = _pass(comp, ca, cs, *PASSES[0], 0)
+    ref = _pass(f32, fa, fs, *PASSES[0], 0)
+    print(f"bfloat16 gradients, relative as one vector: compiled vs eager {_grad_rel(got, want):.3f}, "
+          f"eager vs float32 {_grad_rel(want, ref):.3f}")
+    _close(got, want, lp_atol=5e-2, grad_rel=5e-2, per_factor=False)
+    assert _grad_rel(got, want) <= _grad_rel(want, ref)
 
 
 def test_unequal_groups_run_eagerly(runners) -> None:

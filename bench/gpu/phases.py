@@ -325,36 +325,38 @@ def phase_server_small_exact(plan: Plan, rec: Recorder, workdir: Path) -> None:
     server_small(plan, rec, workdir, exact=True)
 
 
-def phase_engine_packing(plan: Plan, rec: Recorder, workdir: Path) -> None:
+def engine_arms(plan: Plan, rec: Recorder, tag: str, runs: int, shape: Shape, arms: Sequence[str],
+                **fields: Any) -> None:
+    """One "engine" record: bench/packing.py's `arms` (forward+backward at the engine, no API)
+    for `runs` runs of `shape` on the small model, medians and kernel launches."""
     from packing import measure
 
     from tinsmith.engine.device import placement
     from tinsmith.models import resolve_model_dir
 
-    arms = measure(resolve_model_dir(plan.small), plan.small, placement(plan.device, plan.dtype),
-                   runs=plan.b2_runs, rows=plan.b2[0], tokens=plan.b2[1], rank=plan.rank,
-                   repeats=plan.steps, progress=rec.say)
-    rec.emit("engine", tag="b2-engine", model=plan.small, runs=plan.b2_runs, **shape_fields(plan.b2),
-             arms={name: {"median_s": round(t, 5), "launches": n} for name, (t, n) in arms.items()})
+    t = time.perf_counter()
+    out = measure(resolve_model_dir(plan.small), plan.small, placement(plan.device, plan.dtype),
+                  runs=runs, rows=shape[0], tokens=shape[1], rank=plan.rank, repeats=plan.steps,
+                  arms=arms, progress=rec.say)
+    rec.emit("engine", tag=tag, model=plan.small, runs=runs, **shape_fields(shape),
+             wall_s=round(time.perf_counter() - t, 1), **fields,
+             arms={name: {"median_s": round(m, 5), "launches": n} for name, (m, n) in out.items()})
+
+
+def phase_engine_packing(plan: Plan, rec: Recorder, workdir: Path) -> None:
+    from packing import ARMS
+
+    engine_arms(plan, rec, "b2-engine", plan.b2_runs, plan.b2,
+                [a for a in ARMS if a != "shared packed, compiled"])
 
 
 def phase_engine_compiled(plan: Plan, rec: Recorder, workdir: Path) -> None:
     """B2's and B3's shapes at the engine, forward+backward: the shared pass eager and with
     `--compile-passes` (inductor; its warm-up compiles, a fresh compilation per shape)."""
-    from packing import measure
-
-    from tinsmith.engine.device import placement
-    from tinsmith.models import resolve_model_dir
-
-    for tag, runs, (rows, tokens) in (("b2-compiled", plan.b2_runs, plan.b2), ("b3-compiled", plan.b3_runs, plan.b3)):
+    n = matmul_params(model_config(plan.small))
+    for tag, runs, shape in (("b2-compiled", plan.b2_runs, plan.b2), ("b3-compiled", plan.b3_runs, plan.b3)):
         torch._dynamo.reset()
-        t = time.perf_counter()
-        arms = measure(resolve_model_dir(plan.small), plan.small, placement(plan.device, plan.dtype),
-                       runs=runs, rows=rows, tokens=tokens, rank=plan.rank, repeats=plan.steps,
-                       arms=("shared packed", "shared packed, compiled"), progress=rec.say)
-        rec.emit("engine", tag=tag, model=plan.small, runs=runs, batch=rows, seq=tokens,
-                 wall_s=round(time.perf_counter() - t, 1), matmul_params=matmul_params(model_config(plan.small)),
-                 arms={name: {"median_s": round(m, 5), "launches": n} for name, (m, n) in arms.items()})
+        engine_arms(plan, rec, tag, runs, shape, ("shared packed", "shared packed, compiled"), matmul_params=n)
 
 
 def phase_server_big(plan: Plan, rec: Recorder, workdir: Path) -> None:

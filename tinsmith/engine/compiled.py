@@ -29,7 +29,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import nn
 
-from tinsmith.engine.lora import MultiLoraLinear, RowGroup, stack_factors
+from tinsmith.engine.lora import MultiLoraLinear, RowGroup, stacked_factors
 
 log = logging.getLogger("tinsmith.compiled")
 
@@ -49,7 +49,6 @@ class CompiledPasses:
 
     def __init__(self, layers: nn.ModuleList, backend: str | Callable[..., object] = "inductor") -> None:
         self.layers = layers
-        self.backend = backend
         self.targets = [m for layer in layers for m in layer.modules() if isinstance(m, MultiLoraLinear)]
         self.enabled = True
         self._on = False
@@ -95,16 +94,11 @@ def _stacked(m: MultiLoraLinear, groups: Sequence[RowGroup], dtype: torch.dtype)
     no adapter) gets zeros. A layer no group adapts gets rank-1 zeros, so that the compiled
     code is the same."""
     weights = [m.adapters.get(g.slot) if g.slot is not None else None for g in groups]
-    present = [w for w in weights if w is not None]
-    if not present:
+    if all(w is None for w in weights):
         w0 = m.base.weight
         return (w0.new_zeros((len(groups), 1, m.in_features), dtype=dtype),
                 w0.new_zeros((len(groups), m.out_features, 1), dtype=dtype))
-    r = max(w.A.shape[0] for w in present)
-    A = stack_factors([w.A if w is not None else None for w in weights], (r, m.in_features), dtype)
-    B = stack_factors([None if w is None else (w.B if w.scale == 1.0 else w.B * w.scale) for w in weights],
-                      (m.out_features, r), dtype)
-    return A, B
+    return stacked_factors(weights, m.in_features, m.out_features, dtype, fold_scales=True)
 
 
 def is_compile_error(e: BaseException) -> bool:

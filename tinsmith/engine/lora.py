@@ -133,10 +133,7 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pass_factors is not None:  # a compiled pass: G equal groups, factors stacked
-            A, B = self.pass_factors
-            y = self.base(x)
-            h = torch.bmm(x.reshape(A.shape[0], -1, x.shape[-1]), A.transpose(1, 2))  # [G, n, r]
-            return torch.baddbmm(y.reshape(A.shape[0], -1, y.shape[-1]), h, B.transpose(1, 2)).reshape(y.shape)
+            return _grouped_delta(self.base(x), x, *self.pass_factors)
         if self.ctx.table is not None:  # a static decode step (engine/bgmv.py)
             return self.ctx.table.apply(self, x, self.base(x))
         groups = self.ctx.groups
@@ -173,21 +170,14 @@ class MultiLoraLinear(nn.Module):
         [G, n, out], added to y. A few kernels per layer whatever G is, instead of five per
         group. Ranks below the largest are zero-padded (exact: the padded columns add 0,
         and their gradients are sliced away); a group without this layer adds zeros."""
-        G = len(weights)
-        xg = x.reshape(G, -1, x.shape[-1])
-        r = max(w.A.shape[0] for w in weights if w is not None)
-        out_f, in_f = y.shape[-1], x.shape[-1]
-        A = stack_factors([w.A if w is not None else None for w in weights], (r, in_f), x.dtype)
-        B = stack_factors([w.B if w is not None else None for w in weights], (out_f, r), y.dtype)
-        h = torch.bmm(xg, A.transpose(1, 2))  # [G, n, r]
+        A, B = stacked_factors(weights, x.shape[-1], y.shape[-1], x.dtype)
         # A group without this layer has zero factors: any scale serves it.
         scales = {w.scale for w in weights if w is not None}
         if len(scales) > 1:
             per_group = [w.scale if w is not None else 0.0 for w in weights]
-            h = h * torch.tensor(per_group, dtype=h.dtype).to(h.device, non_blocking=True)[:, None, None]
-        elif scales != {1.0}:
-            h = h * scales.pop()
-        return torch.baddbmm(y.reshape(G, -1, out_f), h, B.transpose(1, 2)).reshape(y.shape)
+            scale = torch.tensor(per_group, dtype=x.dtype).to(x.device, non_blocking=True)[:, None, None]
+            return _grouped_delta(y, x, A, B, scale)
+        return _grouped_delta(y, x, A, B, None if scales == {1.0} else scales.pop())
 
     def _separate(self, x: torch.Tensor, groups: list[RowGroup]) -> torch.Tensor:
         """Each group on its own contiguous block [rows, width, in] of x [B, T, in], exactly
@@ -226,6 +216,29 @@ class _StackFactors(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return torch.empty(grad.shape, dtype=ctx.master, device=grad.device).copy_(grad), None
+
+
+def _grouped_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   scale: torch.Tensor | float | None = None) -> torch.Tensor:
+    """y + (x @ A_g^T) * scale @ B_g^T for G equal groups of rows: x viewed as [G, n, in],
+    A [G, r, in], B [G, out, r], `scale` a number or [G, 1, 1] (None: 1, no kernel)."""
+    G = A.shape[0]
+    h = torch.bmm(x.reshape(G, -1, x.shape[-1]), A.transpose(1, 2))  # [G, n, r]
+    if scale is not None:
+        h = h * scale
+    return torch.baddbmm(y.reshape(G, -1, y.shape[-1]), h, B.transpose(1, 2)).reshape(y.shape)
+
+
+def stacked_factors(weights: Sequence[LoraWeights | None], in_f: int, out_f: int, dtype: torch.dtype,
+                    *, fold_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [G, r, in] and B [G, out, r] in `dtype` for G groups' weights of one layer (at least
+    one not None), ranks zero-padded to the largest; None: zeros. `fold_scales`: each B
+    times its scale (otherwise the caller applies the scales)."""
+    r = max(w.A.shape[0] for w in weights if w is not None)
+    A = stack_factors([None if w is None else w.A for w in weights], (r, in_f), dtype)
+    B = stack_factors([None if w is None else w.B if not fold_scales or w.scale == 1.0 else w.B * w.scale
+                       for w in weights], (out_f, r), dtype)
+    return A, B
 
 
 def stack_factors(factors: list[torch.Tensor | None], shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
