@@ -328,6 +328,12 @@ def test_dashboard_in_chromium(browser, keyed_server: KeyedServer, trained: dict
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     run_a, run_b = str(trained["run_a"]), str(trained["run_b"])
+    # Tokens/s is a rate over the last 30 s, and other tests may have run since `trained`:
+    # a forward pass by b (a run of its own, so a's table is unchanged) just before the page
+    # loads puts tokens in that window.
+    sc_b = tinker.ServiceClient(base_url=keyed_server.url, api_key=keyed_server.key("b"))
+    tc_b = sc_b.create_lora_training_client(base_model=TINY, rank=2)
+    tc_b.forward([text_datum(tc_b.get_tokenizer(), SENTENCES[0])], "cross_entropy").result()
 
     page.goto(f"{keyed_server.url}/")  # redirects to /dashboard
     assert page.url.endswith("/dashboard")
@@ -351,7 +357,7 @@ def test_dashboard_in_chromium(browser, keyed_server: KeyedServer, trained: dict
                         headers=keyed_server.headers("a")).json()["models"][0]
     assert float(panel["Requests"]) == figures["requests_total"] >= 2 * (STEPS + 2)
     assert float(panel["Requests/pass"]) == pytest.approx(figures["requests_per_pass"], rel=1e-2)
-    assert float(panel["Tokens/s"]) > 1 and panel["Busy"].endswith("%")
+    assert float(panel["Tokens/s"]) > 0 and panel["Busy"].endswith("%")
     assert (panel["Queued"], panel["Held"]) == ("0", "0") and int(panel["Runs"]) >= 2
 
     # A run's curves: one point per step.

@@ -9,9 +9,9 @@ recompile: for a compiled pass each adapted layer gets its G groups' factors sta
 tensors (`MultiLoraLinear.pass_factors`), and reads no row groups or slots. The guards then
 hold only shapes (batch, length, G, rank). The first pass compiles for its exact shapes (a
 few seconds); the first change of shape recompiles with those sizes symbolic (torch's
-automatic dynamic shapes: much slower to trace, once), and later shapes reuse it. The first
-layer, whose input needs no gradient, and sizes of 1 are variants of their own. The backward
-is compiled with the forward (AOTAutograd).
+automatic dynamic shapes: much slower to trace, once), and later shapes reuse it. Sizes of
+1 are variants of their own. The backward is compiled with the forward (AOTAutograd). In a
+training pass the first layer, whose input needs no gradient, runs eagerly (`_forward`).
 
 Used only where it applies: shared passes (not `--exact-packing`) whose groups have equal
 row counts, on dense text models; any other pass, and sampling, runs the eager layer. A
@@ -56,13 +56,18 @@ class CompiledPasses:
         for layer in layers:
             layer.forward = partial(self._forward, layer)  # an instance attribute: nn.Module calls it
 
-    def _forward(self, layer: nn.Module, *args, **kwargs):
-        if not self._on:
-            return type(layer).forward(layer, *args, **kwargs)
+    def _forward(self, layer: nn.Module, hidden: torch.Tensor, *args, **kwargs):
+        # In a training pass the first layer's input needs no gradient (the embeddings are
+        # frozen): compiled, it would be a second variant of everything, traced and guarded
+        # apart, doubling compilation time (a 2-core CPU: 90 s of ~180 s at a change of
+        # shape) for 1/L of the layers' work. It runs eagerly; under no_grad every layer is
+        # compiled (one inference variant).
+        if not self._on or (torch.is_grad_enabled() and not hidden.requires_grad):
+            return type(layer).forward(layer, hidden, *args, **kwargs)
         # No "duck" sizing: two sizes equal by chance at the first trace (a pass's length and
         # the head dimension, 64 and 64) would otherwise be guarded equal, and recompile.
         with fx_config.patch(use_duck_shape=False):
-            return self._compiled(layer, *args, **kwargs)
+            return self._compiled(layer, hidden, *args, **kwargs)
 
     def applies(self, groups: Sequence[RowGroup], separate: bool) -> bool:
         """A shared pass whose groups (at least one) all have the same row count."""
