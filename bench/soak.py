@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,13 @@ class SoakResult:
 class _Tally:
     """What every client thread adds to: counts and latencies under one lock."""
 
-    def __init__(self, result: SoakResult, result_timeout_s: float) -> None:
+    def __init__(self, result: SoakResult, result_timeout_s: float,
+                 on_lost: Callable[[str], None] | None = None) -> None:
         self.result = result
         self.result_timeout_s = result_timeout_s  # a future not answered by then is lost
+        self.on_lost = on_lost  # called at once with the error line of a future not answered
         self.lock = threading.Lock()
+        self.start = time.monotonic()
 
     def submit(self) -> float:
         with self.lock:
@@ -83,6 +87,14 @@ class _Tally:
     def wait(self, kind: str, started: float, future: Any) -> Any:
         try:
             value = future.result(timeout=self.result_timeout_s)
+        except TimeoutError:  # concurrent.futures' (the same class since Python 3.11)
+            line = (f"{kind}: no result {self.result_timeout_s:.0f} s after it was sent "
+                    f"(at +{started - self.start:.1f} s)")
+            with self.lock:
+                self.result.errors.append(line)
+            if self.on_lost is not None:
+                self.on_lost(line)  # while the server still holds whatever it holds
+            return None
         except Exception as e:  # noqa: BLE001 - a failed future is what this script counts
             with self.lock:
                 self.result.errors.append(f"{kind}: {type(e).__name__}: {e}"[:300])
@@ -144,11 +156,13 @@ def _loop(url: str, api_key: str, model: str, index: int, deadline: float, tally
 
 def run_soak(url: str, *, clients: int, duration_s: float, model: str = TINY,
              api_key: str = "tml-soak", sample_every: int = 4, save_every: int = 10,
-             progress_every_s: float = 0.0, result_timeout_s: float = 300.0) -> SoakResult:
-    """Run the soak against `url`; returns when every client has stopped and been answered."""
+             progress_every_s: float = 0.0, result_timeout_s: float = 300.0,
+             on_lost: Callable[[str], None] | None = None) -> SoakResult:
+    """Run the soak against `url`; returns when every client has stopped and been answered.
+    `on_lost` is called with its line as soon as a future is not answered in time."""
     result = SoakResult(clients, duration_s)
-    tally = _Tally(result, result_timeout_s)
-    start = time.monotonic()
+    tally = _Tally(result, result_timeout_s, on_lost)
+    start = tally.start
     deadline = start + duration_s
     threads = [threading.Thread(target=_client, name=f"soak-{i}", daemon=True,
                                 args=(url, api_key, model, i, deadline, tally, sample_every,

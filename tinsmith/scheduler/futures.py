@@ -299,6 +299,20 @@ class FutureStore:
             e = self._entries.get(rid)
             return None if e is None else e.owner
 
+    def outstanding(self) -> list[str]:
+        """A line per future not yet delivered (pending, or done and never fetched) and per
+        feed with unacknowledged events or waiting polls: what a stuck client waits on."""
+        now = time.monotonic()
+        with self._lock:
+            out = [f"{rid} {e.kind}: {'done' if e.done else 'started' if e.started else 'queued'}"
+                   f"{' (failed)' if e.error else ''}, {now - e.created:.1f} s old, feed {e.feed}, "
+                   f"{len(e.waiters)} waiting"
+                   for rid, e in self._entries.items() if not e.done or e.delivered_at is None]
+            out += [f"feed {key}: events {[(c, rid) for c, rid, _, _ in f.events]}, "
+                    f"{len(f.waiters)} polls waiting"
+                    for key, f in self._feeds.items() if f.events or f.waiters]
+        return out
+
     def fail_all_pending(self, message: str) -> None:
         with self._lock:
             pending = [rid for rid, e in self._entries.items() if not e.done]
