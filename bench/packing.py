@@ -102,17 +102,18 @@ def thin_folder(model: str, out: Path) -> Path:
     return out
 
 
-def plain_peft(model_dir: Path, where: Placement, rank: int) -> torch.nn.Module:
-    """transformers + PEFT as a user would train one run: LoRA on all linear layers."""
+def plain_peft(cfg, device: str | torch.device, dtype: torch.dtype, rank: int,
+               alpha: float | None = None) -> torch.nn.Module:
+    """transformers + PEFT as a user would train one run: random weights of `cfg` built on
+    `device`, LoRA of `rank` (alpha: the rank) on all linear layers. Also the GPU check's
+    plain baseline (bench/gpu/phases.py)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(model_dir)
-    with torch.device(where.device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=where.dtype, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear",
-                                             lora_dropout=0.0))
-    return model
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha,
+                                            target_modules="all-linear", lora_dropout=0.0))
 
 
 ARMS = ("shared packed", "shared packed, compiled", "exact packed", "one after another",
@@ -162,7 +163,9 @@ def measure(model_dir: Path, model: str, where: Placement, *, runs: int, rows: i
     fns: dict[str, Callable[[], None]] = {}
     for name in arms:
         if name == "plain PEFT, one after another":
-            plain = plain_peft(model_dir, where, rank)
+            from transformers import AutoConfig
+
+            plain = plain_peft(AutoConfig.from_pretrained(model_dir), where.device, where.dtype, rank)
 
             def peft_steps(plain: torch.nn.Module = plain) -> None:
                 for _ in range(runs):

@@ -237,17 +237,13 @@ def plain_train(plan: Plan, rec: Recorder, model_name: str, shapes: list[tuple[s
     """The plain transformers + PEFT eager loop of anchor.py (LoRA on all linear layers,
     AdamW, HF's own causal-LM loss) on random weights built on the device; one "plain" record
     per shape: median step time, losses, and the process's peak GPU memory so far."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from packing import plain_peft
 
     cuda = plan.device.startswith("cuda")
     cfg = model_config(model_name)
     rec.say(f"building {model_name} ({plan.dtype}) on {plan.device}")
     torch.manual_seed(0)
-    with torch.device(plan.device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype(plan), attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=plan.rank, lora_alpha=32, target_modules="all-linear",
-                                             lora_dropout=0.0))
+    model = plain_peft(cfg, plan.device, torch_dtype(plan), plan.rank, alpha=32)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     g = torch.Generator(device="cpu").manual_seed(0)
     for tag, (b, t), steps in shapes:

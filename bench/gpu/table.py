@@ -121,6 +121,12 @@ def b2_rows(res: Results, suffix: str = "", fairness: bool = True) -> list[Row]:
     return rows
 
 
+def tflop_per_s(tokens: float, seconds: float, matmul_params: int) -> float:
+    """Training TFLOP/s by the 4N FLOPs-per-token count (forward 2N, backward 2N: a LoRA
+    backward skips the base weights' gradients), N the model's matmul parameters."""
+    return tokens / seconds * 4 * matmul_params / 1e12
+
+
 def engine_row(res: Results) -> Row:
     """B2's shape at the engine (no API): shared packed vs one after another, forward+backward,
     with kernel launches; plain PEFT's time and launches for the same steps in the goal cell."""
@@ -154,9 +160,9 @@ def compiled_rows(res: Results) -> list[Row]:
         eager, comp = e["arms"]["shared packed"], e["arms"]["shared packed, compiled"]
         base, mine = fmt_s(eager["median_s"]), fmt_s(comp["median_s"])
         if key == "b3" and mm and mm["tflops"] > 0:
-            flops = e["runs"] * e["batch"] * e["seq"] * 4 * e["matmul_params"] / 1e12 / mm["tflops"]
-            base += f" ({flops / eager['median_s']:.1%} MFU)"
-            mine += f" ({flops / comp['median_s']:.1%} MFU)"
+            tokens = e["runs"] * e["batch"] * e["seq"]
+            base, mine = (f"{cell} ({tflop_per_s(tokens, arm['median_s'], e['matmul_params']) / mm['tflops']:.1%} MFU)"
+                          for cell, arm in ((base, eager), (mine, comp)))
         launches = "" if comp.get("launches") is None else f"; launches {eager['launches']:,} / {comp['launches']:,}"
         rows.append((fig, base, mine, f"{eager['median_s'] / comp['median_s']:.2f}x", "reported",
                      f"measured (with compiling: {e['wall_s']:.0f} s){launches}"))
@@ -170,7 +176,7 @@ def b3_row(res: Results) -> Row:
     fig = f"B3 MFU, {n} concurrent runs x {shape(m, p, 'b3')}: 4N FLOPs/token / matmul peak"
     if not m or not mm:
         return (fig, "-", "-", "-", ">= 45%", res.why_missing("matmul", "server-small"))
-    tflops = m["tokens"] / m["wall_s"] * 4 * m["matmul_params"] / 1e12
+    tflops = tflop_per_s(m["tokens"], m["wall_s"], m["matmul_params"])
     mfu = tflops / mm["tflops"] if mm["tflops"] > 0 else float("nan")
     return (fig, f"peak {mm['tflops']:.3g} TFLOP/s", f"{tflops:.3g} TFLOP/s", f"{mfu:.1%}", ">= 45%",
             verdict(mfu >= 0.45 and m["finite"]) + loss_note(m))

@@ -64,10 +64,7 @@ class CompiledPasses:
         # compiled (one inference variant).
         if not self._on or (torch.is_grad_enabled() and not hidden.requires_grad):
             return type(layer).forward(layer, hidden, *args, **kwargs)
-        # No "duck" sizing: two sizes equal by chance at the first trace (a pass's length and
-        # the head dimension, 64 and 64) would otherwise be guarded equal, and recompile.
-        with fx_config.patch(use_duck_shape=False):
-            return self._compiled(layer, hidden, *args, **kwargs)
+        return self._compiled(layer, hidden, *args, **kwargs)
 
     def applies(self, groups: Sequence[RowGroup], separate: bool) -> bool:
         """A shared pass whose groups (at least one) all have the same row count."""
@@ -81,7 +78,11 @@ class CompiledPasses:
             m.pass_factors = _stacked(m, groups, dtype)
         self._on = True
         try:
-            yield
+            # No "duck" sizing while tracing: two sizes equal by chance at the first trace (a
+            # pass's length and the head dimension, 64 and 64) would otherwise be guarded
+            # equal, and recompile. Set once for the pass, not per layer call.
+            with fx_config.patch(use_duck_shape=False):
+                yield
         finally:
             self._on = False
             for m in self.targets:
@@ -98,7 +99,7 @@ def _stacked(m: MultiLoraLinear, groups: Sequence[RowGroup], dtype: torch.dtype)
     zero-padded to the largest, scales folded into B; a group without this layer (or with
     no adapter) gets zeros. A layer no group adapts gets rank-1 zeros, so that the compiled
     code is the same."""
-    weights = [m.adapters.get(g.slot) if g.slot is not None else None for g in groups]
+    weights = m.group_weights(groups)
     if all(w is None for w in weights):
         w0 = m.base.weight
         return (w0.new_zeros((len(groups), 1, m.in_features), dtype=dtype),

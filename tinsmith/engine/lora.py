@@ -131,6 +131,10 @@ class MultiLoraLinear(nn.Module):
             h = h * w.scale
         return torch.addmm(y.reshape(-1, y.shape[-1]), h, w.B.t().to(y.dtype)).reshape(y.shape)
 
+    def group_weights(self, groups: Sequence[RowGroup]) -> list[LoraWeights | None]:
+        """Each group's adapter of this layer (None: the base model, or not adapted here)."""
+        return [self.adapters.get(g.slot) if g.slot is not None else None for g in groups]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pass_factors is not None:  # a compiled pass: G equal groups, factors stacked
             return _grouped_delta(self.base(x), x, *self.pass_factors)
@@ -147,10 +151,10 @@ class MultiLoraLinear(nn.Module):
         if not groups:
             return y
         if len(groups) == 1:  # fast path: the whole batch uses one slot, no slicing
-            w = self.adapters.get(groups[0].slot) if groups[0].slot is not None else None
+            (w,) = self.group_weights(groups)
             return y if w is None else self._add_delta(y, x, w)
         assert sum(g.rows for g in groups) == x.shape[0], "LoraContext rows do not match batch"
-        weights = [self.adapters.get(g.slot) if g.slot is not None else None for g in groups]
+        weights = self.group_weights(groups)
         if self.ctx.batched and len({g.rows for g in groups}) == 1 and sum(w is not None for w in weights) > 1:
             return self._batched_delta(y, x, weights)
         parts = []
@@ -188,11 +192,10 @@ class MultiLoraLinear(nn.Module):
         assert x.dim() == 3 and sum(g.rows for g in groups) == x.shape[0], "LoraContext rows do not match batch"
         parts = []
         start = 0
-        for g in groups:
+        for g, w in zip(groups, self.group_weights(groups)):
             rows = slice(start, start + g.rows)
             xs = x[rows, : g.width].contiguous()
             ys = self.base(xs)
-            w = self.adapters.get(g.slot) if g.slot is not None else None
             parts.append(pad_positions(ys if w is None else self._add_delta(ys, xs, w), x.shape[1]))
             start += g.rows
         return torch.cat(parts, dim=0)
